@@ -1,0 +1,3 @@
+"""Berth: private model instances on Kubernetes."""
+
+__version__ = "0.1.0"
