@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Build the local Kubernetes control plane used by tests/cluster (see docs/cluster.md).
+#
+#   tools/cluster/build.sh          build once, print the binary directory
+#   tools/cluster/build.sh --dir    print the directory it would use, build nothing
+#
+# Binaries land in ${BERTH_CACHE:-$HOME/.cache/berth}/cluster-bin/<k8s-version>-<hash>/ where <hash>
+# is the sha256 (first 12 hex digits) of every go.mod/go.sum under tools/cluster, so changing a pin
+# builds a new directory and an unchanged tree is a no-op. Only the directory goes to stdout.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+K8S_VERSION="v1.37.2"      # must match k8s.io/kubernetes in kubernetes/go.mod
+ETCD_VERSION="v3.7.3"      # go.etcd.io/etcd/server/v3 in etcd/go.mod
+KWOK_VERSION="v0.8.0"      # sigs.k8s.io/kwok in kwok/go.mod
+HELM_VERSION="v3.22.0"     # helm.sh/helm/v3 in helm/go.mod
+MODULES=(kubernetes etcd kwok helm)
+BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm)
+
+mod_hash() {
+  # Same algorithm as tests/cluster/harness.py:mod_hash(): sha256 over "<relpath>\0<content>" of the
+  # sorted go.mod/go.sum files.
+  (cd "$HERE" && for f in $(printf '%s\n' */go.mod */go.sum | LC_ALL=C sort); do
+     printf '%s\0' "$f"; cat "$f"
+   done) | sha256sum | cut -c1-12
+}
+
+CACHE="${BERTH_CACHE:-$HOME/.cache/berth}"
+OUT="$CACHE/cluster-bin/${K8S_VERSION}-$(mod_hash)"
+
+if [[ "${1:-}" == "--dir" ]]; then
+  echo "$OUT"
+  exit 0
+fi
+
+complete() {
+  [[ -f "$OUT/.complete" ]] || return 1
+  local b
+  for b in "${BINARIES[@]}"; do [[ -x "$OUT/$b" ]] || return 1; done
+}
+
+if complete; then
+  echo "$OUT"
+  exit 0
+fi
+
+command -v go >/dev/null || { echo "build.sh: go is not installed (need go >= 1.26)" >&2; exit 1; }
+
+mkdir -p "$CACHE/cluster-bin"
+exec 9>"$CACHE/cluster-bin/.build.lock"
+flock 9                      # a concurrent build (another pytest session) waits here
+if complete; then echo "$OUT"; exit 0; fi
+
+STAGE="$(mktemp -d "$CACHE/cluster-bin/.stage.XXXXXX")"
+trap 'rm -rf "$STAGE"' EXIT
+
+export GOFLAGS="-trimpath -mod=readonly"
+export CGO_ENABLED=0
+PAR="${BERTH_BUILD_PARALLEL:-2}"
+START=$(date +%s)
+BUILD_DATE="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
+
+log() { echo "build.sh: $*" >&2; }
+
+build() {  # build <module dir> <output> <ldflags> <package>...
+  local dir="$1" out="$2" ldflags="$3"; shift 3
+  log "building $out from $dir ($*)"
+  (cd "$HERE/$dir" && go build -p "$PAR" -ldflags="-s -w $ldflags" -o "$out" "$@") >&2
+}
+
+kver="-X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1"
+kver+=" -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
+kver+=" -X k8s.io/component-base/version.buildDate=$BUILD_DATE"
+kver+=" -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1"
+kver+=" -X k8s.io/client-go/pkg/version.gitMinor=$minor -X k8s.io/client-go/pkg/version.gitTreeState=clean"
+
+# etcd first: small, and it proves the toolchain works before the long kubernetes build.
+build etcd "$STAGE/etcd" "" go.etcd.io/etcd/server/v3
+build kwok "$STAGE/" "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" sigs.k8s.io/kwok/cmd/kwok
+build helm "$STAGE/" "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
+  helm.sh/helm/v3/cmd/helm
+build kubernetes "$STAGE/" "$kver" \
+  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+
+for b in "${BINARIES[@]}"; do [[ -x "$STAGE/$b" ]] || { log "missing $b after build"; exit 1; }; done
+{
+  echo "kubernetes=$K8S_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION helm=$HELM_VERSION"
+  echo "go=$(go env GOVERSION) built=$BUILD_DATE seconds=$(( $(date +%s) - START ))"
+} > "$STAGE/.complete"
+chmod 755 "$STAGE"
+rm -rf "$OUT"
+mv "$STAGE" "$OUT"
+trap - EXIT
+log "built in $(( $(date +%s) - START ))s"
+echo "$OUT"
