@@ -1,0 +1,112 @@
+"""Prometheus metrics of the inference server; every name starts with ``berth_``.
+
+Request-level metrics are updated by the serving layer; engine gauges (running, waiting, KV cache
+usage) and counters (steps, prefill/decode tokens) are read from ``Engine.stats()`` at scrape
+time by a custom collector, so they are never stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from berth.server.engine.types import EngineStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+
+
+class _StatsSource(Protocol):
+    def stats(self) -> EngineStats: ...
+
+
+class _EngineCollector(Collector):
+    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        if stats is None:
+            return
+        yield GaugeMetricFamily(
+            "berth_running_requests", "Requests in the engine's running batch", stats.running
+        )
+        yield GaugeMetricFamily("berth_waiting_requests", "Requests waiting for a slot", stats.waiting)
+        yield GaugeMetricFamily(
+            "berth_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0..1)", stats.kv_cache_usage
+        )
+        yield GaugeMetricFamily("berth_kv_cache_blocks_total", "KV cache blocks", stats.num_blocks_total)
+        yield CounterMetricFamily("berth_engine_steps", "Engine steps (prefill/decode) executed", stats.steps)
+        yield CounterMetricFamily(
+            "berth_engine_prefill_tokens", "Prompt tokens run through prefill", stats.num_prefill_tokens
+        )
+        yield CounterMetricFamily(
+            "berth_engine_decode_tokens", "Tokens produced by decode", stats.num_decode_tokens
+        )
+        yield CounterMetricFamily(
+            "berth_engine_cached_prompt_tokens",
+            "Prompt tokens served from the prefix cache",
+            stats.num_cached_prompt_tokens,
+        )
+        yield CounterMetricFamily("berth_engine_preemptions", "Requests preempted", stats.num_preemptions)
+
+
+class ServerMetrics:
+    """All server metrics in one registry (a fresh one per instance, so tests can make several)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "berth_requests", "HTTP requests by route and status code", ["route", "status"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            "berth_prompt_tokens", "Prompt tokens processed, by API key id", ["key_id", "model"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "berth_generation_tokens", "Tokens generated, by API key id", ["key_id", "model"], registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "berth_time_to_first_token_seconds",
+            "Time from request arrival to its first generated token",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "berth_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of one request",
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e_latency = Histogram(
+            "berth_e2e_request_latency_seconds",
+            "Time from request arrival to its last byte, generation requests only",
+            ["route"],
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "berth_http_requests_in_flight", "Generation requests being served over HTTP", registry=r
+        )
+        self.ready = Gauge(
+            "berth_ready", "1 when the model is loaded, warmed up and not draining", registry=r
+        )
+        self.draining = Gauge("berth_draining", "1 after SIGTERM while in-flight requests finish", registry=r)
+        self._stats_source: _StatsSource | None = None
+        self.registry.register(_EngineCollector(self._engine_stats))
+
+    def bind_engine(self, engine: _StatsSource) -> None:
+        self._stats_source = engine
+
+    def _engine_stats(self) -> EngineStats | None:
+        return self._stats_source.stats() if self._stats_source is not None else None
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
