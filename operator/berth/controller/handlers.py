@@ -1,0 +1,156 @@
+"""kopf handlers: thin. Parse, call reconcile, translate errors. Never sleep here.
+
+One reconcile path serves create, update, resume, the resync timer and the watches on the owned
+Deployments and Pods (so status follows them within seconds). Reconciles of one ModelDeployment are
+serialised by a per-object lock; different objects run in parallel on kopf's thread pool.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+import pydantic
+
+from berth.api.models import GROUP, KIND, PLURAL, VERSION
+from berth.controller import builders, kube, metrics
+from berth.controller.reconcile import managed_status, reconcile
+from berth.controller.settings import get_settings
+from berth.controller.status import failed_status
+
+SETTINGS = get_settings()
+MANAGED = {"app.kubernetes.io/managed-by": builders.MANAGED_BY}
+
+_locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+_client: kube.Kube | None = None
+
+
+def client() -> kube.Kube:
+    global _client
+    if _client is None:
+        _client = kube.KubeClient()
+    return _client
+
+
+def spec_error_message(error: pydantic.ValidationError) -> str:
+    """Name the field: `spec.autoscaling: autoscaling.minCapacity (3) must not exceed maxCapacity (1)`."""
+    parts = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.enabled = False  # the operator records its own, meaningful events
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.reconnect_backoff = 1.0
+    settings.networking.request_timeout = 60
+    settings.execution.max_workers = 8
+
+
+def run_reconcile(body: dict[str, Any], trigger: str, logger: Any, *, permanent_on_invalid: bool) -> None:
+    meta = body.get("metadata") or {}
+    ns, name = str(meta.get("namespace")), str(meta.get("name"))
+    started = time.monotonic()
+    with _locks[(ns, name)]:
+        now = datetime.now(UTC)
+        try:
+            result = reconcile(body, client(), SETTINGS, now)
+        except pydantic.ValidationError as e:
+            message = spec_error_message(e)
+            status = failed_status(body, message, now, body.get("status"))
+            if managed_status(status) != managed_status(body.get("status") or {}):
+                client().patch_status(kube.MODEL_DEPLOYMENT, ns, name, status)
+                client().create(
+                    kube.EVENT,
+                    ns,
+                    _event(body, "Warning", "InvalidSpec", message, now),
+                )
+            metrics.RECONCILES.labels(trigger=trigger, result="invalid").inc()
+            metrics.record_phase(ns, name, "Failed")
+            if permanent_on_invalid:
+                raise kopf.PermanentError(message) from None
+            return
+        except kube.ApiError as e:
+            metrics.RECONCILES.labels(trigger=trigger, result="error").inc()
+            if e.status == 404 and trigger != "spec":
+                return  # the resource went away while we looked
+            raise kopf.TemporaryError(f"Kubernetes API: {e}", delay=5) from None
+        finally:
+            metrics.RECONCILE_SECONDS.labels(trigger=trigger).observe(time.monotonic() - started)
+    metrics.RECONCILES.labels(trigger=trigger, result="ok").inc()
+    metrics.record_phase(ns, name, result.status.get("phase"))
+    if result.actions or result.status_written:
+        logger.info(
+            "reconciled (%s): %s; phase %s",
+            trigger,
+            ", ".join(f"{a.verb} {a.kind.kind}" for a in result.actions) or "status",
+            result.status.get("phase"),
+        )
+
+
+def _event(body: dict[str, Any], type_: str, reason: str, message: str, now: datetime) -> dict[str, Any]:
+    from berth.controller.reconcile import event_body
+    from berth.controller.status import EventSpec
+
+    return event_body(body, EventSpec(type_, reason, message), now)
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+def on_spec(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    run_reconcile(dict(body), "spec", logger, permanent_on_invalid=True)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
+def on_timer(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    run_reconcile(dict(body), "timer", logger, permanent_on_invalid=False)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+def on_delete(body: kopf.Body, **_: Any) -> None:
+    """Children go with their owner (garbage collector); only forget the metrics. No finalizer is added."""
+    meta = body.get("metadata") or {}
+    metrics.record_phase(str(meta.get("namespace")), str(meta.get("name")), None)
+
+
+def _owner_name(body: kopf.Body) -> str | None:
+    for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("kind") == KIND and ref.get("controller"):
+            return str(ref.get("name"))
+    return None
+
+
+def _refresh_owner(namespace: str, name: str, trigger: str, logger: kopf.Logger) -> None:
+    md = client().get(kube.MODEL_DEPLOYMENT, namespace, name)
+    if md is None or (md.get("metadata") or {}).get("deletionTimestamp"):
+        return
+    run_reconcile(md, trigger, logger, permanent_on_invalid=False)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+def on_deployment_event(body: kopf.Body, type: str | None, logger: kopf.Logger, **_: Any) -> None:
+    owner = _owner_name(body)
+    if owner and type is not None:  # type None: the initial listing, covered by resume
+        _refresh_owner(str(body.metadata.namespace), owner, "deployment", logger)
+
+
+@kopf.on.event("", "v1", "pods", labels=MANAGED)
+def on_pod_event(body: kopf.Body, type: str | None, logger: kopf.Logger, **_: Any) -> None:
+    owner = (body.get("metadata") or {}).get("labels", {}).get(builders.SELECTOR_LABEL)
+    if owner and type is not None:
+        _refresh_owner(str(body.metadata.namespace), str(owner), "pod", logger)

@@ -1,0 +1,179 @@
+"""The few Kubernetes API operations the operator makes, behind one small interface.
+
+`Kube` is what reconcile talks to. `KubeClient` implements it with the official `kubernetes`
+client (raw REST calls through its ApiClient, so every kind is handled the same way and bodies
+stay plain dicts); unit tests use a recording implementation. 409 on create and 404 on delete are
+success here, not errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from berth.api.models import GROUP, PLURAL, VERSION
+from berth.controller import metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A namespaced resource: REST prefix ("api/v1", "apis/apps/v1") and plural."""
+
+    kind: str
+    prefix: str
+    plural: str
+
+
+DEPLOYMENT = Kind("Deployment", "apis/apps/v1", "deployments")
+SERVICE = Kind("Service", "api/v1", "services")
+SECRET = Kind("Secret", "api/v1", "secrets")
+NETWORK_POLICY = Kind("NetworkPolicy", "apis/networking.k8s.io/v1", "networkpolicies")
+PDB = Kind("PodDisruptionBudget", "apis/policy/v1", "poddisruptionbudgets")
+POD = Kind("Pod", "api/v1", "pods")
+EVENT = Kind("Event", "api/v1", "events")
+MODEL_DEPLOYMENT = Kind("ModelDeployment", f"apis/{GROUP}/{VERSION}", PLURAL)
+
+KINDS_BY_NAME = {
+    k.kind: k for k in (DEPLOYMENT, SERVICE, SECRET, NETWORK_POLICY, PDB, POD, EVENT, MODEL_DEPLOYMENT)
+}
+
+
+class ApiError(Exception):
+    """A Kubernetes API error with its HTTP status and the server's message."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class Kube(Protocol):
+    def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    def list(self, kind: Kind, namespace: str, label_selector: str) -> list[dict[str, Any]]: ...
+
+    def create(self, kind: Kind, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None: ...
+
+    def patch(self, kind: Kind, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    def delete(self, kind: Kind, namespace: str, name: str) -> None: ...
+
+    def patch_status(
+        self, kind: Kind, namespace: str, name: str, status: dict[str, Any]
+    ) -> dict[str, Any]: ...
+
+    def patch_scale(self, kind: Kind, namespace: str, name: str, replicas: int) -> dict[str, Any]: ...
+
+
+def _path(kind: Kind, namespace: str, name: str | None = None, sub: str | None = None) -> str:
+    path = f"/{kind.prefix}/namespaces/{namespace}/{kind.plural}"
+    if name:
+        path += f"/{name}"
+    if sub:
+        path += f"/{sub}"
+    return path
+
+
+class KubeClient:
+    """`Kube` over the official client's ApiClient (in-cluster config, else kubeconfig)."""
+
+    def __init__(self, api_client: Any | None = None) -> None:
+        if api_client is None:
+            import kubernetes
+
+            try:
+                kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+            except kubernetes.config.ConfigException:
+                kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+            api_client = kubernetes.client.ApiClient()
+        self._api = api_client
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        from kubernetes.client.exceptions import ApiException
+
+        verb, url, headers, payload_body, post = self._api.param_serialize(
+            method,
+            path,
+            query_params=query or [],
+            header_params={"Accept": "application/json", "Content-Type": content_type},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        try:
+            response = self._api.call_api(verb, url, headers, payload_body, post, _request_timeout=30)
+            status = int(response.status)
+            data = response.read()
+        except ApiException as e:  # transport errors (status 0)
+            metrics.API_REQUESTS.labels(verb=method, code=str(e.status)).inc()
+            raise ApiError(int(e.status or 0), str(e.reason or ""), str(e.reason or "")) from None
+        metrics.API_REQUESTS.labels(verb=method, code=str(status)).inc()
+        try:
+            payload: dict[str, Any] = json.loads(data) if data else {}
+        except ValueError:
+            payload = {"message": data.decode(errors="replace") if isinstance(data, bytes) else str(data)}
+        if not 200 <= status < 300:
+            raise ApiError(status, str(payload.get("reason", "")), str(payload.get("message", payload)))
+        return payload
+
+    def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call("GET", _path(kind, namespace, name))
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def list(self, kind: Kind, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        out = self._call("GET", _path(kind, namespace), query=[("labelSelector", label_selector)])
+        items: list[dict[str, Any]] = out.get("items", [])
+        return items
+
+    def create(self, kind: Kind, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Create; None when it already exists (409 is success for a level-triggered reconcile)."""
+        try:
+            return self._call("POST", _path(kind, namespace), body=body)
+        except ApiError as e:
+            if e.status == 409:
+                log.debug("%s %s/%s exists already", kind.kind, namespace, body["metadata"].get("name"))
+                return None
+            raise
+
+    def patch(self, kind: Kind, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._call(
+            "PATCH", _path(kind, namespace, name), body=body, content_type="application/merge-patch+json"
+        )
+
+    def delete(self, kind: Kind, namespace: str, name: str) -> None:
+        try:
+            self._call("DELETE", _path(kind, namespace, name), body={"propagationPolicy": "Background"})
+        except ApiError as e:
+            if e.status != 404:
+                raise
+
+    def patch_status(self, kind: Kind, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        return self._call(
+            "PATCH",
+            _path(kind, namespace, name, "status"),
+            body={"status": status},
+            content_type="application/merge-patch+json",
+        )
+
+    def patch_scale(self, kind: Kind, namespace: str, name: str, replicas: int) -> dict[str, Any]:
+        return self._call(
+            "PATCH",
+            _path(kind, namespace, name, "scale"),
+            body={"spec": {"replicas": replicas}},
+            content_type="application/merge-patch+json",
+        )

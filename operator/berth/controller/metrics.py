@@ -1,0 +1,57 @@
+"""The operator's Prometheus metrics (prometheus-client), names prefixed `berth_operator_`."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECONCILES = Counter(
+    "berth_operator_reconciles_total",
+    "Reconciles of ModelDeployments, by trigger and result.",
+    ["trigger", "result"],
+)
+RECONCILE_SECONDS = Histogram(
+    "berth_operator_reconcile_duration_seconds",
+    "Time one reconcile took.",
+    ["trigger"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+API_REQUESTS = Counter(
+    "berth_operator_api_requests_total",
+    "Requests the operator made to the Kubernetes API, by HTTP verb and status code.",
+    ["verb", "code"],
+)
+BY_PHASE = Gauge(
+    "berth_operator_modeldeployments",
+    "ModelDeployments by phase, as last written by this operator.",
+    ["phase"],
+)
+DESIRED_CAPACITY = Gauge(
+    "berth_operator_desired_capacity",
+    "Capacity the autoscaler wants, per ModelDeployment.",
+    ["namespace", "name"],
+)
+ACTUAL_CAPACITY = Gauge(
+    "berth_operator_capacity",
+    "spec.capacity per ModelDeployment, as the autoscaler last read it.",
+    ["namespace", "name"],
+)
+IN_FLIGHT = Gauge(
+    "berth_operator_in_flight_requests",
+    "In-flight requests (running + waiting) over ready instances, averaged over the autoscaling window.",
+    ["namespace", "name"],
+)
+
+_phases: dict[tuple[str, str], str] = {}
+
+
+def record_phase(namespace: str, name: str, phase: str | None) -> None:
+    """Keep BY_PHASE equal to the count of ModelDeployments in each phase (None: the resource is gone)."""
+    key = (namespace, name)
+    if phase is None:
+        _phases.pop(key, None)
+    else:
+        _phases[key] = phase
+    from berth.api.models import PHASES
+
+    for p in PHASES:
+        BY_PHASE.labels(phase=p).set(sum(1 for v in _phases.values() if v == p))

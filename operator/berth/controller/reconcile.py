@@ -1,0 +1,269 @@
+"""Reconcile: one level-triggered, idempotent path for create, update, resume, the timer and child events.
+
+`plan` is pure: desired manifests and observed objects in, the smallest list of writes out (a merge
+patch holds only what differs). `reconcile` reads, plans, writes, observes and patches the status
+only when it changed, so a reconcile with nothing to do makes no write at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from berth.api.models import API_VERSION, KIND, ModelDeployment
+from berth.controller import builders, kube
+from berth.controller.settings import OperatorSettings
+from berth.controller.status import EventSpec, Observed, compute_status, format_time, status_events
+
+log = logging.getLogger(__name__)
+
+_SAME = object()
+
+# Status fields the operator writes; anything else under status is left as it is.
+MANAGED_STATUS_KEYS = (
+    "phase",
+    "capacity",
+    "readyCapacity",
+    "replicas",
+    "selector",
+    "endpoint",
+    "servedModelName",
+    "apiKeySecret",
+    "conditions",
+    "observedGeneration",
+    "readyAt",
+    "timeToReadySeconds",
+    "computeUnitHours",
+    "meteredAt",
+)
+
+
+@dataclass(frozen=True)
+class Action:
+    verb: str  # create | patch | delete
+    kind: kube.Kind
+    name: str
+    body: dict[str, Any] | None = None
+
+
+@dataclass
+class Result:
+    actions: list[Action] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)
+    status_written: bool = False
+    events: list[EventSpec] = field(default_factory=list)
+
+
+def _empty(v: Any) -> bool:
+    return v is None or v == {} or v == []
+
+
+def _scalar_equal(desired: Any, observed: Any) -> bool:
+    if desired == observed:
+        return True
+    if isinstance(desired, bool) or isinstance(observed, bool):
+        return False
+    if isinstance(desired, int | float | str) and isinstance(observed, int | float | str):
+        if str(desired) == str(observed):
+            return True
+        try:  # resource quantities come back canonicalised ("0.5" -> "500m")
+            from kubernetes.utils import parse_quantity
+
+            return bool(parse_quantity(desired) == parse_quantity(observed))  # type: ignore[no-untyped-call]
+        except (ValueError, TypeError, ArithmeticError):
+            return False
+    return False
+
+
+def diff(desired: Any, observed: Any) -> Any:
+    """The merge patch that makes `observed` match `desired` on the keys desired names; _SAME if none.
+
+    Keys the API server or others added (defaults, status, annotations) are left alone; lists are
+    compared element by element the same way and replaced whole when they differ.
+    """
+    if isinstance(desired, dict):
+        if not isinstance(observed, dict):
+            return desired
+        patch: dict[str, Any] = {}
+        for key, value in desired.items():
+            if key not in observed or observed[key] is None:
+                if not _empty(value):
+                    patch[key] = value
+                continue
+            sub = diff(value, observed[key])
+            if sub is not _SAME:
+                patch[key] = sub
+        return patch if patch else _SAME
+    if isinstance(desired, list):
+        if not isinstance(observed, list) or len(desired) != len(observed):
+            return desired if not (_empty(desired) and _empty(observed)) else _SAME
+        return _SAME if all(diff(d, o) is _SAME for d, o in zip(desired, observed, strict=True)) else desired
+    return _SAME if _scalar_equal(desired, observed) else desired
+
+
+def plan(
+    desired: list[tuple[kube.Kind, str, dict[str, Any] | None]],
+    observed: dict[tuple[str, str], dict[str, Any] | None],
+    create_only: frozenset[str] = frozenset({"Secret"}),
+) -> list[Action]:
+    """Writes that make the cluster match `desired` ((kind, name, manifest-or-None-for-absent))."""
+    actions: list[Action] = []
+    for kind, name, manifest in desired:
+        current = observed.get((kind.kind, name))
+        if manifest is None:
+            if current is not None and _owned(current):
+                actions.append(Action("delete", kind, name))
+            continue
+        if current is None:
+            actions.append(Action("create", kind, name, manifest))
+        elif kind.kind not in create_only:
+            patch = diff({k: v for k, v in manifest.items() if k not in ("apiVersion", "kind")}, current)
+            if patch is not _SAME:
+                actions.append(Action("patch", kind, name, patch))
+    return actions
+
+
+def _owned(obj: dict[str, Any]) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("kind") == KIND and r.get("controller") for r in refs)
+
+
+def generate_api_key() -> str:
+    return "sk-berth-" + secrets.token_urlsafe(32)
+
+
+def desired_children(
+    md: ModelDeployment, settings: OperatorSettings, api_key: Callable[[], str]
+) -> list[tuple[kube.Kind, str, dict[str, Any] | None]]:
+    children: list[tuple[kube.Kind, str, dict[str, Any] | None]] = []
+    if md.spec.auth.mode == "apiKey" and not md.spec.auth.api_key_secret_ref:
+        children.append((kube.SECRET, f"{md.name}-api-keys", _LazySecret(md, api_key)))
+    children += [
+        (kube.DEPLOYMENT, builders.deployment_name(md), builders.build_deployment(md, settings)),
+        (kube.SERVICE, builders.service_name(md), builders.build_service(md, settings)),
+        (kube.NETWORK_POLICY, md.name, builders.build_network_policy(md, settings)),
+        (kube.PDB, md.name, builders.build_pdb(md)),
+    ]
+    return children
+
+
+class _LazySecret(dict[str, Any]):
+    """The generated Secret, whose random key is drawn only if it is really created."""
+
+    def __init__(self, md: ModelDeployment, api_key: Callable[[], str]) -> None:
+        super().__init__()
+        self._md = md
+        self._api_key = api_key
+
+    def materialise(self) -> dict[str, Any]:
+        return builders.build_api_key_secret(self._md, self._api_key())
+
+
+def managed_status(status: dict[str, Any]) -> dict[str, Any]:
+    return {k: status.get(k) for k in MANAGED_STATUS_KEYS}
+
+
+def event_body(md_body: dict[str, Any], event: EventSpec, now: datetime) -> dict[str, Any]:
+    meta = md_body.get("metadata") or {}
+    ts = format_time(now)
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
+        "involvedObject": {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace"),
+            "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"),
+        },
+        "type": event.type,
+        "reason": event.reason,
+        "message": event.message[:1024],
+        "source": {"component": "berth-operator"},
+        "reportingComponent": "berth.dev/operator",
+        "reportingInstance": "berth-operator",
+        "firstTimestamp": ts,
+        "lastTimestamp": ts,
+        "count": 1,
+    }
+
+
+def emit(client: kube.Kube, md_body: dict[str, Any], events: list[EventSpec], now: datetime) -> None:
+    ns = (md_body.get("metadata") or {}).get("namespace", "default")
+    for event in events:
+        try:
+            client.create(kube.EVENT, ns, event_body(md_body, event, now))
+        except kube.ApiError as e:  # an event is worth a log line, never a failed reconcile
+            log.warning("could not record event %s on %s: %s", event.reason, ns, e)
+
+
+def reconcile(
+    body: dict[str, Any],
+    client: kube.Kube,
+    settings: OperatorSettings,
+    now: datetime,
+    api_key: Callable[[], str] = generate_api_key,
+) -> Result:
+    """Bring the children of one ModelDeployment in line with its spec, then its status with the children.
+
+    Raises pydantic.ValidationError for a spec the operator cannot act on (the caller records it).
+    """
+    md = ModelDeployment.model_validate(
+        {k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec") if body.get(k) is not None}
+    )
+    ns = md.namespace
+    result = Result()
+
+    desired = desired_children(md, settings, api_key)
+    observed: dict[tuple[str, str], dict[str, Any] | None] = {
+        (kind.kind, name): client.get(kind, ns, name) for kind, name, _ in desired
+    }
+    missing_secret = None
+    ref = md.spec.auth.api_key_secret_ref
+    if md.spec.auth.mode == "apiKey" and ref and client.get(kube.SECRET, ns, ref) is None:
+        missing_secret = ref
+
+    result.actions = plan(desired, observed)
+    deployment = observed.get((kube.DEPLOYMENT.kind, builders.deployment_name(md)))
+    for action in result.actions:
+        if action.verb == "create":
+            manifest = action.body.materialise() if isinstance(action.body, _LazySecret) else action.body
+            assert manifest is not None
+            created = client.create(action.kind, ns, manifest)
+            if action.kind is kube.DEPLOYMENT:
+                if created is not None:
+                    deployment = created
+                    result.events.append(
+                        EventSpec(
+                            "Normal",
+                            "Deployed",
+                            f"created Deployment {action.name} with {md.spec.capacity} instances",
+                        )
+                    )
+                else:
+                    deployment = client.get(kube.DEPLOYMENT, ns, action.name)
+        elif action.verb == "patch":
+            assert action.body is not None
+            patched = client.patch(action.kind, ns, action.name, action.body)
+            if action.kind is kube.DEPLOYMENT:
+                deployment = patched
+        else:
+            client.delete(action.kind, ns, action.name)
+        log.info("%s %s %s/%s", action.verb, action.kind.kind, ns, action.name)
+
+    pods = client.list(kube.POD, ns, builders.selector_string(md)) if deployment is not None else []
+    previous = dict(body.get("status") or {})
+    status = compute_status(md, Observed(deployment, pods, missing_secret), settings, now, previous)
+    result.status = status
+    if managed_status(status) != managed_status(previous):
+        client.patch_status(kube.MODEL_DEPLOYMENT, ns, md.name, status)
+        result.status_written = True
+    result.events += status_events(previous, status)
+    emit(client, body, result.events, now)
+    return result

@@ -1,0 +1,85 @@
+"""The operator's settings: one pydantic-settings object per process, env prefix BERTH_."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class OperatorSettings(BaseSettings):
+    """Everything the operator can be told, from BERTH_* environment variables (Helm values map 1:1)."""
+
+    model_config = SettingsConfigDict(env_prefix="BERTH_", extra="ignore")
+
+    server_image: str = Field(
+        "ghcr.io/berth-dev/berth-server:0.1.0", description="Inference server image for GPU instances (CUDA)."
+    )
+    server_cpu_image: str = Field(
+        "ghcr.io/berth-dev/berth-server-cpu:0.1.0",
+        description="Inference server image for CPU instances (gpus: 0); carries the built-in model.",
+    )
+    image_pull_policy: str = Field("IfNotPresent", description="imagePullPolicy of the server containers.")
+    default_cpu: str = Field("2", description="CPU per instance when spec.resources.cpu is not set.")
+    default_memory: str = Field(
+        "8Gi", description="Memory per instance when spec.resources.memory is not set."
+    )
+    namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Namespaces to watch (comma-separated); empty: the whole cluster."
+    )
+    operator_namespace: str = Field(
+        "berth-system", description="Namespace the operator runs in (always allowed through NetworkPolicies)."
+    )
+    cluster_domain: str = Field("cluster.local", description="Cluster DNS domain used in status.endpoint.")
+    metrics_port: int = Field(
+        8080, description="Port of the operator's Prometheus /metrics endpoint; 0 disables."
+    )
+    health_port: int = Field(
+        8081, description="Port of the operator's liveness endpoint (/healthz); 0 disables."
+    )
+    peering: str = Field(
+        "",
+        description="kopf peering name for running more than one replica; empty: standalone (one replica).",
+    )
+    resync_seconds: float = Field(30.0, description="Interval of the level-triggered resync timer.", gt=0)
+    degraded_grace_seconds: float = Field(
+        120.0,
+        description="How long fewer instances than asked may be ready before the phase is Degraded.",
+        ge=0,
+    )
+    crash_loop_restarts: int = Field(
+        3, description="Restarts after which a container in CrashLoopBackOff counts as crash-looping.", ge=1
+    )
+    metering_interval_seconds: float = Field(
+        300.0,
+        description="How often status.computeUnitHours is brought up to date while nothing else changes.",
+        gt=0,
+    )
+    server_port: int = Field(8000, description="Port the server listens on inside the pod.")
+    drain_seconds: int = Field(
+        120,
+        description="Grace for in-flight requests to finish when a pod stops (terminationGracePeriodSeconds).",
+        ge=5,
+    )
+    startup_seconds: int = Field(
+        1800, description="Budget for a model download and load before the startup probe gives up.", ge=60
+    )
+    autoscale_interval_seconds: float = Field(
+        15.0, description="How often the autoscaler samples load.", gt=0
+    )
+    log_level: str = Field("INFO", description="Operator log level.")
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [n.strip() for n in v.split(",") if n.strip()]
+        return v
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> OperatorSettings:
+    """The process's one settings object, validated on first use (at start-up)."""
+    return OperatorSettings()

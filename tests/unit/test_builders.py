@@ -1,0 +1,196 @@
+"""Builders: golden files for every child of representative specs, plus the rules the goldens must obey.
+
+Regenerate the goldens after an intended change with `BERTH_UPDATE_GOLDEN=1 make test-unit`, and read the diff.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from berth.api import ModelDeployment
+from berth.controller import builders
+from berth.controller.settings import OperatorSettings
+
+from .conftest import md_body
+
+GOLDEN = Path(__file__).parent / "golden"
+
+CASES: dict[str, dict[str, Any]] = {
+    "cpu-builtin": {},
+    "gpu-pvc": {
+        "model": {"uri": "pvc://model-store/qwen2.5-7b-instruct", "servedName": "qwen-7b", "maxModelLen": 8192},
+        "capacity": 3,
+        "resources": {"gpus": 2, "cpu": "8", "memory": "64Gi"},
+        "engine": {"maxNumSeqs": 128, "extraArgs": ["--log-content"]},
+        "podTemplate": {
+            "nodeSelector": {"gpu.example/class": "h100"},
+            "priorityClassName": "inference",
+            "imagePullSecrets": ["regcred"],
+            "env": [{"name": "TOKENIZERS_PARALLELISM", "value": "false"}],
+        },
+        "rollout": {"maxSurge": 0, "maxUnavailable": "25%"},
+    },
+    "hf-lora": {
+        "model": {
+            "uri": "hf://Qwen/Qwen2.5-0.5B-Instruct",
+            "hfTokenSecretRef": {"name": "hf-token"},
+            "adapters": [
+                {"name": "sql", "uri": "hf://acme/qwen-sql-lora"},
+                {"name": "support", "uri": "pvc://adapters/support"},
+            ],
+        },
+        "resources": {"gpus": 1},
+    },
+    "private-access": {
+        "model": {"uri": "hostpath:///data/models/smollm2"},
+        "capacity": 2,
+        "auth": {"apiKeySecretRef": "team-keys"},
+        "access": {"allowedNamespaces": ["apps"], "allowedCIDRs": ["10.20.0.0/16"]},
+    },
+    "open-no-auth": {"auth": {"mode": "none"}},
+}
+
+
+def build_all(md: ModelDeployment, settings: OperatorSettings) -> dict[str, Any]:
+    children: dict[str, Any] = {
+        "deployment": builders.build_deployment(md, settings),
+        "service": builders.build_service(md, settings),
+        "networkpolicy": builders.build_network_policy(md, settings),
+        "pdb": builders.build_pdb(md),
+    }
+    if md.spec.auth.mode == "apiKey" and not md.spec.auth.api_key_secret_ref:
+        children["secret"] = builders.build_api_key_secret(md, "sk-berth-golden")
+    return children
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden(case: str, settings: OperatorSettings) -> None:
+    md = ModelDeployment.model_validate(md_body(name=case, spec=CASES[case]))
+    text = yaml.safe_dump(build_all(md, settings), sort_keys=True, width=120)
+    path = GOLDEN / f"{case}.yaml"
+    if os.environ.get("BERTH_UPDATE_GOLDEN") or not path.exists():
+        path.write_text(text)
+    assert text == path.read_text(), f"{path.name} differs; BERTH_UPDATE_GOLDEN=1 regenerates it"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_child_is_owned_and_labelled(case: str, settings: OperatorSettings) -> None:
+    md = ModelDeployment.model_validate(md_body(name=case, spec=CASES[case]))
+    for kind, child in build_all(md, settings).items():
+        if child is None:
+            continue
+        meta = child["metadata"]
+        assert meta["namespace"] == "team-a", kind
+        assert meta["labels"]["app.kubernetes.io/instance"] == case
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "berth-operator"
+        (ref,) = meta["ownerReferences"]
+        assert ref == {
+            "apiVersion": "berth.dev/v1alpha1",
+            "kind": "ModelDeployment",
+            "name": case,
+            "uid": f"uid-{case}",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def _container(dep: dict[str, Any]) -> dict[str, Any]:
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def test_gpu_deployment(settings: OperatorSettings) -> None:
+    md = ModelDeployment.model_validate(md_body(spec=CASES["gpu-pvc"]))
+    dep = builders.build_deployment(md, settings)
+    c = _container(dep)
+    assert dep["spec"]["replicas"] == 3
+    assert c["image"] == "registry.example/berth-server:test"
+    assert c["resources"]["limits"] == {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": 2}
+    args = c["args"]
+    assert args[:3] == ["serve", "--model", "/models/pvc/qwen2.5-7b-instruct"]
+    assert args[args.index("--served-model-name") + 1] == "qwen-7b"
+    assert args[args.index("--max-model-len") + 1] == "8192"
+    assert args[args.index("--device") + 1] == "cuda"
+    assert args[-1] == "--log-content"
+    pod = dep["spec"]["template"]["spec"]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "model-store", "readOnly": True}} in pod["volumes"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": "25%"}
+
+
+def test_cpu_deployment_defaults_and_hardening(settings: OperatorSettings) -> None:
+    md = ModelDeployment.model_validate(md_body())
+    dep = builders.build_deployment(md, settings)
+    c = _container(dep)
+    pod = dep["spec"]["template"]["spec"]
+    assert c["image"] == "registry.example/berth-server-cpu:test"
+    assert c["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
+    assert "tolerations" not in pod
+    assert c["args"][c["args"].index("--model") + 1] == "builtin://smollm2-135m-instruct"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["startupProbe"]["httpGet"]["path"] == "/health/live"
+    # the startup budget covers settings.startup_seconds of model download and load
+    assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= settings.startup_seconds
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    assert c["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+    assert pod["terminationGracePeriodSeconds"] == settings.drain_seconds
+    drain = int(c["args"][c["args"].index("--drain-timeout") + 1])
+    assert drain < settings.drain_seconds
+    keys = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    assert keys["secret"]["secretName"] == "chat-api-keys"
+    assert {"name": "api-keys", "mountPath": "/etc/berth/api-keys", "readOnly": True} in c["volumeMounts"]
+
+
+def test_hf_and_adapters(settings: OperatorSettings) -> None:
+    md = ModelDeployment.model_validate(md_body(spec=CASES["hf-lora"]))
+    dep = builders.build_deployment(md, settings)
+    pod = dep["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    script = init["command"][-1]
+    assert "hf download Qwen/Qwen2.5-0.5B-Instruct --revision main --local-dir /models/hf" in script
+    assert "hf download acme/qwen-sql-lora --revision main --local-dir /adapters/sql" in script
+    token = next(e for e in init["env"] if e["name"] == "HF_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+    args = _container(dep)["args"]
+    assert args[args.index("--adapter") : args.index("--adapter") + 2] == ["--adapter", "sql=/adapters/sql"]
+    assert "support=/adapters/support/support" in args  # claim "adapters" at /adapters/support, path "support"
+
+
+def test_service_network_policy_pdb(settings: OperatorSettings) -> None:
+    md = ModelDeployment.model_validate(md_body(spec=CASES["private-access"]))
+    svc = builders.build_service(md, settings)
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    assert svc["spec"]["selector"] == {"berth.dev/model-deployment": "chat"}
+    np = builders.build_network_policy(md, settings)
+    assert np is not None
+    peers = np["spec"]["ingress"][0]["from"]
+    assert peers[0]["namespaceSelector"]["matchExpressions"][0]["values"] == ["apps", "berth-system", "team-a"]
+    assert peers[1] == {"ipBlock": {"cidr": "10.20.0.0/16"}}
+    pdb = builders.build_pdb(md)
+    assert pdb is not None and pdb["spec"]["maxUnavailable"] == 1
+    assert builders.build_pdb(ModelDeployment.model_validate(md_body())) is None
+    assert builders.build_network_policy(ModelDeployment.model_validate(md_body()), settings) is None
+    args = _container(builders.build_deployment(md, settings))["args"]
+    assert "--api-key-dir" in args
+    assert builders.api_key_secret_name(md) == "team-keys"
+
+
+def test_auth_none_mounts_no_keys(settings: OperatorSettings) -> None:
+    md = ModelDeployment.model_validate(md_body(spec={"auth": {"mode": "none"}}))
+    dep = builders.build_deployment(md, settings)
+    assert "--api-key-dir" not in _container(dep)["args"]
+    assert all(v["name"] != "api-keys" for v in dep["spec"]["template"]["spec"]["volumes"])
+
+
+def test_builders_are_pure(settings: OperatorSettings) -> None:
+    md = ModelDeployment.model_validate(md_body(spec=CASES["gpu-pvc"]))
+    assert builders.build_deployment(md, settings) == builders.build_deployment(md, settings)
+    secret = builders.build_api_key_secret(md, "sk-1")
+    assert secret["data"] == {"default": "c2stMQ=="}

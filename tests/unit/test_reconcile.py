@@ -1,0 +1,152 @@
+"""Reconcile against a recording client: creates once, patches minimally, and writes nothing when nothing changed."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pydantic
+import pytest
+
+from berth.controller import kube
+from berth.controller.reconcile import diff, reconcile
+from berth.controller.settings import OperatorSettings
+
+from .conftest import RecordingKube, md_body
+
+NOW = datetime(2026, 11, 23, 10, 5, 0, tzinfo=UTC)
+
+
+def _store_md(client: RecordingKube, body: dict[str, Any]) -> None:
+    client.objects[("ModelDeployment", body["metadata"]["namespace"], body["metadata"]["name"])] = copy.deepcopy(body)
+
+
+def _current(client: RecordingKube, name: str = "chat", ns: str = "team-a") -> dict[str, Any]:
+    return copy.deepcopy(client.objects[("ModelDeployment", ns, name)])
+
+
+def _edit_spec(client: RecordingKube, **spec: Any) -> dict[str, Any]:
+    body = _current(client)
+    body["spec"].update(spec)
+    body["metadata"]["generation"] += 1
+    _store_md(client, body)
+    return body
+
+
+def test_first_reconcile_creates_children_and_status(recording: RecordingKube, settings: OperatorSettings) -> None:
+    body = md_body(spec={"capacity": 2})
+    _store_md(recording, body)
+    result = reconcile(body, recording, settings, NOW, api_key=lambda: "sk-test")
+    created = [(c[1], c[2]) for c in recording.writes() if c[0] == "create" and c[1] != "Event"]
+    assert created == [
+        ("Secret", "chat-api-keys"),
+        ("Deployment", "chat"),
+        ("Service", "chat"),
+        ("PodDisruptionBudget", "chat"),
+    ]
+    assert result.status_written and result.status["phase"] == "Pending"
+    assert [e.reason for e in result.events] == ["Deployed"]
+
+
+def test_scale_2_to_5_patches_only_deployment_replicas_then_nothing(
+    recording: RecordingKube, settings: OperatorSettings
+) -> None:
+    body = md_body(spec={"capacity": 2})
+    _store_md(recording, body)
+    reconcile(body, recording, settings, NOW)
+    recording.clear()
+
+    body = _edit_spec(recording, capacity=5)
+    reconcile(body, recording, settings, NOW + timedelta(seconds=1))
+    child_writes = [c for c in recording.writes() if c[1] not in ("Event", "ModelDeployment")]
+    assert child_writes == [("patch", "Deployment", "chat", {"spec": {"replicas": 5}})]
+
+    recording.clear()
+    reconcile(_current(recording), recording, settings, NOW + timedelta(seconds=2))
+    assert recording.writes() == []
+
+
+def test_unchanged_reconcile_makes_no_write(recording: RecordingKube, settings: OperatorSettings) -> None:
+    body = md_body(spec={"capacity": 1, "access": {"allowedNamespaces": ["apps"]}})
+    _store_md(recording, body)
+    reconcile(body, recording, settings, NOW)
+    recording.clear()
+    for i in range(3):
+        reconcile(_current(recording), recording, settings, NOW + timedelta(seconds=10 * (i + 1)))
+    assert recording.writes() == []
+    assert {c[0] for c in recording.calls} == {"get", "list"}
+
+
+def test_generated_key_is_never_rotated(recording: RecordingKube, settings: OperatorSettings) -> None:
+    body = md_body()
+    _store_md(recording, body)
+    reconcile(body, recording, settings, NOW, api_key=lambda: "sk-first")
+    secret = recording.objects[("Secret", "team-a", "chat-api-keys")]
+    reconcile(_edit_spec(recording, capacity=2), recording, settings, NOW, api_key=lambda: "sk-second")
+    assert recording.objects[("Secret", "team-a", "chat-api-keys")]["data"] == secret["data"]
+
+
+def test_removing_access_deletes_the_network_policy(recording: RecordingKube, settings: OperatorSettings) -> None:
+    body = md_body(spec={"access": {"allowedCIDRs": ["10.0.0.0/8"]}, "capacity": 2})
+    _store_md(recording, body)
+    reconcile(body, recording, settings, NOW)
+    assert ("NetworkPolicy", "team-a", "chat") in recording.objects
+    recording.clear()
+    body = _current(recording)
+    del body["spec"]["access"]
+    body["spec"]["capacity"] = 1
+    _store_md(recording, body)
+    reconcile(body, recording, settings, NOW)
+    deletes = sorted((c[1], c[2]) for c in recording.writes() if c[0] == "delete")
+    assert deletes == [("NetworkPolicy", "chat"), ("PodDisruptionBudget", "chat")]
+
+
+def test_invalid_edit_raises_and_deletes_nothing(recording: RecordingKube, settings: OperatorSettings) -> None:
+    body = md_body(spec={"capacity": 2})
+    _store_md(recording, body)
+    reconcile(body, recording, settings, NOW)
+    recording.clear()
+    bad = _edit_spec(recording, autoscaling={"enabled": True, "minCapacity": 3, "maxCapacity": 1})
+    with pytest.raises(pydantic.ValidationError):
+        reconcile(bad, recording, settings, NOW)
+    assert recording.writes() == []
+    assert ("Deployment", "team-a", "chat") in recording.objects
+
+
+def test_missing_user_secret_is_reported(recording: RecordingKube, settings: OperatorSettings) -> None:
+    body = md_body(spec={"auth": {"apiKeySecretRef": "team-keys"}})
+    _store_md(recording, body)
+    result = reconcile(body, recording, settings, NOW)
+    ready = next(c for c in result.status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "APIKeySecretNotFound"
+    assert "spec.auth.apiKeySecretRef: Secret 'team-keys' not found" in ready["message"]
+    assert not any(c[1] == "Secret" and c[0] == "create" for c in recording.writes())
+
+
+def test_existing_child_409_is_success(recording: RecordingKube, settings: OperatorSettings) -> None:
+    body = md_body()
+    _store_md(recording, body)
+
+    class Racing(RecordingKube):
+        def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
+            return None if kind.kind == "Service" else super().get(kind, namespace, name)
+
+    racing = Racing()
+    racing.objects = recording.objects
+    reconcile(body, racing, settings, NOW)
+    reconcile(_current(racing), racing, settings, NOW)  # Service create answered 409: no error
+    assert ("Service", "team-a", "chat") in racing.objects
+
+
+def test_diff_tolerates_server_defaults_and_quantities() -> None:
+    desired = {"spec": {"replicas": 2, "template": {"spec": {"containers": [
+        {"name": "s", "resources": {"limits": {"cpu": "0.5", "nvidia.com/gpu": 1}}, "env": []}]}}}}
+    observed = {"spec": {"replicas": 2, "progressDeadlineSeconds": 600, "template": {"spec": {
+        "dnsPolicy": "ClusterFirst",
+        "containers": [{"name": "s", "imagePullPolicy": "IfNotPresent",
+                        "resources": {"limits": {"cpu": "500m", "nvidia.com/gpu": "1"}}}]}}}}
+    assert diff(desired, observed) is diff({}, {})  # the same sentinel: nothing to patch
+    observed["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] = "1"
+    patch = diff(desired, observed)
+    assert list(patch) == ["spec"] and list(patch["spec"]) == ["template"]
