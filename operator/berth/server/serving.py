@@ -230,10 +230,12 @@ class Serving:
         if not name or name == self.served_name or name in _BASE_MODEL_ALIASES:
             return None
         base, sep, adapter = name.partition(":")
-        if sep and base == self.served_name and adapter in self.info.adapters:
+        if not (sep and base == self.served_name):
+            adapter = name
+        if adapter in self.info.merged_adapters:
+            return None  # merged into the base weights at load
+        if adapter in self.info.adapters:
             return adapter
-        if name in self.info.adapters:
-            return name
         raise ApiError(
             404,
             f"The model {name!r} does not exist; this server serves {[c.id for c in self.model_list().data]}",
