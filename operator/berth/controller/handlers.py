@@ -18,6 +18,7 @@ import pydantic
 
 from berth.api.models import GROUP, KIND, PLURAL, VERSION
 from berth.controller import builders, kube, metrics
+from berth.controller.autoscaler import Autoscaler
 from berth.controller.reconcile import managed_status, reconcile
 from berth.controller.settings import get_settings
 from berth.controller.status import failed_status
@@ -27,6 +28,7 @@ MANAGED = {"app.kubernetes.io/managed-by": builders.MANAGED_BY}
 
 _locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 _client: kube.Kube | None = None
+_autoscaler: Autoscaler | None = None
 
 
 def client() -> kube.Kube:
@@ -121,11 +123,34 @@ def on_timer(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
     run_reconcile(dict(body), "timer", logger, permanent_on_invalid=False)
 
 
+def autoscaler() -> Autoscaler:
+    global _autoscaler
+    if _autoscaler is None:
+        _autoscaler = Autoscaler(client(), SETTINGS)
+    return _autoscaler
+
+
+def _autoscaling_enabled(spec: kopf.Spec, **_: Any) -> bool:
+    return bool((spec.get("autoscaling") or {}).get("enabled"))
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.autoscale_interval_seconds, when=_autoscaling_enabled)
+def on_autoscale(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    """Sample load and set spec.capacity through the scale subresource (only while autoscaling is enabled)."""
+    try:
+        autoscaler().tick(dict(body), datetime.now(UTC), time.monotonic())
+    except pydantic.ValidationError:
+        return  # an invalid spec is reported by the reconcile path
+    except kube.ApiError as e:
+        logger.warning("autoscaler: Kubernetes API: %s", e)
+
+
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
 def on_delete(body: kopf.Body, **_: Any) -> None:
     """Children go with their owner (garbage collector); only forget the metrics. No finalizer is added."""
     meta = body.get("metadata") or {}
     metrics.record_phase(str(meta.get("namespace")), str(meta.get("name")), None)
+    autoscaler().forget(str(meta.get("namespace")), str(meta.get("name")))
 
 
 def _owner_name(body: kopf.Body) -> str | None:

@@ -1,0 +1,155 @@
+"""The autoscaling decision over recorded load sequences, and one tick through a recording client."""
+
+from __future__ import annotations
+
+import copy
+import http.server
+import itertools
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from berth.controller.autoscaler import Autoscaler, PodMetricsSource, Policy, State, decide, parse_in_flight
+from berth.controller.settings import OperatorSettings
+
+from .conftest import RecordingKube, md_body
+
+POLICY = Policy(min_capacity=1, max_capacity=8, target_per_instance=32, scale_down_delay=60, window=10)
+
+
+def run(loads: list[float], start: int = 1, policy: Policy = POLICY, busy: int = 0, dt: float = 5.0) -> list[int]:
+    """Feed one total-in-flight sample every dt seconds; apply each decision; return the capacities."""
+    state, current, out = State(), start, []
+    for i, load in enumerate(loads):
+        current = decide(current, busy, policy, state, i * dt, load).desired
+        out.append(current)
+    return out
+
+
+def test_spike_scales_up_at_once_with_a_bounded_step() -> None:
+    # 96 in flight over 32 per instance -> 3 (window average of 96, 96)
+    assert run([96, 96]) == [3, 3]
+    # a huge spike: at most max(4, current) more per decision -> 1 -> 5 -> 8 (max)
+    assert run([1000, 1000, 1000]) == [5, 8, 8]
+
+
+def test_reason_names_the_numbers() -> None:
+    d = decide(1, 0, POLICY, State(), 0.0, 96)
+    assert d.desired == 3
+    assert d.reason == "in-flight 96 over target 32 per instance -> capacity 3"
+
+
+def test_ramp_up_then_down_after_delay() -> None:
+    loads = [32, 64, 96, 128] + [0] * 20
+    caps = run(loads)
+    assert caps[:4] == [1, 2, 3, 4]  # windows average 2 samples (10 s window, 5 s apart)
+    # scale down only after the low load stayed for 60 s (12 samples)
+    first_down = next(i for i, c in enumerate(caps) if i > 3 and c < 4)
+    assert (first_down - 4) * 5 >= 60 - 5
+    assert caps[-1] == 1  # minCapacity
+
+
+def test_flapping_load_does_not_flap_capacity() -> None:
+    caps = run([128, 0] * 20)  # the first sample alone says 4; then every window averages 64 -> 2
+    changes = sum(1 for a, b in itertools.pairwise(caps) if a != b)
+    assert caps[0] == 4 and caps[-1] == 2
+    assert changes == 1  # one step down after the delay, no flapping
+
+
+def test_bounds_and_zero() -> None:
+    zero = Policy(min_capacity=0, max_capacity=3, target_per_instance=4, scale_down_delay=10, window=5)
+    caps = run([0] * 6, start=2, policy=zero)
+    assert caps[-1] == 0
+    assert run([10_000] * 3, policy=zero) == [3, 3, 3]
+
+
+def test_never_below_busy_instances() -> None:
+    caps = run([1] * 30, start=4, busy=3)  # load says 1, but 3 instances still have requests in flight
+    assert caps[-1] == 3
+
+
+def test_capacity_above_max_is_brought_back() -> None:
+    assert decide(12, 0, POLICY, State(), 0.0, 0).desired == 8
+
+
+def test_parse_in_flight() -> None:
+    text = (
+        "# HELP berth_running_requests Requests being decoded\n# TYPE berth_running_requests gauge\n"
+        "berth_running_requests 3.0\n"
+        "# HELP berth_waiting_requests Requests waiting\n# TYPE berth_waiting_requests gauge\n"
+        "berth_waiting_requests 2.0\n"
+        "# HELP other_metric x\n# TYPE other_metric gauge\nother_metric 100.0\n"
+    )
+    assert parse_in_flight(text) == 5.0
+
+
+class _Metrics(http.server.BaseHTTPRequestHandler):
+    body = b"berth_running_requests 4\nberth_waiting_requests 1\n"
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _pod(name: str, ip: str, ready: bool) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name},
+        "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+    }
+
+
+def test_pod_metrics_source_reads_only_ready_pods() -> None:
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        pods = [_pod("a", "127.0.0.1", True), _pod("b", "127.0.0.1", False), _pod("c", "127.0.0.9", True)]
+        got = PodMetricsSource(timeout=0.5).in_flight(pods, port)
+        assert got == {"a": 5.0}  # b is not ready; c does not answer
+    finally:
+        server.shutdown()
+
+
+class FixedLoad:
+    def __init__(self, per_pod: dict[str, float]) -> None:
+        self.per_pod = per_pod
+
+    def in_flight(self, pods: list[dict[str, Any]], port: int) -> dict[str, float]:
+        return dict(self.per_pod)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_tick_writes_scale_event_and_status_only_when_enabled(
+    recording: RecordingKube, settings: OperatorSettings, enabled: bool
+) -> None:
+    body = md_body(spec={"capacity": 1, "autoscaling": {"enabled": enabled, "minCapacity": 1, "maxCapacity": 4,
+                                                         "targetInFlightPerInstance": 8}})
+    recording.objects[("ModelDeployment", "team-a", "chat")] = copy.deepcopy(body)
+    scaler = Autoscaler(recording, settings, FixedLoad({"p1": 24.0}))
+    decision = scaler.tick(body, datetime(2026, 11, 23, 10, 0, tzinfo=UTC), 0.0)
+    if not enabled:
+        assert decision is None and recording.writes() == []
+        return
+    assert decision is not None and decision.desired == 3
+    writes = recording.writes()
+    assert ("patch_scale", "ModelDeployment", "chat", 3) in writes
+    status = next(w[3] for w in writes if w[0] == "patch_status")
+    assert status == {"desiredCapacity": 3, "lastScaleTime": "2026-11-23T10:00:00Z"}
+    event = next(w[3] for w in writes if w[0] == "create" and w[1] == "Event")
+    assert event["reason"] == "Autoscaled"
+    assert event["message"] == "in-flight 24 over target 8 per instance -> capacity 3"
+
+
+def test_manual_scale_while_enabled_is_corrected(recording: RecordingKube, settings: OperatorSettings) -> None:
+    body = md_body(spec={"capacity": 4, "autoscaling": {"enabled": True, "minCapacity": 1, "maxCapacity": 4,
+                                                         "targetInFlightPerInstance": 8, "scaleDownDelaySeconds": 0}})
+    recording.objects[("ModelDeployment", "team-a", "chat")] = copy.deepcopy(body)
+    scaler = Autoscaler(recording, settings, FixedLoad({"p1": 8.0}))
+    decision = scaler.tick(body, datetime(2026, 11, 23, tzinfo=UTC), 0.0)
+    assert decision is not None and decision.desired == 1  # the load wants 1; the autoscaler owns capacity
