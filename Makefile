@@ -52,6 +52,9 @@ lint: install ## ruff
 typecheck: install ## mypy (strict) on operator/
 	$(VENV)/bin/mypy
 
+demo: install ## start berth serve on the built-in SmolLM2, ask it a question with the openai SDK, stop it
+	$(PY) tools/demo.py
+
 serve: install ## run the inference server on the built-in SmolLM2 model (http://127.0.0.1:8000/v1)
 	$(BERTH) serve
 
