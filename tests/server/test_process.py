@@ -138,6 +138,34 @@ def test_disconnect_mid_stream_frees_the_slot(server: ServerProcess) -> None:
     assert freed_after < 5, freed_after
 
 
+def test_disconnect_while_queued_frees_the_queue_slot(server: ServerProcess) -> None:
+    _wait_for(lambda: _gauge(server, "berth_running_requests") == 0)
+    client_a, resp_a, lines_a = _open_stream(server, _long_chat())
+    _next_data(lines_a)
+    body = {**_long_chat(4), "stream": False, "model": _served(server)}
+    # B waits in the queue behind A; its client gives up after 3 s and closes the connection.
+    outcome: list[str] = []
+
+    def run_b() -> None:
+        try:
+            httpx.post(f"{server.base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=3.0)
+            outcome.append("answered")
+        except httpx.ReadTimeout:
+            outcome.append("gave up")
+
+    thread_b = threading.Thread(target=run_b)
+    thread_b.start()
+    _wait_for(lambda: _gauge(server, "berth_waiting_requests") == 1)
+    thread_b.join(timeout=30)
+    assert outcome == ["gave up"]
+    _wait_for(lambda: _gauge(server, "berth_waiting_requests") == 0, timeout=5)
+    assert _gauge(server, "berth_running_requests") == 1  # A is untouched
+    resp_a.close()
+    client_a.close()
+    _wait_for(lambda: _gauge(server, "berth_running_requests") == 0, timeout=10)
+    assert any(line["status"] == 499 for line in server.access_log())
+
+
 def test_sigterm_finishes_the_stream_then_exits_0(server: ServerProcess) -> None:
     _wait_for(lambda: _gauge(server, "berth_running_requests") == 0)
     served = _served(server)

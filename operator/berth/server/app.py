@@ -10,6 +10,7 @@ Route families:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import logging
@@ -17,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,6 +49,14 @@ GENERATION_ROUTES = frozenset(
 TGI_ROUTES = frozenset({"/generate", "/generate_stream", "/info", "/"})
 KNOWN_ROUTES = GENERATION_ROUTES | TGI_ROUTES | {"/v1/models", "/health/live", "/health/ready", "/metrics"}
 QUIET_ROUTES = frozenset({"/health/live", "/health/ready", "/metrics"})
+DISCONNECT_POLL_SECONDS = 0.25
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response started (answered 499, never seen by it)."""
+
+
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -210,6 +219,10 @@ def create_app(
         _note_error(request, exc.message)
         return error_response(request.url.path, exc)
 
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = validation_error(exc)
@@ -260,6 +273,25 @@ def create_app(
             )
         return state.serving
 
+    async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work``; cancel it (aborting its engine requests) if the client goes away first.
+
+        Streams are covered by Starlette once they started; this covers the time before the first
+        token (waiting in the queue, prefill) and whole non-streamed generations.
+        """
+        task = asyncio.ensure_future(work)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ApiError):
+                    await task
+                ctx = ctx_of(request)
+                ctx.error = "client disconnected"
+                raise ClientGone
+
     def sse(path: str, body: AsyncIterator[str]) -> StreamingResponse:
         return StreamingResponse(
             _guard_stream(path, body), media_type="text/event-stream", headers=SSE_HEADERS
@@ -293,14 +325,14 @@ def create_app(
 
     @app.post("/v1/chat/completions", dependencies=auth, response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
-        result = await serving().chat(body, ctx_of(request))
+        result = await until_disconnect(request, serving().chat(body, ctx_of(request)))
         if isinstance(result, BaseModel):
             return JSONResponse(result.model_dump())
         return sse(request.url.path, result)
 
     @app.post("/v1/completions", dependencies=auth, response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        result = await serving().completion(body, ctx_of(request))
+        result = await until_disconnect(request, serving().completion(body, ctx_of(request)))
         if isinstance(result, BaseModel):
             return JSONResponse(result.model_dump())
         return sse(request.url.path, result)
@@ -313,19 +345,21 @@ def create_app(
 
     @app.post("/generate", dependencies=auth, response_model=None)
     async def generate(body: TGIGenerateRequest, request: Request) -> Any:
-        result = await serving().tgi_generate(body, ctx_of(request))
+        result = await until_disconnect(request, serving().tgi_generate(body, ctx_of(request)))
         return JSONResponse(result.model_dump())
 
     @app.post("/generate_stream", dependencies=auth, response_model=None)
     async def generate_stream(body: TGIGenerateRequest, request: Request) -> Any:
-        return sse(request.url.path, await serving().tgi_generate_stream(body, ctx_of(request)))
+        stream = await until_disconnect(request, serving().tgi_generate_stream(body, ctx_of(request)))
+        return sse(request.url.path, stream)
 
     @app.post("/", dependencies=auth, response_model=None)
     async def compat_generate(body: TGIGenerateRequest, request: Request) -> Any:
         """TGI's compatibility route: ``stream`` picks /generate_stream, else a one-item list."""
         if body.stream:
-            return sse(request.url.path, await serving().tgi_generate_stream(body, ctx_of(request)))
-        result = await serving().tgi_generate(body, ctx_of(request))
+            stream = await until_disconnect(request, serving().tgi_generate_stream(body, ctx_of(request)))
+            return sse(request.url.path, stream)
+        result = await until_disconnect(request, serving().tgi_generate(body, ctx_of(request)))
         return JSONResponse([result.model_dump()])
 
     return app

@@ -484,7 +484,7 @@ class Serving:
         def account(g: _Gen, event: TokenEvent) -> None:
             now = time.monotonic()
             if event.token_id is not None:
-                if g.index in last_at:
+                if g.index in last_at and ctx.route != "warmup":
                     self.metrics.inter_token_latency.observe(now - last_at[g.index])
                 last_at[g.index] = now
                 g.num_tokens = max(g.num_tokens + 1, event.num_generated_tokens)
