@@ -95,3 +95,27 @@ def test_generation_503_until_ready(client: TestClient) -> None:
     assert r.status_code == 503
     assert _error(r)["code"] == "not_ready"
     assert "retry-after" in r.headers
+
+
+def test_access_log_line_for_a_refused_request(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    import json
+
+    caplog.set_level("INFO", logger="berth.access")
+    client.post("/v1/chat/completions", json={"messages": []}, headers={"Authorization": "Bearer sk-nope"})
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "berth.access"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["status"] == 401 and line["key_id"] == "-" and line["route"] == "/v1/chat/completions"
+    assert "sk-nope" not in caplog.text and KEY not in caplog.text
+
+
+def test_log_content_only_when_asked() -> None:
+    from berth.server.serving import RequestContext
+
+    ctx = RequestContext(
+        route="/v1/completions", key_id="k", prompt_text="secret prompt", completion_text="answer"
+    )
+    assert "prompt" not in ctx.log_fields(log_content=False)
+    assert "completion" not in ctx.log_fields(log_content=False)
+    fields = ctx.log_fields(log_content=True)
+    assert fields["prompt"] == "secret prompt" and fields["completion"] == "answer"
