@@ -244,7 +244,7 @@ class TGIParameters(_Request):
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     return_full_text: bool | None = None
     seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
+    stop: list[str] | None = None
     temperature: float | None = Field(default=None, gt=0.0)
     top_k: int | None = Field(default=None, gt=0)
     top_n_tokens: int | None = Field(default=None, ge=0, le=20)

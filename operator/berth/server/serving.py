@@ -834,7 +834,7 @@ class Serving:
             if p.grammar.type == "regex":
                 raise bad_param("grammar", "regex grammars are not supported; use type 'json'")
             json_mode = True
-        stops = [s for s in p.stop if s]
+        stops = [s for s in (p.stop or []) if s]
         if len(stops) > self.settings.max_stop_sequences:
             raise bad_param("stop", f"at most {self.settings.max_stop_sequences} stop sequences are allowed")
         if not req.inputs:
