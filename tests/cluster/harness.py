@@ -59,8 +59,13 @@ BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 WRITE_VERBS = frozenset({"create", "update", "patch", "delete", "deletecollection"})
 SERVICE_CIDR = "10.96.0.0/16"
-POD_CIDR = "10.244.0.0/16"
+# Pod IPs are on loopback so that a test can run a real server on a simulated pod's IP (Linux
+# routes all of 127.0.0.0/8 to lo). The API accepts loopback pod IPs, but EndpointSlice/Endpoints
+# validation rejects them: nodes that must publish endpoints get a routable `pod_cidr` of their own
+# (NodeSpec.pod_cidr; kwok allocates from the node's spec.podCIDR when it is set).
+POD_CIDR = "127.244.0.0/16"
 CONTEXT_NAME = "berth-local"
+ADVERTISE_ADDRESS = "192.0.2.1"
 ADMIN_USER = "berth-admin"
 
 AUDIT_POLICY = """\
@@ -367,6 +372,8 @@ class NodeSpec:
     pods: int = 110
     labels: Mapping[str, str] = field(default_factory=dict)
     gpu_resource: str = "nvidia.com/gpu"
+    pod_cidr: str | None = None  # kwok takes pod IPs from here instead of the cluster's pod CIDR
+    taints: tuple[Mapping[str, str], ...] = ()
 
 
 DEFAULT_NODES: tuple[NodeSpec, ...] = (
@@ -392,7 +399,10 @@ def node_manifest(spec: NodeSpec) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {"name": spec.name, "annotations": {KWOK_ANNOTATION: "fake"}, "labels": labels},
-        "spec": {},
+        "spec": {
+            **({"podCIDR": spec.pod_cidr, "podCIDRs": [spec.pod_cidr]} if spec.pod_cidr else {}),
+            **({"taints": [dict(t) for t in spec.taints]} if spec.taints else {}),
+        },
         "status": {"capacity": capacity, "allocatable": dict(capacity)},
     }
 
@@ -419,7 +429,9 @@ class LocalCluster:
         detach: bool = False,
         start_timeout: float = 90.0,
         verbosity: int = 1,
+        pod_cidr: str = POD_CIDR,
     ) -> None:
+        self.pod_cidr = pod_cidr
         self.bin_dir = Path(bin_dir) if bin_dir else ensure_binaries(build=False)
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="berth-cluster-"))
@@ -537,7 +549,9 @@ class LocalCluster:
                 str(b / "kube-apiserver"),
                 f"--etcd-servers={etcd_url}",
                 "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                # a loopback address is refused by the endpoint reconciler; advertise a documentation
+                # address (TEST-NET-1) so the `kubernetes` Service still gets its EndpointSlice
+                f"--advertise-address={ADVERTISE_ADDRESS}",
                 f"--secure-port={self.ports['apiserver']}",
                 f"--cert-dir={w / 'apiserver-certs'}",
                 f"--tls-cert-file={p.serving_cert}",
@@ -594,7 +608,7 @@ class LocalCluster:
                 f"--config={b / 'kwok-stages.yaml'}",
                 "--manage-all-nodes=false",
                 f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
-                f"--cidr={POD_CIDR}",
+                f"--cidr={self.pod_cidr}",
                 "--node-ip=10.240.0.1",
                 f"--server-address=127.0.0.1:{self.ports['kwok']}",
                 "--node-lease-duration-seconds=40",
@@ -724,7 +738,10 @@ class LocalCluster:
         self, *args: str, input: str | None = None, check: bool = False, timeout: float = 120.0
     ) -> subprocess.CompletedProcess[str]:
         """Run the built kubectl against this cluster as the admin (system:masters)."""
-        return run_kubectl(self.bin_dir, self.kubeconfig, args, input=input, check=check, timeout=timeout)
+        return run_kubectl(
+            self.bin_dir, self.kubeconfig, args, input=input, check=check, timeout=timeout,
+            cache_dir=self.workdir / "kube-cache",
+        )
 
     def api_client(self) -> Any:
         """A kubernetes.client.ApiClient for the admin user."""
@@ -813,8 +830,10 @@ def run_kubectl(
     input: str | None = None,
     check: bool = False,
     timeout: float = 120.0,
+    cache_dir: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    cmd = [str(bin_dir / "kubectl"), f"--kubeconfig={kubeconfig}", *args]
+    cache = [f"--cache-dir={cache_dir}"] if cache_dir else []
+    cmd = [str(bin_dir / "kubectl"), f"--kubeconfig={kubeconfig}", *cache, *args]
     r = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
         raise subprocess.CalledProcessError(r.returncode, cmd, r.stdout, r.stderr)

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from tests.cluster.harness import NodeSpec
+
 pytestmark = pytest.mark.cluster
 
 GPU = "nvidia.com/gpu"
@@ -102,15 +104,6 @@ def test_gpu_deployment_becomes_running_and_ready(cluster: Any, namespace: str) 
             },
         },
     )
-    apply(
-        cluster,
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "gpu-demo", "namespace": namespace},
-            "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": 8000}]},
-        },
-    )
     poll(
         lambda: kget(cluster, "deployment", "gpu-demo", "-n", namespace)["status"].get("readyReplicas") == 2,
         what="Deployment gpu-demo readyReplicas == 2",
@@ -121,21 +114,70 @@ def test_gpu_deployment_becomes_running_and_ready(cluster: Any, namespace: str) 
         assert pod["status"]["phase"] == "Running"
         assert condition(pod, "Ready")["status"] == "True"  # type: ignore[index]
         assert pod["spec"]["nodeName"].startswith("kwok-gpu"), pod["spec"]["nodeName"]
-        assert pod["status"]["podIP"].startswith("10.244.")
+        # loopback pod IPs: a test can bind a real server to a simulated pod's address
+        assert pod["status"]["podIP"].startswith("127.244."), pod["status"]["podIP"]
+    assert len({p["status"]["podIP"] for p in pods}) == 2
 
-    # the endpointslice controller publishes both ready pods behind the Service
-    def ready_endpoints() -> list[str]:
-        slices = kget(cluster, "endpointslices", "-n", namespace, "-l", "kubernetes.io/service-name=gpu-demo")
-        return sorted(
-            addr
-            for s in slices["items"]
-            for ep in s.get("endpoints") or []
-            if ep.get("conditions", {}).get("ready")
-            for addr in ep["addresses"]
+
+def test_endpointslices_for_pods_on_a_routable_node(local_cluster: Any, namespace: str) -> None:
+    """EndpointSlices reject loopback addresses, so a node with its own routable podCIDR (tainted, so
+    that only this test's pods land there) shows the endpointslice controller at work."""
+    c = local_cluster
+    node = f"kwok-net-{uuid.uuid4().hex[:5]}"
+    taint = {"key": "berth.test/routable", "value": "true", "effect": "NoSchedule"}
+    c.apply_node(NodeSpec(node, cpu="8", memory="16Gi", pod_cidr="10.244.7.0/24", taints=(taint,)))
+    labels = {"app": "web"}
+    pod_spec = gpu_pod_spec(0) | {
+        "nodeSelector": {"kubernetes.io/hostname": node},
+        "tolerations": [{"key": "berth.test/routable", "operator": "Exists", "effect": "NoSchedule"}],
+    }
+    try:
+        apply(
+            c,
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": "web", "namespace": namespace},
+                "spec": {
+                    "replicas": 2,
+                    "selector": {"matchLabels": labels},
+                    "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+                },
+            },
         )
+        apply(
+            c,
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "web", "namespace": namespace},
+                "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": 8000}]},
+            },
+        )
+        poll(
+            lambda: kget(c, "deployment", "web", "-n", namespace)["status"].get("readyReplicas") == 2,
+            what="Deployment web readyReplicas == 2",
+        )
+        pods = kget(c, "pods", "-n", namespace, "-l", "app=web")["items"]
+        assert all(p["spec"]["nodeName"] == node for p in pods)
+        pod_ips = sorted(p["status"]["podIP"] for p in pods)
+        assert all(ip.startswith("10.244.7.") for ip in pod_ips), pod_ips
 
-    addrs = poll(lambda: (lambda a: a if len(a) == 2 else None)(ready_endpoints()), what="2 ready endpoints")
-    assert addrs == sorted(p["status"]["podIP"] for p in pods)
+        def ready_endpoints() -> list[str] | None:
+            slices = kget(c, "endpointslices", "-n", namespace, "-l", "kubernetes.io/service-name=web")
+            addrs = sorted(
+                addr
+                for sl in slices["items"]
+                for ep in sl.get("endpoints") or []
+                if ep.get("conditions", {}).get("ready")
+                for addr in ep["addresses"]
+            )
+            return addrs if len(addrs) == 2 else None
+
+        assert poll(ready_endpoints, what="2 ready endpoints in the EndpointSlice") == pod_ips
+    finally:
+        c.kubectl("delete", "deployment", "web", "-n", namespace, "--wait=true", "--timeout=60s")
+        c.delete_node(node)
 
 
 def test_too_many_gpus_pending_until_a_big_node_arrives(local_cluster: Any, namespace: str) -> None:

@@ -34,7 +34,7 @@ if [[ "${1:-}" == "--dir" ]]; then
 fi
 
 complete() {
-  [[ -f "$OUT/.complete" ]] || return 1
+  [[ -f "$OUT/.complete" && -f "$OUT/kwok-stages.yaml" ]] || return 1
   local b
   for b in "${BINARIES[@]}"; do [[ -x "$OUT/$b" ]] || return 1; done
 }
@@ -46,12 +46,12 @@ fi
 
 command -v go >/dev/null || { echo "build.sh: go is not installed (need go >= 1.26)" >&2; exit 1; }
 
-mkdir -p "$CACHE/cluster-bin"
-exec 9>"$CACHE/cluster-bin/.build.lock"
+mkdir -p "$OUT"
+exec 9>"$OUT/.build.lock"
 flock 9                      # a concurrent build (another pytest session) waits here
 if complete; then echo "$OUT"; exit 0; fi
 
-STAGE="$(mktemp -d "$CACHE/cluster-bin/.stage.XXXXXX")"
+STAGE="$(mktemp -d "$OUT/.stage.XXXXXX")"
 trap 'rm -rf "$STAGE"' EXIT
 
 export GOFLAGS="-trimpath -mod=readonly"
@@ -63,10 +63,24 @@ minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
 
 log() { echo "build.sh: $*" >&2; }
 
-build() {  # build <module dir> <output> <ldflags> <package>...
-  local dir="$1" out="$2" ldflags="$3"; shift 3
-  log "building $out from $dir ($*)"
-  (cd "$HERE/$dir" && go build -p "$PAR" -ldflags="-s -w $ldflags" -o "$out" "$@") >&2
+build() {  # build <module dir> <ldflags> <binary name>=<package>...  (skips binaries already in $OUT)
+  local dir="$1" ldflags="$2"; shift 2
+  local pkgs=() names=() spec
+  for spec in "$@"; do
+    [[ -x "$OUT/${spec%%=*}" ]] && continue
+    names+=("${spec%%=*}"); pkgs+=("${spec#*=}")
+  done
+  [[ ${#pkgs[@]} -eq 0 ]] && return 0
+  log "building ${names[*]} in tools/cluster/$dir"
+  local t0; t0=$(date +%s)
+  if [[ ${#pkgs[@]} -eq 1 ]]; then
+    (cd "$HERE/$dir" && go build -p "$PAR" -ldflags="-s -w $ldflags" -o "$STAGE/${names[0]}" "${pkgs[0]}") >&2
+  else
+    (cd "$HERE/$dir" && go build -p "$PAR" -ldflags="-s -w $ldflags" -o "$STAGE/" "${pkgs[@]}") >&2
+  fi
+  local n
+  for n in "${names[@]}"; do mv "$STAGE/$n" "$OUT/$n"; done
+  log "built ${names[*]} in $(( $(date +%s) - t0 ))s"
 }
 
 kver="-X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1"
@@ -76,22 +90,32 @@ kver+=" -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/client
 kver+=" -X k8s.io/client-go/pkg/version.gitMinor=$minor -X k8s.io/client-go/pkg/version.gitTreeState=clean"
 
 # etcd first: small, and it proves the toolchain works before the long kubernetes build.
-build etcd "$STAGE/etcd" "" go.etcd.io/etcd/server/v3
-build kwok "$STAGE/" "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" sigs.k8s.io/kwok/cmd/kwok
-build helm "$STAGE/" "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
-  helm.sh/helm/v3/cmd/helm
-build kubernetes "$STAGE/" "$kver" \
-  k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+build etcd "" etcd=go.etcd.io/etcd/server/v3
+build kwok "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" kwok=sigs.k8s.io/kwok/cmd/kwok
+build helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
+  helm=helm.sh/helm/v3/cmd/helm
+build kubernetes "$kver" \
+  kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver \
+  kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
+  kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler \
+  kubectl=k8s.io/kubernetes/cmd/kubectl
 
-for b in "${BINARIES[@]}"; do [[ -x "$STAGE/$b" ]] || { log "missing $b after build"; exit 1; }; done
+# kwok's own stage definitions from the pinned module (the same set kwokctl uses by default):
+# nodes become Ready and keep a Lease heartbeat; pods become Running+Ready, Job pods complete,
+# deleted pods go away.
+KWOK_SRC="$(cd "$HERE/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)"
+{
+  for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+           pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    echo "---"; cat "$KWOK_SRC/kustomize/stage/$f"
+  done
+} > "$STAGE/kwok-stages.yaml"
+mv "$STAGE/kwok-stages.yaml" "$OUT/kwok-stages.yaml"
+
+for b in "${BINARIES[@]}"; do [[ -x "$OUT/$b" ]] || { log "missing $b after build"; exit 1; }; done
 {
   echo "kubernetes=$K8S_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION helm=$HELM_VERSION"
   echo "go=$(go env GOVERSION) built=$BUILD_DATE seconds=$(( $(date +%s) - START ))"
-} > "$STAGE/.complete"
-chmod 755 "$STAGE"
-rm -rf "$OUT"
-mv "$STAGE" "$OUT"
-trap - EXIT
-log "built in $(( $(date +%s) - START ))s"
+} > "$OUT/.complete"
+log "done in $(( $(date +%s) - START ))s"
 echo "$OUT"
