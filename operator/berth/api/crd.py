@@ -44,7 +44,9 @@ _KEEP = {
 }
 
 
-def _rule(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict[str, Any]:
+def _rule(
+    rule: str, message: str, field_path: str | None = None, reason: str | None = None
+) -> dict[str, Any]:
     out: dict[str, Any] = {"rule": rule, "message": message}
     if field_path:
         out["fieldPath"] = field_path
@@ -120,7 +122,10 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any], path: str) -> dict
     if "anyOf" in schema:
         options = [o for o in schema["anyOf"] if o.get("type") != "null"]
         rest = {k: v for k, v in schema.items() if k != "anyOf"}
-        if schema.get("x-kubernetes-int-or-string") or {o.get("type") for o in options} == {"integer", "string"}:
+        if schema.get("x-kubernetes-int-or-string") or {o.get("type") for o in options} == {
+            "integer",
+            "string",
+        }:
             out = {"x-kubernetes-int-or-string": True}
             out.update({k: v for k, v in rest.items() if k in ("description", "default")})
             return out
@@ -139,7 +144,12 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any], path: str) -> dict
             for name, sub in value.items():
                 prop = _structural(sub, defs, f"{path}.{name}" if path else name)
                 optional = "anyOf" in _resolve(sub, defs)
-                if prop.get("type") == "object" and "properties" in prop and "default" not in prop and not optional:
+                if (
+                    prop.get("type") == "object"
+                    and "properties" in prop
+                    and "default" not in prop
+                    and not optional
+                ):
                     prop["default"] = {}  # a default_factory sub-object: let its fields default
                 out[key][name] = prop
         elif key == "items":
@@ -196,8 +206,18 @@ def openapi_schema() -> dict[str, Any]:
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri", "description": "Model source"},
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase"},
-    {"name": "Capacity", "type": "integer", "jsonPath": ".spec.capacity", "description": "Instances asked for"},
-    {"name": "Ready", "type": "integer", "jsonPath": ".status.readyCapacity", "description": "Instances ready"},
+    {
+        "name": "Capacity",
+        "type": "integer",
+        "jsonPath": ".spec.capacity",
+        "description": "Instances asked for",
+    },
+    {
+        "name": "Ready",
+        "type": "integer",
+        "jsonPath": ".status.readyCapacity",
+        "description": "Instances ready",
+    },
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "description": "OpenAI base URL"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

@@ -74,7 +74,9 @@ class ModelUri:
             raise ValueError(f"{URI_HELP}; got {uri!r}")
         if scheme == "builtin":
             if rest not in BUILTIN_MODELS:
-                raise ValueError(f"unknown built-in model {rest!r}; built-in models: {', '.join(BUILTIN_MODELS)}")
+                raise ValueError(
+                    f"unknown built-in model {rest!r}; built-in models: {', '.join(BUILTIN_MODELS)}"
+                )
             return cls(scheme, rest)
         if scheme == "pvc":
             claim, _, path = rest.partition("/")
@@ -183,7 +185,8 @@ class Resources(_Base):
         None, description="CPU request and limit per instance. Default: the operator's BERTH_DEFAULT_CPU."
     )
     memory: Quantity | None = Field(
-        None, description="Memory request and limit per instance. Default: the operator's BERTH_DEFAULT_MEMORY."
+        None,
+        description="Memory request and limit per instance. Default: the operator's BERTH_DEFAULT_MEMORY.",
     )
 
 
@@ -191,7 +194,9 @@ class Autoscaling(_Base):
     """Capacity that follows load (in-flight requests per instance)."""
 
     enabled: bool = Field(False, description="Let the operator set spec.capacity from load.")
-    min_capacity: int = Field(1, description="Lowest capacity the autoscaler sets (0 allowed).", ge=0, le=1000)
+    min_capacity: int = Field(
+        1, description="Lowest capacity the autoscaler sets (0 allowed).", ge=0, le=1000
+    )
     max_capacity: int = Field(4, description="Highest capacity the autoscaler sets.", ge=1, le=1000)
     target_in_flight_per_instance: int = Field(
         8, description="In-flight requests (running + waiting) per instance to aim for.", ge=1, le=100000
@@ -258,7 +263,10 @@ class EngineSpec(_Base):
 
     max_num_seqs: int = Field(32, description="Requests decoded together per instance.", ge=1, le=4096)
     max_queue: int = Field(
-        256, description="Requests waiting per instance before it answers 429 with Retry-After.", ge=0, le=100000
+        256,
+        description="Requests waiting per instance before it answers 429 with Retry-After.",
+        ge=0,
+        le=100000,
     )
     kv_cache_memory_fraction: float = Field(
         0.9, description="Share of free accelerator memory given to the KV cache.", gt=0, le=1
@@ -271,7 +279,9 @@ class EngineSpec(_Base):
 class PodTemplate(_Base):
     """Overrides for the instance pods."""
 
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the pods must match."
+    )
     tolerations: list[dict[str, Any]] = Field(
         default_factory=list, description="Pod tolerations (core/v1 Toleration)."
     )
@@ -281,7 +291,8 @@ class PodTemplate(_Base):
         default_factory=list, description="Names of Secrets used to pull the server image."
     )
     env: list[dict[str, Any]] = Field(
-        default_factory=list, description="Extra environment variables of the server container (core/v1 EnvVar)."
+        default_factory=list,
+        description="Extra environment variables of the server container (core/v1 EnvVar).",
     )
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
@@ -314,7 +325,9 @@ class ModelDeploymentSpec(_Base):
     access: Access | None = Field(None, description="Network allow-lists; absent means no NetworkPolicy.")
     engine: EngineSpec = Field(default_factory=EngineSpec, description="Inference engine tuning.")
     compute_units_per_instance: float = Field(
-        1.0, description="Compute units one instance costs per hour, for metering (status.computeUnitHours).", ge=0
+        1.0,
+        description="Compute units one instance costs per hour, for metering (status.computeUnitHours).",
+        ge=0,
     )
     image: str | None = Field(
         None, description="Server image. Default: the operator's BERTH_SERVER_IMAGE.", max_length=512
@@ -353,19 +366,29 @@ class ModelDeploymentStatus(_Base):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
-    phase: Phase | None = Field(None, description="Pending, Deploying, Running, Updating, Degraded, Failed or Idle.")
+    phase: Phase | None = Field(
+        None, description="Pending, Deploying, Running, Updating, Degraded, Failed or Idle."
+    )
     capacity: int | None = Field(None, description="Capacity the operator is working towards.")
     ready_capacity: int | None = Field(None, description="Instances ready to serve.")
-    replicas: int | None = Field(None, description="Instances that exist (scale subresource statusReplicasPath).")
-    selector: str | None = Field(None, description="Label selector of the instance pods (for the scale subresource).")
+    replicas: int | None = Field(
+        None, description="Instances that exist (scale subresource statusReplicasPath)."
+    )
+    selector: str | None = Field(
+        None, description="Label selector of the instance pods (for the scale subresource)."
+    )
     endpoint: str | None = Field(None, description="In-cluster OpenAI base URL, ending in /v1.")
     served_model_name: str | None = Field(None, description="The `model` value clients send.")
     api_key_secret: str | None = Field(None, description="Secret holding the API keys.")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing and Degraded.")
     observed_generation: int | None = Field(None, description="The spec generation last reconciled.")
     ready_at: str | None = Field(None, description="When the instance first became Running (RFC 3339).")
-    time_to_ready_seconds: float | None = Field(None, description="From creation to first Running, in seconds.")
-    compute_unit_hours: float | None = Field(None, description="Compute units used so far (ready instances x hours).")
+    time_to_ready_seconds: float | None = Field(
+        None, description="From creation to first Running, in seconds."
+    )
+    compute_unit_hours: float | None = Field(
+        None, description="Compute units used so far (ready instances x hours)."
+    )
     metered_at: str | None = Field(None, description="When computeUnitHours was last brought up to date.")
     desired_capacity: int | None = Field(None, description="Capacity the autoscaler last asked for.")
     last_scale_time: str | None = Field(None, description="When the autoscaler last changed capacity.")
@@ -377,8 +400,12 @@ class ModelDeployment(_Base):
     api_version: str = Field(API_VERSION, description="berth.dev/v1alpha1")
     kind: str = Field(KIND, description="ModelDeployment")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
-    spec: ModelDeploymentSpec = Field(default_factory=ModelDeploymentSpec, description="What the user asks for.")
-    status: ModelDeploymentStatus = Field(default_factory=ModelDeploymentStatus, description="What the operator saw.")
+    spec: ModelDeploymentSpec = Field(
+        default_factory=ModelDeploymentSpec, description="What the user asks for."
+    )
+    status: ModelDeploymentStatus = Field(
+        default_factory=ModelDeploymentStatus, description="What the operator saw."
+    )
 
     @property
     def name(self) -> str:
