@@ -38,12 +38,26 @@ test-server: install ## server tests: real `berth serve` on SmolLM2 (CPU)
 test-cluster: install cluster-bin ## cluster tests against the local control plane
 	$(PY) -m pytest tests/cluster $(PYTEST_ARGS)
 
-crds: install ## regenerate crds/ (and the chart's CRD template) from the pydantic models
+crds: install ## regenerate crds/ and the chart's CRD template from the pydantic models
 	$(BERTH) crd -o crds/modeldeployments.berth.dev.yaml
+	$(PY) tools/render_chart_crd.py
 
-verify: install ## fail when generated files drift, or lint/type checks fail
+docs: install ## regenerate docs/api.md from the pydantic models
+	$(PY) -m berth.api.docs -o docs/api.md
+
+verify: install ## fail when generated files (CRD, chart CRD, API docs) drift, or lint/type/helm checks fail
 	@$(BERTH) crd | diff -u crds/modeldeployments.berth.dev.yaml - || (echo "crds/ is stale: run make crds" && exit 1)
-	$(MAKE) --no-print-directory lint typecheck
+	@$(PY) tools/render_chart_crd.py --check || (echo "the chart's CRD is stale: run make crds" && exit 1)
+	@$(PY) -m berth.api.docs --check || (echo "docs/api.md is stale: run make docs" && exit 1)
+	$(MAKE) --no-print-directory lint typecheck helm-lint
+
+helm-lint: cluster-bin ## helm lint the chart
+	$$(tools/cluster/build.sh --dir)/helm lint --strict charts/berth
+
+REGISTRY ?= ghcr.io/berth-dev
+images: ## build the operator, server (CUDA) and server-cpu images (needs Docker)
+	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make images needs a Docker engine"; exit 1; }
+	for i in operator server server-cpu; do docker build -f images/$$i/Dockerfile -t $(REGISTRY)/berth-$$i:0.1.0 . || exit 1; done
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check operator tests bench
@@ -63,6 +77,9 @@ cluster-bin: ## build kube-apiserver, controller-manager, scheduler, kubectl, et
 
 cluster-up: install cluster-bin ## start the local control plane (kwok nodes) and print KUBECONFIG
 	$(PY) tests/cluster/harness.py up
+
+cluster-env: ## print export lines (KUBECONFIG, PATH) for the cluster started by cluster-up
+	@$(PY) tests/cluster/harness.py env
 
 cluster-down: install ## stop the local control plane
 	$(PY) tests/cluster/harness.py down

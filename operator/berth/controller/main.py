@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 
 from berth.controller.settings import get_settings
 
@@ -40,11 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         f"namespaces {', '.join(namespaces)}" if namespaces else "cluster-wide",
         settings.peering or "off (standalone)",
     )
+    priority = settings.peering_priority or random.randint(1, 2**31 - 1)
     kopf.run(
         clusterwide=not namespaces,
         namespaces=namespaces,
         standalone=not settings.peering,
         peering_name=settings.peering or None,
+        priority=priority if settings.peering else None,
         liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
     )
     return 0

@@ -43,6 +43,14 @@ class OperatorSettings(BaseSettings):
         "",
         description="kopf peering name for running more than one replica; empty: standalone (one replica).",
     )
+    peering_priority: int = Field(
+        0,
+        description=(
+            "kopf peering priority of this replica: the highest live one works, the others stand by. "
+            "0: a random priority per process, so replicas never tie (a tie pauses all of them)."
+        ),
+        ge=0,
+    )
     resync_seconds: float = Field(30.0, description="Interval of the level-triggered resync timer.", gt=0)
     degraded_grace_seconds: float = Field(
         120.0,
