@@ -126,9 +126,9 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any], path: str) -> dict
             "integer",
             "string",
         }:
-            out = {"x-kubernetes-int-or-string": True}
-            out.update({k: v for k, v in rest.items() if k in ("description", "default")})
-            return out
+            int_or_string: dict[str, Any] = {"x-kubernetes-int-or-string": True}
+            int_or_string.update({k: v for k, v in rest.items() if k in ("description", "default")})
+            return int_or_string
         if len(options) != 1:
             raise ValueError(f"{path}: a union of {options} has no structural form")
         schema = {**_resolve(options[0], defs), **rest}
