@@ -141,7 +141,9 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Any]:
         kind_cluster.create()
         try:
             yield ExternalCluster(
-                Path(kind_cluster.kubeconfig_path), _bin_dir_or_skip(), kind="kind",
+                Path(kind_cluster.kubeconfig_path),
+                _bin_dir_or_skip(),
+                kind="kind",
                 context=f"kind-{kind_cluster.name}",
             )
         finally:
@@ -155,7 +157,7 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def local_cluster(cluster: Any) -> harness.LocalCluster:
+def local_cluster(cluster: Any) -> Any:
     """The LocalCluster (simulated GPU nodes, apiserver restart, audit log); skips elsewhere."""
     if getattr(cluster, "kind", None) != "local":
         pytest.skip("needs the local control plane (--cluster=local without --kubeconfig)")

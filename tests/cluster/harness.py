@@ -43,7 +43,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -110,9 +110,7 @@ def default_bin_dir() -> Path:
 
 
 def binaries_present(bin_dir: Path) -> bool:
-    return (bin_dir / "kwok-stages.yaml").is_file() and all(
-        os.access(bin_dir / b, os.X_OK) for b in BINARIES
-    )
+    return (bin_dir / "kwok-stages.yaml").is_file() and all(os.access(bin_dir / b, os.X_OK) for b in BINARIES)
 
 
 def ensure_binaries(build: bool = True, stream: IO[str] | None = None) -> Path:
@@ -191,9 +189,15 @@ def make_pki(directory: Path, clients: Mapping[str, tuple[str, Sequence[str]]]) 
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -216,9 +220,15 @@ def make_pki(directory: Path, clients: Mapping[str, tuple[str, Sequence[str]]]) 
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, key_encipherment=True, key_cert_sign=False, crl_sign=False,
-                    content_commitment=False, data_encipherment=False, key_agreement=False,
-                    encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    key_encipherment=True,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    content_commitment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -233,7 +243,7 @@ def make_pki(directory: Path, clients: Mapping[str, tuple[str, Sequence[str]]]) 
             )
         )
         if server:
-            service_ip = next(ipaddress.ip_network(SERVICE_CIDR).hosts())
+            service_ip = ipaddress.IPv4Network(SERVICE_CIDR)[1]
             b = b.add_extension(
                 x509.SubjectAlternativeName(
                     [
@@ -282,14 +292,19 @@ def make_pki(directory: Path, clients: Mapping[str, tuple[str, Sequence[str]]]) 
 
 def write_kubeconfig(path: Path, server: str, ca: Path, cert: Path, key: Path, user: str) -> Path:
     """A self-contained kubeconfig (data embedded), context `berth-local`. JSON is valid YAML."""
-    b64 = lambda p: base64.b64encode(p.read_bytes()).decode()  # noqa: E731
+
+    def b64(p: Path) -> str:
+        return base64.b64encode(p.read_bytes()).decode()
+
     cfg = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [
             {"name": CONTEXT_NAME, "cluster": {"server": server, "certificate-authority-data": b64(ca)}}
         ],
-        "users": [{"name": user, "user": {"client-certificate-data": b64(cert), "client-key-data": b64(key)}}],
+        "users": [
+            {"name": user, "user": {"client-certificate-data": b64(cert), "client-key-data": b64(key)}}
+        ],
         "contexts": [{"name": CONTEXT_NAME, "context": {"cluster": CONTEXT_NAME, "user": user}}],
         "current-context": CONTEXT_NAME,
         "preferences": {},
@@ -507,7 +522,10 @@ class LocalCluster:
     # ---- setup ----------------------------------------------------------------------------------
 
     def _prepare(self) -> None:
+        if self._own_workdir:
+            sweep_stale_workdirs()
         self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "owner.pid").write_text(str(os.getpid()))
         self.logs_dir.mkdir(exist_ok=True)
         for name in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok"):
             self.ports[name] = free_port()
@@ -690,18 +708,25 @@ class LocalCluster:
         last = ""
         while time.monotonic() < deadline:
             self._check_alive(self.components)
-            if "kcm" in pending and self._get(f"https://127.0.0.1:{self.ports['kcm']}/healthz", _insecure())[0] == 200:
+            if (
+                "kcm" in pending
+                and self._get(f"https://127.0.0.1:{self.ports['kcm']}/healthz", _insecure())[0] == 200
+            ):
                 pending.discard("kcm")
-            if "scheduler" in pending and self._get(
-                f"https://127.0.0.1:{self.ports['scheduler']}/healthz", _insecure()
-            )[0] == 200:
+            if (
+                "scheduler" in pending
+                and self._get(f"https://127.0.0.1:{self.ports['scheduler']}/healthz", _insecure())[0] == 200
+            ):
                 pending.discard("scheduler")
             if "nodes" in pending:
                 not_ready = self._not_ready_nodes([n.name for n in self.nodes])
                 if not not_ready:
                     pending.discard("nodes")
                 last = f"nodes not ready: {not_ready}"
-            if "serviceaccount" in pending and self.kubectl("get", "serviceaccount", "default", "-n", "default").returncode == 0:
+            if (
+                "serviceaccount" in pending
+                and self.kubectl("get", "serviceaccount", "default", "-n", "default").returncode == 0
+            ):
                 pending.discard("serviceaccount")
             if not pending:
                 return
@@ -739,7 +764,12 @@ class LocalCluster:
     ) -> subprocess.CompletedProcess[str]:
         """Run the built kubectl against this cluster as the admin (system:masters)."""
         return run_kubectl(
-            self.bin_dir, self.kubeconfig, args, input=input, check=check, timeout=timeout,
+            self.bin_dir,
+            self.kubeconfig,
+            args,
+            input=input,
+            check=check,
+            timeout=timeout,
             cache_dir=self.workdir / "kube-cache",
         )
 
@@ -766,10 +796,12 @@ class LocalCluster:
         self.kubectl("delete", "node", name, "--ignore-not-found", "--wait=true", check=True)
         self.nodes = [n for n in self.nodes if n.name != name]
 
-    def stop_apiserver(self) -> None:
+    def stop_apiserver(self, grace: float = 5.0) -> None:
+        """SIGTERM kube-apiserver, SIGKILL it after `grace` seconds. (A graceful stop lets open
+        requests drain for up to 60 s here; the state is in etcd either way.)"""
         comp = self.components["kube-apiserver"]
         if comp.proc is not None:
-            _stop_group(comp.proc.pid, timeout=30)
+            _stop_group(comp.proc.pid, timeout=grace)
             with contextlib.suppress(Exception):
                 comp.proc.wait(timeout=5)
 
@@ -777,11 +809,11 @@ class LocalCluster:
         self._spawn("kube-apiserver")
         self._wait_apiserver(time.monotonic() + timeout)
 
-    def restart_apiserver(self, downtime: float = 0.0, timeout: float = 60.0) -> None:
-        """Stop kube-apiserver (SIGTERM, graceful), wait `downtime` seconds, start it again on the
-        same port with the same certificates, and wait until /readyz answers 200."""
+    def restart_apiserver(self, downtime: float = 0.0, timeout: float = 60.0, grace: float = 5.0) -> None:
+        """Stop kube-apiserver (SIGTERM, SIGKILL after `grace` s), wait `downtime` seconds, start it
+        again on the same port with the same certificates, and wait until /readyz answers 200."""
         with self._lock:
-            self.stop_apiserver()
+            self.stop_apiserver(grace=grace)
             if downtime:
                 time.sleep(downtime)
             self.start_apiserver(timeout=timeout)
@@ -814,6 +846,19 @@ class LocalCluster:
         (self.workdir / "state.json").write_text(json.dumps(state, indent=2))
 
 
+def sweep_stale_workdirs() -> None:
+    """Remove the directories of earlier clusters whose owning process is gone (killed with
+    SIGKILL, so neither stop() nor atexit ran; its children died with it through PDEATHSIG)."""
+    for d in Path(tempfile.gettempdir()).glob("berth-cluster-*"):
+        try:
+            pid = int((d / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if not _alive(pid):
+            log.info("removing stale cluster directory %s (pid %d is gone)", d, pid)
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _insecure() -> ssl.SSLContext:
     """For the /healthz of kube-controller-manager and kube-scheduler, which serve a self-signed
     certificate of their own (readiness probe only, loopback)."""
@@ -843,7 +888,7 @@ def run_kubectl(
 def make_api_client(kubeconfig: Path, context: str | None = None) -> Any:
     from kubernetes import config  # imported here: the CLI and the harness need no client
 
-    return config.new_client_from_config(config_file=str(kubeconfig), context=context)
+    return config.new_client_from_config(config_file=str(kubeconfig), context=context)  # type: ignore[no-untyped-call]
 
 
 def effective_user(event: Mapping[str, Any]) -> str:
@@ -933,13 +978,18 @@ def _read_state() -> dict[str, Any] | None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether pid exists and is not a zombie."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def cli_down() -> int:

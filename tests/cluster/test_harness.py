@@ -230,7 +230,9 @@ def test_garbage_collector_deletes_dependents(cluster: Any, namespace: str) -> N
             "metadata": {
                 "name": "dependent",
                 "namespace": namespace,
-                "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner_uid}],
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner_uid}
+                ],
             },
             "data": {"b": "2"},
         },
@@ -258,7 +260,10 @@ def test_autoscaling_v2_hpa_is_accepted(cluster: Any, namespace: str) -> None:
                 "metrics": [
                     {
                         "type": "Resource",
-                        "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 60}},
+                        "resource": {
+                            "name": "cpu",
+                            "target": {"type": "Utilization", "averageUtilization": 60},
+                        },
                     }
                 ],
             },
@@ -280,8 +285,15 @@ def test_impersonated_service_account_is_bound_by_rbac(cluster: Any, namespace: 
     for args in (
         ("create", "serviceaccount", "robot", "-n", namespace),
         ("create", "role", "deployer", "--verb=create,get", "--resource=deployments.apps", "-n", namespace),
-        ("create", "rolebinding", "robot-deployer", "--role=deployer", f"--serviceaccount={namespace}:robot",
-         "-n", namespace),
+        (
+            "create",
+            "rolebinding",
+            "robot-deployer",
+            "--role=deployer",
+            f"--serviceaccount={namespace}:robot",
+            "-n",
+            namespace,
+        ),
     ):
         r = cluster.kubectl(*args)
         assert r.returncode == 0, r.stderr
@@ -298,7 +310,15 @@ def test_audit_log_counts_writes_per_user(local_cluster: Any, namespace: str) ->
     for args in (
         ("create", "serviceaccount", "writer", "-n", namespace),
         ("create", "role", "cm", "--verb=create,patch,get", "--resource=configmaps", "-n", namespace),
-        ("create", "rolebinding", "writer-cm", "--role=cm", f"--serviceaccount={namespace}:writer", "-n", namespace),
+        (
+            "create",
+            "rolebinding",
+            "writer-cm",
+            "--role=cm",
+            f"--serviceaccount={namespace}:writer",
+            "-n",
+            namespace,
+        ),
     ):
         assert c.kubectl(*args).returncode == 0
     for i in range(3):
