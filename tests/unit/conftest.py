@@ -64,12 +64,12 @@ class RecordingKube:
 
     def list(self, kind: kube.Kind, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         self.calls.append(("list", kind.kind, label_selector, None))
-        wanted = dict(p.split("=", 1) for p in label_selector.split(","))
+        wanted = dict(p.split("=", 1) for p in label_selector.split(",")) if label_selector else {}
         return [
             copy.deepcopy(o)
             for (k, ns, _), o in sorted(self.objects.items())
             if k == kind.kind
-            and ns == namespace
+            and namespace in ("", ns)
             and all((o["metadata"].get("labels") or {}).get(a) == b for a, b in wanted.items())
         ]
 

@@ -7,6 +7,7 @@ serialised by a per-object lock; different objects run in parallel on kopf's thr
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -19,11 +20,15 @@ import pydantic
 from berth.api.models import GROUP, KIND, PLURAL, VERSION
 from berth.controller import builders, kube, metrics
 from berth.controller.autoscaler import Autoscaler
+from berth.controller.loops import Loop, is_leader
 from berth.controller.reconcile import managed_status, reconcile
 from berth.controller.settings import get_settings
 from berth.controller.status import failed_status
 
 SETTINGS = get_settings()
+# Filled in by `berth operator` before kopf starts: watched namespaces and this process's peering priority.
+RUNTIME: dict[str, Any] = {}
+log = logging.getLogger(__name__)
 MANAGED = {"app.kubernetes.io/managed-by": builders.MANAGED_BY}
 
 _locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
@@ -118,11 +123,6 @@ def on_spec(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
     run_reconcile(dict(body), "spec", logger, permanent_on_invalid=True)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
-def on_timer(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-    run_reconcile(dict(body), "timer", logger, permanent_on_invalid=False)
-
-
 def autoscaler() -> Autoscaler:
     global _autoscaler
     if _autoscaler is None:
@@ -130,19 +130,44 @@ def autoscaler() -> Autoscaler:
     return _autoscaler
 
 
-def _autoscaling_enabled(spec: kopf.Spec, **_: Any) -> bool:
-    return bool((spec.get("autoscaling") or {}).get("enabled"))
+def _resync(body: dict[str, Any]) -> None:
+    run_reconcile(body, "timer", log, permanent_on_invalid=False)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.autoscale_interval_seconds, when=_autoscaling_enabled)
-def on_autoscale(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-    """Sample load and set spec.capacity through the scale subresource (only while autoscaling is enabled)."""
+def _autoscale(body: dict[str, Any]) -> None:
+    if not ((body.get("spec") or {}).get("autoscaling") or {}).get("enabled"):
+        autoscaler().forget(str(body["metadata"]["namespace"]), str(body["metadata"]["name"]))
+        return
     try:
-        autoscaler().tick(dict(body), datetime.now(UTC), time.monotonic())
+        autoscaler().tick(body, datetime.now(UTC), time.monotonic())
     except pydantic.ValidationError:
         return  # an invalid spec is reported by the reconcile path
-    except kube.ApiError as e:
-        logger.warning("autoscaler: Kubernetes API: %s", e)
+
+
+def start_loops(namespaces: list[str], priority: int) -> list[Loop]:
+    """The resync and autoscaling loops (operator-wide: no per-object kopf timers, so no finalizers)."""
+
+    def leader() -> bool:
+        return is_leader(client(), SETTINGS.peering, namespaces, priority, datetime.now(UTC))
+
+    loops = [
+        Loop("resync", SETTINGS.resync_seconds, client(), namespaces, _resync, leader),
+        Loop("autoscale", SETTINGS.autoscale_interval_seconds, client(), namespaces, _autoscale, leader),
+    ]
+    for loop in loops:
+        loop.start()
+    return loops
+
+
+@kopf.on.startup()
+def on_startup(memo: kopf.Memo, **_: Any) -> None:
+    memo["loops"] = start_loops(list(RUNTIME.get("namespaces", [])), int(RUNTIME.get("priority", 0)))
+
+
+@kopf.on.cleanup()
+def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
+    for loop in memo.get("loops", []):
+        loop.stop()
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)

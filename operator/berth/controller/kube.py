@@ -37,6 +37,9 @@ POD = Kind("Pod", "api/v1", "pods")
 EVENT = Kind("Event", "api/v1", "events")
 MODEL_DEPLOYMENT = Kind("ModelDeployment", f"apis/{GROUP}/{VERSION}", PLURAL)
 
+KOPF_PEERING = Kind("KopfPeering", "apis/kopf.dev/v1", "kopfpeerings")
+CLUSTER_KOPF_PEERING = Kind("ClusterKopfPeering", "apis/kopf.dev/v1", "clusterkopfpeerings")
+
 KINDS_BY_NAME = {
     k.kind: k for k in (DEPLOYMENT, SERVICE, SECRET, NETWORK_POLICY, PDB, POD, EVENT, MODEL_DEPLOYMENT)
 }
@@ -55,7 +58,9 @@ class ApiError(Exception):
 class Kube(Protocol):
     def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None: ...
 
-    def list(self, kind: Kind, namespace: str, label_selector: str) -> list[dict[str, Any]]: ...
+    def list(self, kind: Kind, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """Objects of a kind in a namespace ("" = all namespaces), filtered by a label selector ("" = all)."""
+        ...
 
     def create(self, kind: Kind, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None: ...
 
@@ -71,7 +76,12 @@ class Kube(Protocol):
 
 
 def _path(kind: Kind, namespace: str, name: str | None = None, sub: str | None = None) -> str:
-    path = f"/{kind.prefix}/namespaces/{namespace}/{kind.plural}"
+    """REST path; namespace "" lists across all namespaces."""
+    path = (
+        f"/{kind.prefix}/namespaces/{namespace}/{kind.plural}"
+        if namespace
+        else f"/{kind.prefix}/{kind.plural}"
+    )
     if name:
         path += f"/{name}"
     if sub:
@@ -136,7 +146,8 @@ class KubeClient:
             raise
 
     def list(self, kind: Kind, namespace: str, label_selector: str) -> list[dict[str, Any]]:
-        out = self._call("GET", _path(kind, namespace), query=[("labelSelector", label_selector)])
+        query = [("labelSelector", label_selector)] if label_selector else []
+        out = self._call("GET", _path(kind, namespace), query=query)
         items: list[dict[str, Any]] = out.get("items", [])
         return items
 

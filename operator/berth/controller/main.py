@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     import kopf
     from prometheus_client import start_http_server
 
-    import berth.controller.handlers  # noqa: F401  (registers the handlers)
+    from berth.controller import handlers  # registers the handlers
 
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.peering or "off (standalone)",
     )
     priority = settings.peering_priority or random.randint(1, 2**31 - 1)
+    handlers.RUNTIME.update(namespaces=list(namespaces), priority=priority)
     kopf.run(
         clusterwide=not namespaces,
         namespaces=namespaces,
