@@ -87,5 +87,8 @@ cluster-down: install ## stop the local control plane
 bench-cpu: install ## CPU throughput: engine vs transformers generate (writes bench/results/)
 	$(PY) bench/cpu_throughput.py
 
+bench-operator: install cluster-bin ## 200 ModelDeployments at once on the local control plane: time to Running, operator memory
+	$(PY) bench/operator_scale.py --count 200
+
 clean: ## remove build and test leftovers in the clone (the cache stays)
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache operator/*.egg-info
