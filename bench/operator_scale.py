@@ -10,6 +10,7 @@ writes bench/results/operator-scale-<n>.json and .md with the machine it ran on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -22,8 +23,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-import contextlib
 
 from tests.cluster import harness  # noqa: E402
 from tests.cluster.operator_proc import OperatorProcess  # noqa: E402
