@@ -8,6 +8,7 @@ server with that token only, so a rule missing from the chart fails the tests.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +151,7 @@ class OperatorProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
-    def running(self) -> bool:
+    def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def metrics(self) -> dict[str, float]:
@@ -172,6 +174,20 @@ class OperatorProcess:
             if k.startswith("berth_operator_api_requests_total{")
             and any(f"verb={verb}" in k for verb in ("POST", "PUT", "PATCH", "DELETE"))
         )
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(
+        cls, cluster: Any, workdir: Path, env: dict[str, str] | None = None
+    ) -> Iterator[OperatorProcess]:
+        """Install (CRD, RBAC, token), start, yield, stop."""
+        op = cls(cluster, workdir, env)
+        op.install()
+        op.start()
+        try:
+            yield op
+        finally:
+            op.stop()
 
     def log_tail(self, lines: int = 60) -> str:
         try:

@@ -69,14 +69,9 @@ def server_port() -> int:
 
 @pytest.fixture(scope="module")
 def operator(cluster: Any, tmp_path_factory: pytest.TempPathFactory, server_port: int) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(cluster, tmp_path_factory.mktemp("operator-autoscale"),
-                         env={"BERTH_SERVER_PORT": str(server_port)})
-    op.install()
-    op.start()
-    try:
+    env = {"BERTH_SERVER_PORT": str(server_port)}
+    with OperatorProcess.running(cluster, tmp_path_factory.mktemp("operator-autoscale"), env) as op:
         yield op
-    finally:
-        op.stop()
 
 
 def _pods(cluster: Any, ns: str, name: str) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.cluster.conftest import wait_for
 from tests.cluster.harness import NodeSpec
 
 pytestmark = pytest.mark.cluster
@@ -24,14 +25,7 @@ def kget(cluster: Any, *args: str) -> Any:
 
 
 def poll(predicate: Any, timeout: float = 60.0, interval: float = 0.25, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+    return wait_for(predicate, timeout=timeout, interval=interval, message=what)
 
 
 def apply(cluster: Any, obj: dict[str, Any]) -> None:

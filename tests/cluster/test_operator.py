@@ -24,13 +24,8 @@ INVALID_EXAMPLES = sorted(p.name for p in EXAMPLES.glob("invalid-*.yaml"))
 
 @pytest.fixture(scope="module")
 def operator(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(cluster, tmp_path_factory.mktemp("operator"))
-    op.install()
-    op.start()
-    try:
+    with OperatorProcess.running(cluster, tmp_path_factory.mktemp("operator")) as op:
         yield op
-    finally:
-        op.stop()
 
 
 def md(name: str, **spec: Any) -> dict[str, Any]:
@@ -329,7 +324,7 @@ def test_apiserver_restart_is_survived(
     wait_md(cluster, operator, namespace, "after", running(2), "Running after the API server restart", timeout=90)
     cluster.kubectl("scale", "md/before", "-n", namespace, "--replicas=2", check=True)
     wait_md(cluster, operator, namespace, "before", running(2), "scaled after the restart", timeout=60)
-    assert operator.running()
+    assert operator.alive()
 
 
 def test_nothing_changed_means_no_write(
