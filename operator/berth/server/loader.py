@@ -16,6 +16,7 @@ runner, served as ``<servedName>:<adapter>``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import os
@@ -177,10 +178,56 @@ def parse_adapter_specs(specs: Sequence[str]) -> dict[str, str]:
 
 
 # -------------------------------------------------------------------- loading
+def _cache_root() -> Path:
+    return Path(os.environ.get("BERTH_CACHE_DIR") or Path.home() / ".cache" / "berth") / "converted"
+
+
+def _converted_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    return _cache_root() / f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
+
+
+def _save_converted(gguf: Path, tokenizer: Any, model: Any) -> None:
+    """Keep a safetensors copy of a dequantised GGUF model: parsing GGUF takes ~30 s, this ~1 s.
+
+    Best effort: a read-only or full disk only costs the next start its 30 seconds.
+    """
+    import shutil
+    import tempfile
+
+    target = _converted_dir(gguf)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+        quantizer = getattr(model, "hf_quantizer", None)
+        qcfg = getattr(model.config, "quantization_config", None)
+        try:
+            model.hf_quantizer = None
+            if qcfg is not None:
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+        finally:
+            model.hf_quantizer = quantizer
+            if qcfg is not None:
+                model.config.quantization_config = qcfg
+        tokenizer.save_pretrained(tmp)
+        (tmp / "BERTH_SOURCE").write_text(str(gguf) + "\n")
+        tmp.rename(target)
+        logger.info("cached the converted GGUF model at %s", target)
+    except OSError as e:
+        logger.warning("could not cache the converted GGUF model at %s: %s", target, e)
+        with contextlib.suppress(NameError):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _load_tokenizer_and_model(kind: str, path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if kind == "gguf":
+        converted = _converted_dir(path)
+        if (converted / "BERTH_SOURCE").is_file():
+            logger.info("using the converted copy of %s at %s", path.name, converted)
+            return _load_tokenizer_and_model("hf", converted, dtype)
         kwargs: dict[str, Any] = {"gguf_file": path.name}
         where = str(path.parent)
     else:
@@ -191,6 +238,8 @@ def _load_tokenizer_and_model(kind: str, path: Path, dtype: torch.dtype) -> tupl
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, low_cpu_mem_usage=True, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"cannot load model from {path}: {e}") from e
+    if kind == "gguf" and os.environ.get("BERTH_NO_CONVERT_CACHE") != "1":
+        _save_converted(path, tokenizer, model)
     return tokenizer, model
 
 
