@@ -125,10 +125,14 @@ def test_concurrent_requests_share_decode_steps_and_match_solo_runs(
         "Write a haiku about autumn leaves falling on a quiet river.",
     ]
     reqs = [
-        GenerationRequest(f"r{i}", chat_ids(q), SamplingParams(max_tokens=4 + i, temperature=0.0, ignore_eos=True))
+        GenerationRequest(
+            f"r{i}", chat_ids(q), SamplingParams(max_tokens=4 + i, temperature=0.0, ignore_eos=True)
+        )
         for i, q in enumerate(questions)
     ]
-    engine = Engine(smollm2, EngineConfig(num_blocks=256, block_size=16, max_num_seqs=8, max_num_batched_tokens=512))
+    engine = Engine(
+        smollm2, EngineConfig(num_blocks=256, block_size=16, max_num_seqs=8, max_num_batched_tokens=512)
+    )
     engine.start()
 
     async def consume(req: GenerationRequest) -> list[TokenEvent]:
@@ -185,11 +189,15 @@ def test_seeded_sampling_reproduces(smollm2: LoadedModel, chat_ids: Callable[...
         ]
     )
     assert token_ids(res["y"]) == a
-    others = {tuple(token_ids(run_one(c, ids, SamplingParams(**{**p.__dict__, "seed": s})))) for s in (1, 2, 3)}
+    others = {
+        tuple(token_ids(run_one(c, ids, SamplingParams(**{**p.__dict__, "seed": s})))) for s in (1, 2, 3)
+    }
     assert len(others | {tuple(a)}) > 1  # different seeds give different samples
 
 
-def test_stop_strings_are_trimmed_and_held_back(smollm2: LoadedModel, chat_ids: Callable[..., list[int]]) -> None:
+def test_stop_strings_are_trimmed_and_held_back(
+    smollm2: LoadedModel, chat_ids: Callable[..., list[int]]
+) -> None:
     c = core(smollm2)
     ids = chat_ids("What is the capital of France?")
     full = text_of(run_one(c, ids, SamplingParams(max_tokens=30, temperature=0.0)))
@@ -214,15 +222,21 @@ def test_penalties_and_logprobs(smollm2: LoadedModel, chat_ids: Callable[..., li
     plain = token_ids(run_one(c, ids, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)))
     assert len(set(plain)) < len(plain)  # the model repeats itself
     no_rep = token_ids(
-        run_one(c, ids, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, presence_penalty=100.0))
+        run_one(
+            c, ids, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, presence_penalty=100.0)
+        )
     )
     assert len(set(no_rep)) == len(no_rep)
     rep = token_ids(
-        run_one(c, ids, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, repetition_penalty=5.0))
+        run_one(
+            c, ids, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, repetition_penalty=5.0)
+        )
     )
     assert rep != plain
     freq = token_ids(
-        run_one(c, ids, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, frequency_penalty=2.0))
+        run_one(
+            c, ids, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, frequency_penalty=2.0)
+        )
     )
     assert freq != plain
 
@@ -241,7 +255,10 @@ def test_penalties_and_logprobs(smollm2: LoadedModel, chat_ids: Callable[..., li
 @pytest.mark.parametrize(
     ("question", "params"),
     [
-        ("Give me a JSON object describing a cat with name and age.", SamplingParams(max_tokens=40, temperature=0.0)),
+        (
+            "Give me a JSON object describing a cat with name and age.",
+            SamplingParams(max_tokens=40, temperature=0.0),
+        ),
         ("Describe Paris as JSON.", SamplingParams(max_tokens=40, temperature=1.0, seed=3)),
         ("Hi", SamplingParams(max_tokens=8, temperature=0.0)),  # forced to close within 8 tokens
     ],
@@ -299,7 +316,9 @@ def test_abort_frees_blocks_at_once(smollm2: LoadedModel, chat_ids: Callable[...
     assert aborted == 1
 
 
-def test_queue_full_and_draining_and_validation(smollm2: LoadedModel, chat_ids: Callable[..., list[int]]) -> None:
+def test_queue_full_and_draining_and_validation(
+    smollm2: LoadedModel, chat_ids: Callable[..., list[int]]
+) -> None:
     from berth.server.engine import EngineDrainingError
 
     engine = Engine(smollm2, EngineConfig(num_blocks=64, max_num_seqs=1, max_queue=1))  # not started

@@ -127,7 +127,9 @@ def resolve_reference(ref: str) -> tuple[str, Path]:
     if len(ggufs) == 1:
         return "gguf", ggufs[0]
     if len(ggufs) > 1:
-        raise ModelLoadError(f"model directory {path} holds several .gguf files; name one: {[g.name for g in ggufs]}")
+        raise ModelLoadError(
+            f"model directory {path} holds several .gguf files; name one: {[g.name for g in ggufs]}"
+        )
     raise ModelLoadError(f"model directory {path} has no config.json and no .gguf file")
 
 
@@ -236,14 +238,16 @@ def _load_tokenizer_and_model(kind: str, path: Path, dtype: torch.dtype) -> tupl
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, low_cpu_mem_usage=True, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelLoadError(f"cannot load model from {path}: {e}") from e
+    except Exception as e:  # transformers/gguf/safetensors raise many kinds for unreadable files
+        raise ModelLoadError(f"cannot load model from {path}: {type(e).__name__}: {e}") from e
     if kind == "gguf" and os.environ.get("BERTH_NO_CONVERT_CACHE") != "1":
         _save_converted(path, tokenizer, model)
     return tokenizer, model
 
 
-def _read_adapter(name: str, directory: str, model: Any, device: torch.device, dtype: torch.dtype) -> LoraWeights:
+def _read_adapter(
+    name: str, directory: str, model: Any, device: torch.device, dtype: torch.dtype
+) -> LoraWeights:
     from peft import PeftConfig
     from peft.utils import load_peft_weights
 
@@ -251,7 +255,9 @@ def _read_adapter(name: str, directory: str, model: Any, device: torch.device, d
 
     path = Path(directory)
     if not (path / "adapter_config.json").is_file():
-        raise ModelLoadError(f"adapter {name!r}: {path} has no adapter_config.json (not a peft adapter directory)")
+        raise ModelLoadError(
+            f"adapter {name!r}: {path} has no adapter_config.json (not a peft adapter directory)"
+        )
     try:
         cfg: Any = PeftConfig.from_pretrained(str(path))
         tensors = load_peft_weights(str(path), device="cpu")
@@ -270,7 +276,9 @@ def _read_adapter(name: str, directory: str, model: Any, device: torch.device, d
     for key, t in tensors.items():
         m = pat.search(key)
         if m is None:
-            raise ModelLoadError(f"adapter {name!r}: unsupported LoRA weight {key} (only attention/MLP projections)")
+            raise ModelLoadError(
+                f"adapter {name!r}: unsupported LoRA weight {key} (only attention/MLP projections)"
+            )
         layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
         if module not in LORA_TARGETS:
             raise ModelLoadError(f"adapter {name!r}: unsupported LoRA target module {module}")
@@ -279,7 +287,9 @@ def _read_adapter(name: str, directory: str, model: Any, device: torch.device, d
     weights = {}
     for (layer, module), ab in pairs.items():
         if "A" not in ab or "B" not in ab or layer >= n_layers:
-            raise ModelLoadError(f"adapter {name!r}: incomplete or out-of-range LoRA weights for layer {layer} {module}")
+            raise ModelLoadError(
+                f"adapter {name!r}: incomplete or out-of-range LoRA weights for layer {layer} {module}"
+            )
         weights[(layer, module)] = (ab["A"], ab["B"])
     if not weights:
         raise ModelLoadError(f"adapter {name!r}: no LoRA weights found in {path}")
@@ -290,7 +300,9 @@ def _merge_adapter(model: Any, name: str, directory: str) -> Any:
     from peft import PeftModel
 
     if not (Path(directory) / "adapter_config.json").is_file():
-        raise ModelLoadError(f"adapter {name!r}: {directory} has no adapter_config.json (not a peft adapter directory)")
+        raise ModelLoadError(
+            f"adapter {name!r}: {directory} has no adapter_config.json (not a peft adapter directory)"
+        )
     try:
         peft_model = PeftModel.from_pretrained(model, directory, adapter_name=name)
         return peft_model.merge_and_unload()
@@ -315,7 +327,9 @@ def load_model(
     kind, path = resolve_reference(ref)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    logger.info("loading model %s (%s at %s) dtype=%s device=%s", ref, kind, path, str(dt).removeprefix("torch."), dev)
+    logger.info(
+        "loading model %s (%s at %s) dtype=%s device=%s", ref, kind, path, str(dt).removeprefix("torch."), dev
+    )
     tokenizer, model = _load_tokenizer_and_model(kind, path, dt)
     try:
         arch = check_supported(model)
@@ -334,7 +348,7 @@ def load_model(
     merged: list[str] = []
     side: list[LoraWeights] = []
     if len(names) == 1 and merge_single_adapter:
-        (n, d), = names.items()
+        ((n, d),) = names.items()
         logger.info("merging LoRA adapter %s from %s into the base weights", n, d)
         model = _merge_adapter(model, n, d)
         model.eval()
@@ -362,7 +376,13 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
 
     if served_name is None:
-        served_name = ref.removeprefix("builtin://") if ref.startswith("builtin://") else path.stem if path.is_file() else path.name
+        served_name = (
+            ref.removeprefix("builtin://")
+            if ref.startswith("builtin://")
+            else path.stem
+            if path.is_file()
+            else path.name
+        )
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from berth.server.engine import json_mode
 from berth.server.engine.kv_cache import BlockManager
 from berth.server.engine.model_runner import ModelRunner
-from berth.server.engine.sampler import SampleResult, Sampler
+from berth.server.engine.sampler import Sampler, SampleResult
 from berth.server.engine.scheduler import Scheduler
 from berth.server.engine.sequence import Sequence
 from berth.server.engine.types import (
@@ -71,7 +71,9 @@ class EngineCore:
         num_blocks = _size_cache(model, config)
         self.bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.bm, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model.model, num_blocks=num_blocks, block_size=config.block_size, adapters=model.adapters)
+        self.runner = ModelRunner(
+            model.model, num_blocks=num_blocks, block_size=config.block_size, adapters=model.adapters
+        )
         self.sampler = Sampler(self.token_texts)
         self.eos_token_ids = frozenset(model.eos_token_ids)
         self.special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", []) or [])
@@ -97,14 +99,18 @@ class EngineCore:
 
     # ------------------------------------------------------------ vocabulary
     def _decode(self, ids: list[int]) -> str:
-        text: str = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return text
+        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return str(text)
 
     def token_piece(self, token_id: int) -> str:
         """The text of one token as it would appear in an output (for top_logprobs)."""
         piece = self._piece_cache.get(token_id)
         if piece is None:
-            piece = self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            piece = str(
+                self.tokenizer.decode(
+                    [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
+                )
+            )
             self._piece_cache[token_id] = piece
         return piece
 
@@ -118,7 +124,9 @@ class EngineCore:
             anchor = self._decode(anchor_ids)
             known = min(n, len(tok))
             pairs = tok.batch_decode(
-                [anchor_ids + [i] for i in range(known)], skip_special_tokens=False, clean_up_tokenization_spaces=False
+                [[*anchor_ids, i] for i in range(known)],
+                skip_special_tokens=False,
+                clean_up_tokenization_spaces=False,
             )
             texts: list[str | None] = []
             for i, s in enumerate(pairs):
@@ -130,7 +138,9 @@ class EngineCore:
                     texts.append(self._decode([i]))
             texts.extend([None] * (n - known))
             self._token_texts = texts
-            logger.info("built the token text table for JSON mode (%d tokens) in %.1fs", n, time.monotonic() - t0)
+            logger.info(
+                "built the token text table for JSON mode (%d tokens) in %.1fs", n, time.monotonic() - t0
+            )
         return self._token_texts
 
     # ------------------------------------------------------------- admission
@@ -148,7 +158,9 @@ class EngineCore:
                 "(prompt plus at least one generated token)"
             )
         if n >= self.capacity_tokens:
-            raise ValueError(f"the prompt has {n} tokens but the KV cache holds only {self.capacity_tokens} tokens")
+            raise ValueError(
+                f"the prompt has {n} tokens but the KV cache holds only {self.capacity_tokens} tokens"
+            )
         vocab = self.runner.vocab_size
         if any(t < 0 or t >= vocab for t in req.prompt_token_ids):
             raise ValueError(f"the prompt holds token ids outside the vocabulary (0..{vocab - 1})")
@@ -156,7 +168,9 @@ class EngineCore:
         if req.adapter is not None and req.adapter not in self.model.merged_adapters:
             if req.adapter not in self.adapter_index:
                 known = list(self.model.merged_adapters) + list(self.adapter_index)
-                raise AdapterNotFoundError(f"unknown adapter {req.adapter!r}; loaded adapters: {known or 'none'}")
+                raise AdapterNotFoundError(
+                    f"unknown adapter {req.adapter!r}; loaded adapters: {known or 'none'}"
+                )
             adapter_index = self.adapter_index[req.adapter]
         if p.json_mode and p.max_tokens < 2:
             raise ValueError("json_mode needs max_tokens >= 2")
@@ -253,7 +267,12 @@ class EngineCore:
                 if hits:
                     seq.text = seq.text[: min(hits)]
                     finish = "stop"
-            if finish is None and p.json_mode and res.json_state is not None and json_mode.is_done(res.json_state):
+            if (
+                finish is None
+                and p.json_mode
+                and res.json_state is not None
+                and json_mode.is_done(res.json_state)
+            ):
                 finish = "stop"
         if finish is None and (seq.num_output_tokens >= seq.max_tokens):
             finish = "length"
@@ -273,7 +292,9 @@ class EngineCore:
             text=delta,
             logprob=res.logprob,
             top_logprobs=(
-                [(self.token_piece(t), lp) for t, lp in res.top_logprobs] if res.top_logprobs is not None else None
+                [(self.token_piece(t), lp) for t, lp in res.top_logprobs]
+                if res.top_logprobs is not None
+                else None
             ),
             finish_reason=finish,
             num_prompt_tokens=seq.num_prompt_tokens,

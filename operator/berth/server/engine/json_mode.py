@@ -165,7 +165,7 @@ def advance(state: State, text: str) -> State | None:
 
 
 def _closing_char(state: State) -> str:
-    stack, mode, aux, aux2 = state
+    stack, mode, aux, _ = state
     if mode == START:
         return "{"
     if mode in (VALUE,):

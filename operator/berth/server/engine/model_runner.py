@@ -138,7 +138,7 @@ class ModelRunner:
         heads = int(cfg.num_attention_heads)
         kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
         hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-        itemsize = next(model.parameters()).element_size()
+        itemsize = int(next(model.parameters()).element_size())
         return 2 * int(cfg.num_hidden_layers) * block_size * kv * hd * itemsize
 
     def kv_cache_bytes(self) -> int:
@@ -191,9 +191,7 @@ class ModelRunner:
             mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < ctx_t[:, None, None])
             mask[:, :, 0] |= ~q_valid  # padded query rows attend to something (no NaN); discarded
             groups.append(
-                _AttnGroup(
-                    tok_idx.to(dev), q_valid.to(dev), tables.to(dev), mask.unsqueeze(1).to(dev)
-                )
+                _AttnGroup(tok_idx.to(dev), q_valid.to(dev), tables.to(dev), mask.unsqueeze(1).to(dev))
             )
         return _StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),

@@ -14,7 +14,8 @@ checked at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,9 @@ def _apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence]) -> None:
             ids = torch.tensor(sorted(set(seq.all_token_ids)), device=logits.device, dtype=torch.long)
             ids = ids[ids < vocab]
             score = logits[r, ids]
-            logits[r, ids] = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
+            logits[r, ids] = torch.where(
+                score < 0, score * p.repetition_penalty, score / p.repetition_penalty
+            )
         if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
             out = torch.tensor(seq.output_token_ids, device=logits.device, dtype=torch.long)
             counts = torch.bincount(out, minlength=vocab)[:vocab].to(logits.dtype)
@@ -71,7 +74,7 @@ class Sampler:
         self._token_texts = token_texts
 
     def _generator(self, seq: Sequence, device: torch.device) -> torch.Generator:
-        g = seq.generator
+        g: torch.Generator | None = seq.generator
         if g is None or g.device != device:
             g = torch.Generator(device=device)
             g.manual_seed(seq.seed)
@@ -171,9 +174,7 @@ class Sampler:
                 k = seqs[r].params.logprobs or 0
                 if k > 0:
                     top = torch.topk(raw_lp[i], k)
-                    res.top_logprobs = list(
-                        zip(top.indices.tolist(), top.values.tolist(), strict=True)
-                    )
+                    res.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
         out: list[SampleResult] = []
         for res in results:
             assert res is not None

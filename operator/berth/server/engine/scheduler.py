@@ -15,12 +15,13 @@ later (its generated tokens are kept; prefix caching usually makes the recompute
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
 from dataclasses import dataclass, field
 
 from berth.server.engine.kv_cache import BlockManager
-from berth.server.engine.sequence import Sequence, SeqStatus
+from berth.server.engine.sequence import SeqStatus, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -134,10 +135,8 @@ class Scheduler:
         if seq.status == SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status == SeqStatus.WAITING:
-            try:
+            with contextlib.suppress(ValueError):
                 self.waiting.remove(seq)
-            except ValueError:
-                pass
         self.bm.free(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason

@@ -114,7 +114,9 @@ class EngineConfig:
     max_queue: int = 256  # at most this many wait behind them; more -> QueueFullError
     max_num_batched_tokens: int = 512  # per-step token budget (decode tokens + prefill chunks)
     block_size: int = 16  # tokens per KV block
-    num_blocks: int | None = None  # None => sized from memory (see kv_cache_memory_fraction / kv_cache_cpu_gib)
+    num_blocks: int | None = (
+        None  # None => sized from memory (see kv_cache_memory_fraction / kv_cache_cpu_gib)
+    )
     kv_cache_memory_fraction: float = 0.5  # CUDA: fraction of *free* device memory for the KV cache
     kv_cache_cpu_gib: float = 1.0  # CPU: KV cache size in GiB
     enable_prefix_caching: bool = True
