@@ -71,9 +71,10 @@ class _AttnGroup:
     """Sequences sharing one SDPA call (all decodes, or all prefill chunks)."""
 
     tok_idx: torch.Tensor  # [B, Q] flat token index of each query (padding -> 0)
-    q_valid: torch.Tensor  # [B, Q] bool
     block_tables: torch.Tensor  # [B, NB]
     mask: torch.Tensor  # [B, 1, Q, NB * block_size] bool, True = attend
+    src: torch.Tensor | None  # rows of the [B * Q] output that are real queries (None: all of them)
+    dst: torch.Tensor | None  # their flat token index (None: the output already is in token order)
 
 
 @dataclass
@@ -190,8 +191,18 @@ class ModelRunner:
             kpos = torch.arange(nb * bs)
             mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < ctx_t[:, None, None])
             mask[:, :, 0] |= ~q_valid  # padded query rows attend to something (no NaN); discarded
+            flat_valid = q_valid.flatten()
+            dst_idx = tok_idx.flatten()[flat_valid]
+            in_order = len(members) == len(spans) and dst_idx.shape[0] == flat_valid.shape[0] == len(ids)
+            in_order = in_order and bool((dst_idx == torch.arange(len(ids))).all())
             groups.append(
-                _AttnGroup(tok_idx.to(dev), q_valid.to(dev), tables.to(dev), mask.unsqueeze(1).to(dev))
+                _AttnGroup(
+                    tok_idx=tok_idx.to(dev),
+                    block_tables=tables.to(dev),
+                    mask=mask.unsqueeze(1).to(dev),
+                    src=None if in_order else torch.nonzero(flat_valid).flatten().to(dev),
+                    dst=None if in_order else dst_idx.to(dev),
+                )
             )
         return _StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
@@ -218,8 +229,8 @@ class ModelRunner:
 
     def _attention(self, q: torch.Tensor, layer: int, inp: _StepInputs) -> torch.Tensor:
         """q: [T, H, D] -> [T, H, D], attending over the cache (already holding this step's K/V)."""
-        out = torch.empty_like(q)
         kc, vc = self.k_cache[layer], self.v_cache[layer]
+        out: torch.Tensor | None = None
         for g in inp.groups:
             b, nb = g.block_tables.shape
             k = kc[g.block_tables].reshape(b, nb * self.block_size, self.num_kv_heads, self.head_dim)
@@ -233,7 +244,14 @@ class ModelRunner:
                 scale=self.scaling,
                 enable_gqa=self.num_kv_heads != self.num_heads,
             ).transpose(1, 2)  # [B, Q, H, D]
-            out[g.tok_idx[g.q_valid]] = o[g.q_valid]
+            o = o.reshape(-1, self.num_heads, self.head_dim)
+            if g.dst is None:  # one group holding every token in order (e.g. a pure decode step)
+                return o
+            if out is None:
+                out = torch.empty_like(q)
+            assert g.src is not None
+            out.index_copy_(0, g.dst, o.index_select(0, g.src))
+        assert out is not None
         return out
 
     @torch.inference_mode()
