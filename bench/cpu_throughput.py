@@ -95,7 +95,12 @@ def run_engine(loaded: Any, reqs: list[list[int]], max_tokens: int, block_size: 
 
     engine = Engine(
         loaded,
-        EngineConfig(max_num_seqs=max(32, len(reqs)), max_num_batched_tokens=2048, block_size=block_size),
+        EngineConfig(
+            max_num_seqs=max(32, len(reqs)),
+            max_num_batched_tokens=2048,
+            block_size=block_size,
+            prebuild_json_vocab=False,
+        ),
     )
     engine.start()
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)

@@ -325,7 +325,7 @@ def test_queue_full_and_draining_and_validation(
     ids = chat_ids("Hi")
 
     async def scenario() -> None:
-        engine.add_request(GenerationRequest("a", ids, GREEDY))
+        qa = engine.add_request(GenerationRequest("a", ids, GREEDY))
         engine.add_request(GenerationRequest("b", ids, GREEDY))
         with pytest.raises(QueueFullError):
             engine.add_request(GenerationRequest("c", ids, GREEDY))
@@ -333,6 +333,8 @@ def test_queue_full_and_draining_and_validation(
         with pytest.raises(QueueFullError):
             await gen.__anext__()
         engine.abort("a")
+        ev = await asyncio.wait_for(qa.get(), 5)  # a listening consumer learns about the abort
+        assert isinstance(ev, TokenEvent) and ev.finish_reason == "abort" and ev.num_prompt_tokens == len(ids)
         engine.add_request(GenerationRequest("c", ids, GREEDY))  # room again
         with pytest.raises(ValueError, match="maximum context length is 8192"):
             engine.add_request(GenerationRequest("long", [1] * 9000, GREEDY))

@@ -82,6 +82,7 @@ class EngineCore:
         self.seqs: dict[str, Sequence] = {}
         self._rng = random.Random(config.seed)
         self._token_texts: list[str | None] | None = None
+        self._vocab_lock = threading.Lock()
         self._piece_cache: dict[int, str] = {}
         # counters
         self.steps = 0
@@ -116,7 +117,11 @@ class EngineCore:
 
     def token_texts(self) -> list[str | None]:
         """The text each token adds to an output (None for special tokens); built on first use."""
-        if self._token_texts is None:
+        if self._token_texts is not None:
+            return self._token_texts
+        with self._vocab_lock:
+            if self._token_texts is not None:
+                return self._token_texts
             t0 = time.monotonic()
             tok = self.tokenizer
             n = self.runner.vocab_size
@@ -391,6 +396,10 @@ class Engine:
             return
         self._thread = threading.Thread(target=self._loop, name="berth-engine", daemon=True)
         self._thread.start()
+        if self.config.prebuild_json_vocab:
+            # JSON mode needs every token's text; build the table now rather than in the first
+            # JSON request's step (about a second for a 50k vocabulary).
+            threading.Thread(target=self._core.token_texts, name="berth-json-vocab", daemon=True).start()
 
     def drain(self) -> None:
         with self._cv:
@@ -469,15 +478,27 @@ class Engine:
                 self.abort(req.request_id)
 
     def abort(self, request_id: str) -> None:
+        """Abort a request; its consumer (if still listening) gets a final ``abort`` event."""
+        not_started: Sequence | None = None
         with self._cv:
             for i, seq in enumerate(self._inbox):
                 if seq.request_id == request_id:
-                    del self._inbox[i]
-                    self._streams.pop(request_id, None)
-                    return
-            if request_id in self._streams:
-                self._aborts.append(request_id)
-                self._cv.notify_all()
+                    not_started = self._inbox.pop(i)
+                    break
+            else:
+                if request_id in self._streams:
+                    self._aborts.append(request_id)
+                    self._cv.notify_all()
+        if not_started is not None:
+            self._deliver(
+                request_id,
+                TokenEvent(
+                    token_id=None,
+                    text="",
+                    finish_reason="abort",
+                    num_prompt_tokens=not_started.num_prompt_tokens,
+                ),
+            )
 
     # ----------------------------------------------------------- the thread
     def _deliver(self, rid: str, item: TokenEvent | BaseException) -> None:
