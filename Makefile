@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-unit test-server test-cluster verify crds docs lint typecheck demo serve \
-        cluster-bin cluster-up cluster-down helm-lint images bench-cpu bench-gpu bench-operator clean
+        cluster-bin cluster-up cluster-down cluster-env helm-lint images bench-cpu bench-gpu bench-gpu-smoke bench-operator clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -61,7 +61,7 @@ images: ## build the operator, server (CUDA) and server-cpu images (needs Docker
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check operator tests bench
-	$(VENV)/bin/ruff format --check operator
+	$(VENV)/bin/ruff format --check operator bench
 
 typecheck: install ## mypy (strict) on operator/
 	$(VENV)/bin/mypy
@@ -86,6 +86,12 @@ cluster-down: install ## stop the local control plane
 
 bench-cpu: install ## CPU throughput: engine vs transformers generate (writes bench/results/)
 	$(PY) bench/cpu_throughput.py
+
+bench-gpu: install ## GPU: engine, berth serve under berth bench, transformers generate_batch/generate (writes bench/results/)
+	$(PY) bench/gpu_engine.py
+
+bench-gpu-smoke: install ## the GPU benchmark end to end on a tiny model on CPU (a check, not a benchmark)
+	$(PY) bench/gpu_engine.py --smoke
 
 bench-operator: install cluster-bin ## 200 ModelDeployments at once on the local control plane: time to Running, operator memory
 	$(PY) bench/operator_scale.py --count 200

@@ -96,8 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         t0 = time.monotonic()
-        cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
-                        check=True, timeout=300)
+        cluster.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
+            check=True,
+            timeout=300,
+        )
         applied = time.monotonic() - t0
         running = 0
         first_all: float | None = None
@@ -107,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
             phases = [(m.get("status") or {}).get("phase") for m in json.loads(out)["items"]]
             running = sum(1 for p in phases if p == "Running")
             progress.append((round(time.monotonic() - t0, 1), running))
-            print(f"\r{running}/{args.count} Running after {time.monotonic() - t0:.0f}s", end="", file=sys.stderr)
+            print(
+                f"\r{running}/{args.count} Running after {time.monotonic() - t0:.0f}s",
+                end="",
+                file=sys.stderr,
+            )
             if running == args.count:
                 first_all = time.monotonic() - t0
                 break

@@ -189,6 +189,13 @@ def test_auth_none_mounts_no_keys(settings: OperatorSettings) -> None:
     assert all(v["name"] != "api-keys" for v in dep["spec"]["template"]["spec"]["volumes"])
 
 
+@pytest.mark.parametrize(("cpu", "threads"), [("2", 2), ("1500m", 2), ("500m", 1), ("0.5", 1), ("16", 16)])
+def test_server_threads_follow_the_cpu_limit(settings: OperatorSettings, cpu: str, threads: int) -> None:
+    md = ModelDeployment.model_validate(md_body(spec={"resources": {"cpu": cpu}}))
+    env = {e["name"]: e.get("value") for e in _container(builders.build_deployment(md, settings))["env"]}
+    assert env["OMP_NUM_THREADS"] == str(threads)
+
+
 def test_builders_are_pure(settings: OperatorSettings) -> None:
     md = ModelDeployment.model_validate(md_body(spec=CASES["gpu-pvc"]))
     assert builders.build_deployment(md, settings) == builders.build_deployment(md, settings)

@@ -121,6 +121,16 @@ def _hf_init_container(
     }
 
 
+def cpu_threads(cpu: str) -> int:
+    """Whole CPUs in a CPU quantity ("2" -> 2, "1500m" -> 2, "500m" -> 1): the server's torch thread count.
+
+    torch sizes its thread pool from the node's cores, not the pod's limit; on a big node a small pod
+    would oversubscribe its quota and stall every decode step.
+    """
+    millis = int(cpu[:-1]) if cpu.endswith("m") else int(float(cpu) * 1000)
+    return max(1, -(-millis // 1000))
+
+
 def _container_security() -> dict[str, Any]:
     return {
         "runAsNonRoot": True,
@@ -223,6 +233,7 @@ def build_deployment(md: ModelDeployment, settings: OperatorSettings) -> Manifes
     requests: dict[str, Any] = {"cpu": cpu, "memory": memory}
 
     env: list[dict[str, Any]] = [
+        {"name": "OMP_NUM_THREADS", "value": str(cpu_threads(cpu))},
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
         {"name": "HF_HUB_OFFLINE", "value": "1"},
