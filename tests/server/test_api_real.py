@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -386,7 +387,12 @@ def test_metrics_count_tokens_by_key_id(server: ServerProcess, client: openai.Op
 
 def test_access_log_is_json_without_content_or_keys(server: ServerProcess, client: openai.OpenAI) -> None:
     resp = _chat(client, max_tokens=2, user="someone")
+    # the line is written once the response has gone out, so it may land just after the client returns
+    deadline = time.monotonic() + 10
     lines = [x for x in server.access_log() if x.get("request_id") == resp.id]
+    while not lines and time.monotonic() < deadline:
+        time.sleep(0.1)
+        lines = [x for x in server.access_log() if x.get("request_id") == resp.id]
     assert len(lines) == 1, server.access_log()[-3:]
     line = lines[0]
     assert line["key_id"] == "alice" and line["model"] == SERVED and line["status"] == 200
