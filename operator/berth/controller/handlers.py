@@ -174,8 +174,10 @@ def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
 def on_delete(body: kopf.Body, **_: Any) -> None:
     """Children go with their owner (garbage collector); only forget the metrics. No finalizer is added."""
     meta = body.get("metadata") or {}
-    metrics.record_phase(str(meta.get("namespace")), str(meta.get("name")), None)
-    autoscaler().forget(str(meta.get("namespace")), str(meta.get("name")))
+    ns, name = str(meta.get("namespace")), str(meta.get("name"))
+    metrics.record_phase(ns, name, None)
+    autoscaler().forget(ns, name)
+    _locks.pop((ns, name), None)
 
 
 def _owner_name(body: kopf.Body) -> str | None:
