@@ -8,6 +8,7 @@ pod's /metrics exactly as in a cluster. Load is real streaming requests on the s
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -41,7 +42,7 @@ class PodServers:
             self.procs[ip] = subprocess.Popen(
                 [sys.executable, "-m", "berth.cli", "serve", "--host", ip, "--port", str(self.port),
                  "--served-model-name", "scaled", "--max-num-seqs", "4", "--max-queue", "64"],
-                stdout=log, stderr=subprocess.STDOUT,
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
             )
         for ip in sorted(set(self.procs) - ips):
             self.procs.pop(ip).terminate()
@@ -152,13 +153,22 @@ def test_load_raises_capacity_and_idling_lowers_it(
     assert condition(current["status"], "Ready")["status"] == "True"
 
 
-def test_zero_is_idle_with_endpoint(cluster: Any, operator: OperatorProcess, namespace: str) -> None:
+def test_zero_is_idle_with_endpoint(
+    cluster: Any, operator: OperatorProcess, namespace: str, server_port: int, tmp_path: Path
+) -> None:
     apply(cluster, namespace, md(
-        "sleepy", capacity=1,
+        "sleepy", capacity=1, auth={"mode": "none"},
         autoscaling={"enabled": True, "minCapacity": 0, "maxCapacity": 2, "scaleDownDelaySeconds": 2},
     ))
-    got = wait_md(cluster, operator, namespace, "sleepy",
-                  lambda s: s.get("phase") == "Idle", "Idle at capacity 0 with no load", timeout=90)
+    wait_md(cluster, operator, namespace, "sleepy", running(1), "Running with 1")
+    servers = PodServers(server_port, tmp_path)
+    try:
+        # a ready pod that does not answer counts as loaded; with its server up and idle, it scales to 0
+        servers.sync(_pods(cluster, namespace, "sleepy"))
+        got = wait_md(cluster, operator, namespace, "sleepy",
+                      lambda s: s.get("phase") == "Idle", "Idle at capacity 0 with no load", timeout=300)
+    finally:
+        servers.stop()
     assert got["spec"]["capacity"] == 0
     assert got["status"]["endpoint"] == f"http://sleepy.{namespace}.svc.cluster.local/v1"
     assert condition(got["status"], "Degraded")["status"] == "False"

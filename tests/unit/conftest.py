@@ -99,7 +99,8 @@ class RecordingKube:
     def patch_status(self, kind: kube.Kind, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(("patch_status", kind.kind, name, copy.deepcopy(status)))
         obj = self.objects.setdefault((kind.kind, namespace, name), {"metadata": {"name": name}})
-        obj["status"] = {k: v for k, v in status.items() if v is not None}
+        obj.setdefault("status", {})
+        _merge(obj["status"], copy.deepcopy(status))
         return copy.deepcopy(obj)
 
     def patch_scale(self, kind: kube.Kind, namespace: str, name: str, replicas: int) -> dict[str, Any]:

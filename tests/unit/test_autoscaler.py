@@ -153,3 +153,23 @@ def test_manual_scale_while_enabled_is_corrected(recording: RecordingKube, setti
     scaler = Autoscaler(recording, settings, FixedLoad({"p1": 8.0}))
     decision = scaler.tick(body, datetime(2026, 11, 23, tzinfo=UTC), 0.0)
     assert decision is not None and decision.desired == 1  # the load wants 1; the autoscaler owns capacity
+
+
+def test_unanswering_ready_pods_count_as_loaded(recording: RecordingKube, settings: OperatorSettings) -> None:
+    body = md_body(spec={"capacity": 2, "autoscaling": {"enabled": True, "minCapacity": 1, "maxCapacity": 4,
+                                                         "targetInFlightPerInstance": 8, "scaleDownDelaySeconds": 0}})
+    recording.objects[("ModelDeployment", "team-a", "chat")] = copy.deepcopy(body)
+    for name in ("p1", "p2"):
+        recording.objects[("Pod", "team-a", name)] = {
+            "metadata": {"name": name, "labels": {"berth.dev/model-deployment": "chat"}},
+            "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+        }
+    # neither ready pod answers (overloaded, slow /metrics): each counts as 8 in flight, so no scale-down
+    scaler = Autoscaler(recording, settings, FixedLoad({}))
+    decision = scaler.tick(body, datetime(2026, 11, 23, tzinfo=UTC), 100.0)
+    assert decision is not None and decision.desired == 2
+    assert decision.average_in_flight == 16.0
+    # one answers idle: 0 + 8 -> one instance is enough
+    scaler = Autoscaler(recording, settings, FixedLoad({"p1": 0.0}))
+    decision = scaler.tick(body, datetime(2026, 11, 23, tzinfo=UTC), 100.0)
+    assert decision is not None and decision.desired == 1

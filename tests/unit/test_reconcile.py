@@ -150,3 +150,43 @@ def test_diff_tolerates_server_defaults_and_quantities() -> None:
     observed["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] = "1"
     patch = diff(desired, observed)
     assert list(patch) == ["spec"] and list(patch["spec"]) == ["template"]
+
+
+def test_dropping_an_optional_field_removes_it(recording: RecordingKube, settings: OperatorSettings) -> None:
+    body = md_body(spec={"model": {"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
+                         "podTemplate": {"nodeSelector": {"pool": "a"}}})
+    _store_md(recording, body)
+    reconcile(body, recording, settings, NOW)
+    created = recording.objects[("Deployment", "team-a", "chat")]["spec"]["template"]["spec"]
+    assert "initContainers" in created and "nodeSelector" in created
+    assert "tolerations" not in created  # None values are not sent on create
+    recording.clear()
+    body = _current(recording)
+    body["spec"]["model"] = {"uri": "pvc://models/qwen"}
+    body["spec"]["podTemplate"] = {}
+    _store_md(recording, body)
+    reconcile(body, recording, settings, NOW)
+    (patch,) = [c[3] for c in recording.writes() if c[:2] == ("patch", "Deployment")]
+    pod = patch["spec"]["template"]["spec"]
+    assert pod["initContainers"] is None and pod["nodeSelector"] is None  # merge patch: null removes
+    after = recording.objects[("Deployment", "team-a", "chat")]["spec"]["template"]["spec"]
+    assert "initContainers" not in after and "nodeSelector" not in after
+
+
+def test_diff_treats_dropped_false_and_empty_as_same_and_quantities_only_in_resources() -> None:
+    desired = {"volumeMounts": [{"name": "m", "mountPath": "/m", "readOnly": False}],
+               "env": [{"name": "A", "value": ""}]}
+    observed = {"volumeMounts": [{"name": "m", "mountPath": "/m"}], "env": [{"name": "A"}]}
+    assert diff(desired, observed) is diff({}, {})
+    assert diff({"env": [{"name": "N", "value": "1k"}]}, {"env": [{"name": "N", "value": "1000"}]}) != diff({}, {})
+    same = diff({"resources": {"limits": {"memory": "1k"}}}, {"resources": {"limits": {"memory": "1000"}}})
+    assert same is diff({}, {})
+
+
+def test_reconcile_keeps_the_autoscalers_status_fields(recording: RecordingKube, settings: OperatorSettings) -> None:
+    body = md_body()
+    body["status"] = {"desiredCapacity": 3, "lastScaleTime": "2026-11-23T10:00:00Z"}
+    _store_md(recording, body)
+    result = reconcile(body, recording, settings, NOW)
+    assert "desiredCapacity" not in result.status  # never written back from a possibly stale copy
+    assert recording.objects[("ModelDeployment", "team-a", "chat")]["status"]["desiredCapacity"] == 3

@@ -34,8 +34,10 @@ def dep(replicas: int = 2, ready: int = 0, updated: int | None = None, spec_repl
     }
 
 
-def pod(node: str | None = "gpu-1", ready: bool = False, **container: Any) -> dict[str, Any]:
-    status: dict[str, Any] = {"conditions": [], "containerStatuses": []}
+def pod(node: str | None = "gpu-1", ready: bool = False, age: float = 30, phase: str = "Running",
+        **container: Any) -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": phase, "conditions": [{"type": "Ready", "status": str(ready)}],
+                              "containerStatuses": []}
     if node is None:
         status["conditions"].append(
             {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": SCHED_MSG}
@@ -47,12 +49,17 @@ def pod(node: str | None = "gpu-1", ready: bool = False, **container: Any) -> di
         cs["lastState"] = {"terminated": container.pop("terminated")}
     if node is not None:
         status["containerStatuses"].append(cs)
-    return {"metadata": {"name": "p"}, "spec": {"nodeName": node} if node else {}, "status": status}
+    created = (NOW - timedelta(seconds=age)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    meta = {"name": "p", "creationTimestamp": created}
+    return {"metadata": meta, "spec": {"nodeName": node} if node else {}, "status": status}
 
 
 PULL = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "berth/server:nope"'}
 CRASH_WAIT = {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}
 CRASH_TERM = {"exitCode": 1, "reason": "Error", "message": "ModelLoadError: /models/pvc/qwen: no config.json"}
+REPLICA_FAILURE = {**dep(1), "status": {"observedGeneration": 1, "conditions": [
+    {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+     "message": 'pods "chat-7d9-x" is forbidden: exceeded quota: gpu-quota'}]}}
 RUNNING_BEFORE = {"readyAt": "2026-11-23T10:01:00Z", "phase": "Running", "capacity": 2, "readyCapacity": 2}
 
 
@@ -83,13 +90,23 @@ TABLE: list[tuple[str, int, dict[str, Any] | None, list[dict[str, Any]], dict[st
      not_ready_since(600), "Degraded", "False", "Unschedulable", "Insufficient nvidia.com/gpu"),
     ("lost a pod within grace", 2, dep(2, ready=1), [pod(ready=True), pod()], not_ready_since(10), "Updating",
      "False", "InstancesNotReady", "1/2 instances ready"),
-    ("lost a pod after grace", 2, dep(2, ready=1), [pod(ready=True), pod()], not_ready_since(600), "Degraded",
+    ("lost a pod after grace", 2, dep(2, ready=1), [pod(ready=True), pod(age=4000)], not_ready_since(600),
+     "Degraded",
      "False", "InstancesNotReady", "1/2 instances ready"),
     ("rollout with bad image keeps serving", 2, dep(3, ready=2, updated=1, generation=2, observed=2),
      [pod(ready=True), pod(ready=True), pod(waiting=PULL)], RUNNING_BEFORE, "Degraded", "False", "ImagePullBackOff",
      "2/2 instances ready"),
     ("rollout not observed yet", 2, dep(2, ready=2, generation=3, observed=2), [pod(ready=True)] * 2,
-     RUNNING_BEFORE, "Updating", "False", "InstancesNotReady", "2/2 instances ready"),
+     RUNNING_BEFORE, "Updating", "True", "AllInstancesReady", "2/2 instances ready"),
+    ("scale up still loading past grace", 3, dep(3, ready=1), [pod(ready=True), pod(age=200), pod(age=200)],
+     not_ready_since(600), "Updating", "False", "InstancesNotReady", "2 starting (loading the model)"),
+    ("evicted pod is history", 2, dep(2, ready=2), [pod(ready=True), pod(ready=True),
+     pod(phase="Failed", waiting=CRASH_WAIT, restarts=5)], RUNNING_BEFORE, "Running", "True",
+     "AllInstancesReady", "2/2"),
+    ("one crash is not a loop", 1, dep(1), [pod(waiting=CRASH_WAIT, restarts=1)], {}, "Deploying", "False",
+     "InstancesNotReady", "0/1 instances ready"),
+    ("pods cannot be created", 1, REPLICA_FAILURE, [], {}, "Failed", "False", "FailedCreate",
+     'exceeded quota: gpu-quota'),
     ("scaled to zero", 0, dep(0), [], RUNNING_BEFORE, "Idle", "False", "ScaledToZero", "endpoint stays"),
 ]
 
@@ -182,3 +199,11 @@ def test_diagnose_prefers_the_fatal_cause() -> None:
     assert diagnose([pod(ready=True)], 3) is None
     # restarts long ago on a container that is ready now are not a crash loop
     assert diagnose([pod(ready=True, restarts=5)], 3) is None
+
+
+def test_unschedulable_event_when_the_reason_appears_in_the_same_phase() -> None:
+    pending = {"phase": "Pending", "conditions": [{"type": "Ready", "status": "False", "reason": "InstancesNotReady"}]}
+    now = {"phase": "Pending", "conditions": [{"type": "Ready", "status": "False", "reason": "Unschedulable",
+                                               "message": SCHED_MSG}]}
+    assert [(e.reason, e.message) for e in status_events(pending, now)] == [("Unschedulable", SCHED_MSG)]
+    assert status_events(now, now) == []

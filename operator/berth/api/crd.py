@@ -193,6 +193,14 @@ def openapi_schema() -> dict[str, Any]:
     return {
         "type": "object",
         "description": (m.ModelDeployment.__doc__ or "").strip(),
+        # The name becomes the Service's (a DNS-1035 label) and a label value: at most 63 characters.
+        "x-kubernetes-validations": [
+            _rule(
+                "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 63",
+                "metadata.name must be a DNS-1035 label (lower-case letters, digits and '-', starting with a "
+                "letter, at most 63 characters): it names the instance's Service",
+            )
+        ],
         "properties": {
             "apiVersion": {"type": "string", "description": "APIVersion of this object: berth.dev/v1alpha1."},
             "kind": {"type": "string", "description": "Kind of this object: ModelDeployment."},

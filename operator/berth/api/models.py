@@ -99,7 +99,7 @@ class Adapter(_Base):
 
     name: str = Field(
         description="Adapter name; clients select it with model `<servedName>:<name>`.",
-        max_length=63,
+        max_length=55,  # the pod volume is named adapter-<name> (63 characters at most)
         pattern=DNS_LABEL,
     )
     uri: str = Field(
@@ -227,6 +227,7 @@ class Auth(_Base):
             "Default: a generated `<name>-api-keys` Secret."
         ),
         max_length=253,
+        pattern=DNS_SUBDOMAIN,
     )
 
 

@@ -2,7 +2,7 @@
 
 Signal: in-flight requests (running + waiting) of each *ready* instance, read from its /metrics
 (`PodMetricsSource`; the `MetricsSource` protocol lets Prometheus take its place later), summed and
-averaged over a window. Decision (`decide`, pure): desired = ceil(in-flight / target per instance),
+averaged over a window; a ready instance that does not answer counts as loaded at the target. Decision (`decide`, pure): desired = ceil(in-flight / target per instance),
 clamped to [minCapacity, maxCapacity]; up at once by a bounded step (like the HPA's default policy:
 at most max(4 instances, 100%) per decision); down only to the highest recommendation of the last
 `scaleDownDelaySeconds`, and never below the instances that still have requests in flight.
@@ -187,9 +187,13 @@ class Autoscaler:
         state = self.states.setdefault(key, State())
         pods = self.client.list(kube.POD, md.namespace, builders.selector_string(md))
         per_pod = self.source.in_flight(pods, self.settings.server_port)
-        total = sum(per_pod.values())
-        busy = sum(1 for v in per_pod.values() if v > 0)
         policy = Policy.from_spec(md, window=max(self.settings.autoscale_interval_seconds * 2, 1.0))
+        # A ready pod whose /metrics did not answer counts as loaded at the target (as the HPA assumes
+        # 100% for missing pods when scaling down): an overloaded server answering slowly must not
+        # read as idle.
+        unread = sum(1 for p in pods if _ready(p) and (p.get("metadata") or {}).get("name") not in per_pod)
+        total = sum(per_pod.values()) + unread * policy.target_per_instance
+        busy = sum(1 for v in per_pod.values() if v > 0) + unread
         current = md.spec.capacity
         decision = decide(current, busy, policy, state, monotonic, total)
 

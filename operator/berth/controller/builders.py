@@ -8,6 +8,7 @@ ownerReference to its ModelDeployment, so the garbage collector removes it with 
 from __future__ import annotations
 
 import base64
+import math
 from typing import Any
 
 from berth.api.models import API_VERSION, KIND, ModelDeployment, ModelUri
@@ -83,6 +84,15 @@ def endpoint(md: ModelDeployment, settings: OperatorSettings) -> str:
     return f"http://{service_name(md)}.{md.namespace}.svc.{settings.cluster_domain}/v1"
 
 
+def _mount(name: str, path: str, read_only: bool) -> dict[str, Any]:
+    # readOnly only when true: the API server drops a false one, and the diff would see a change each time
+    return (
+        {"name": name, "mountPath": path, "readOnly": True}
+        if read_only
+        else {"name": name, "mountPath": path}
+    )
+
+
 def _source_volume(
     uri: ModelUri, volume: str, mount: str
 ) -> tuple[dict[str, Any], str, dict[str, Any] | None]:
@@ -99,7 +109,11 @@ def _source_volume(
 
 
 def _hf_init_container(
-    md: ModelDeployment, image: str, downloads: list[tuple[str, dict[str, Any]]], pull_policy: str
+    md: ModelDeployment,
+    image: str,
+    downloads: list[tuple[str, dict[str, Any]]],
+    pull_policy: str,
+    resources: dict[str, Any],
 ) -> dict[str, Any]:
     """One init container that downloads every hf:// source into its cache volume."""
     script = " && ".join(
@@ -127,8 +141,13 @@ def cpu_threads(cpu: str) -> int:
     torch sizes its thread pool from the node's cores, not the pod's limit; on a big node a small pod
     would oversubscribe its quota and stall every decode step.
     """
-    millis = int(cpu[:-1]) if cpu.endswith("m") else int(float(cpu) * 1000)
-    return max(1, -(-millis // 1000))
+    from kubernetes.utils import parse_quantity
+
+    try:
+        threads: int = math.ceil(parse_quantity(cpu))  # type: ignore[no-untyped-call]
+        return max(1, threads)
+    except (ValueError, ArithmeticError):
+        return 1
 
 
 def _container_security() -> dict[str, Any]:
@@ -287,24 +306,29 @@ def build_deployment(md: ModelDeployment, settings: OperatorSettings) -> Manifes
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
-    if downloads:
-        pod_spec["initContainers"] = [_hf_init_container(md, image, downloads, settings.image_pull_policy)]
     overrides = spec.pod_template
-    if overrides.node_selector:
-        pod_spec["nodeSelector"] = dict(overrides.node_selector)
     tolerations = list(overrides.tolerations)
     if gpus > 0 and not any(t.get("key") == spec.resources.gpu_resource_name for t in tolerations):
         tolerations.append(
             {"key": spec.resources.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"}
         )
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
-    if overrides.affinity:
-        pod_spec["affinity"] = overrides.affinity
-    if overrides.priority_class_name:
-        pod_spec["priorityClassName"] = overrides.priority_class_name
-    if overrides.image_pull_secrets:
-        pod_spec["imagePullSecrets"] = [{"name": n} for n in overrides.image_pull_secrets]
+    init = [
+        _hf_init_container(
+            md, image, downloads, settings.image_pull_policy, {"requests": requests, "limits": requests}
+        )
+    ]
+    # Optional fields are None when unset (not left out), so that the merge patch removes them from an
+    # existing Deployment when the spec stops asking for them (e.g. hf:// -> pvc:// drops the download).
+    pod_spec.update(
+        {
+            "initContainers": init if downloads else None,
+            "nodeSelector": dict(overrides.node_selector) or None,
+            "tolerations": tolerations or None,
+            "affinity": overrides.affinity or None,
+            "priorityClassName": overrides.priority_class_name or None,
+            "imagePullSecrets": [{"name": n} for n in overrides.image_pull_secrets] or None,
+        }
+    )
 
     pod_labels = {**overrides.labels, **labels(md)}
     pod_annotations = {

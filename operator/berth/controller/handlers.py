@@ -68,38 +68,39 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = 8
 
 
-def run_reconcile(body: dict[str, Any], trigger: str, logger: Any, *, permanent_on_invalid: bool) -> None:
-    meta = body.get("metadata") or {}
-    ns, name = str(meta.get("namespace")), str(meta.get("name"))
+def run_reconcile(
+    namespace: str, name: str, trigger: str, logger: Any, *, permanent_on_invalid: bool
+) -> None:
+    """Reconcile one ModelDeployment from a fresh read, under its lock (the caller's copy may be stale:
+    acting on an old spec.capacity would undo a scale that just happened)."""
     started = time.monotonic()
-    with _locks[(ns, name)]:
+    with _locks[(namespace, name)]:
         now = datetime.now(UTC)
+        body: dict[str, Any] | None = None
         try:
+            body = client().get(kube.MODEL_DEPLOYMENT, namespace, name)
+            if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+                return
             result = reconcile(body, client(), SETTINGS, now)
         except pydantic.ValidationError as e:
-            message = spec_error_message(e)
-            status = failed_status(body, message, now, body.get("status"))
-            if managed_status(status) != managed_status(body.get("status") or {}):
-                client().patch_status(kube.MODEL_DEPLOYMENT, ns, name, status)
-                client().create(
-                    kube.EVENT,
-                    ns,
-                    _event(body, "Warning", "InvalidSpec", message, now),
-                )
+            assert body is not None  # only reconcile() validates
+            _record_failure(body, "InvalidSpec", spec_error_message(e), now)
             metrics.RECONCILES.labels(trigger=trigger, result="invalid").inc()
-            metrics.record_phase(ns, name, "Failed")
             if permanent_on_invalid:
-                raise kopf.PermanentError(message) from None
+                raise kopf.PermanentError(spec_error_message(e)) from None
             return
         except kube.ApiError as e:
             metrics.RECONCILES.labels(trigger=trigger, result="error").inc()
-            if e.status == 404 and trigger != "spec":
-                return  # the resource went away while we looked
+            if e.status in (400, 422) and body is not None:
+                # The API server refused a child built from this spec (e.g. a name that is no DNS label):
+                # say so on the resource; retry later, as a fix may come from an edit or an admission change.
+                _record_failure(body, "ChildRejected", f"the API server refused a child: {e.message}", now)
+                raise kopf.TemporaryError(f"Kubernetes API: {e}", delay=60) from None
             raise kopf.TemporaryError(f"Kubernetes API: {e}", delay=5) from None
         finally:
             metrics.RECONCILE_SECONDS.labels(trigger=trigger).observe(time.monotonic() - started)
     metrics.RECONCILES.labels(trigger=trigger, result="ok").inc()
-    metrics.record_phase(ns, name, result.status.get("phase"))
+    metrics.record_phase(namespace, name, result.status.get("phase"))
     if result.actions or result.status_written:
         logger.info(
             "reconciled (%s): %s; phase %s",
@@ -107,6 +108,17 @@ def run_reconcile(body: dict[str, Any], trigger: str, logger: Any, *, permanent_
             ", ".join(f"{a.verb} {a.kind.kind}" for a in result.actions) or "status",
             result.status.get("phase"),
         )
+
+
+def _record_failure(body: dict[str, Any], reason: str, message: str, now: datetime) -> None:
+    """Phase Failed with a False Ready condition naming the cause; children of the last valid spec stay."""
+    meta = body.get("metadata") or {}
+    ns, name = str(meta.get("namespace")), str(meta.get("name"))
+    status = failed_status(body, message, now, body.get("status"), reason=reason)
+    metrics.record_phase(ns, name, "Failed")
+    if managed_status(status) != managed_status(body.get("status") or {}):
+        client().patch_status(kube.MODEL_DEPLOYMENT, ns, name, status)
+        client().create(kube.EVENT, ns, _event(body, "Warning", reason, message, now))
 
 
 def _event(body: dict[str, Any], type_: str, reason: str, message: str, now: datetime) -> dict[str, Any]:
@@ -120,7 +132,9 @@ def _event(body: dict[str, Any], type_: str, reason: str, message: str, now: dat
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
 def on_spec(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-    run_reconcile(dict(body), "spec", logger, permanent_on_invalid=True)
+    run_reconcile(
+        str(body.metadata.namespace), str(body.metadata.name), "spec", logger, permanent_on_invalid=True
+    )
 
 
 def autoscaler() -> Autoscaler:
@@ -131,12 +145,19 @@ def autoscaler() -> Autoscaler:
 
 
 def _resync(body: dict[str, Any]) -> None:
-    run_reconcile(body, "timer", log, permanent_on_invalid=False)
+    meta = body["metadata"]
+    run_reconcile(str(meta["namespace"]), str(meta["name"]), "timer", log, permanent_on_invalid=False)
 
 
-def _autoscale(body: dict[str, Any]) -> None:
-    if not ((body.get("spec") or {}).get("autoscaling") or {}).get("enabled"):
-        autoscaler().forget(str(body["metadata"]["namespace"]), str(body["metadata"]["name"]))
+def _autoscale(listed: dict[str, Any]) -> None:
+    ns, name = str(listed["metadata"]["namespace"]), str(listed["metadata"]["name"])
+    if not ((listed.get("spec") or {}).get("autoscaling") or {}).get("enabled"):
+        autoscaler().forget(ns, name)
+        return
+    body = client().get(
+        kube.MODEL_DEPLOYMENT, ns, name
+    )  # the listed copy may be older than a scale just made
+    if body is None:
         return
     try:
         autoscaler().tick(body, datetime.now(UTC), time.monotonic())
@@ -188,10 +209,7 @@ def _owner_name(body: kopf.Body) -> str | None:
 
 
 def _refresh_owner(namespace: str, name: str, trigger: str, logger: kopf.Logger) -> None:
-    md = client().get(kube.MODEL_DEPLOYMENT, namespace, name)
-    if md is None or (md.get("metadata") or {}).get("deletionTimestamp"):
-        return
-    run_reconcile(md, trigger, logger, permanent_on_invalid=False)
+    run_reconcile(namespace, name, trigger, logger, permanent_on_invalid=False)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)

@@ -62,7 +62,7 @@ def _empty(v: Any) -> bool:
     return v is None or v == {} or v == []
 
 
-def _scalar_equal(desired: Any, observed: Any) -> bool:
+def _scalar_equal(desired: Any, observed: Any, quantities: bool = False) -> bool:
     if desired == observed:
         return True
     if isinstance(desired, bool) or isinstance(observed, bool):
@@ -70,6 +70,8 @@ def _scalar_equal(desired: Any, observed: Any) -> bool:
     if isinstance(desired, int | float | str) and isinstance(observed, int | float | str):
         if str(desired) == str(observed):
             return True
+        if not quantities:
+            return False
         try:  # resource quantities come back canonicalised ("0.5" -> "500m")
             from kubernetes.utils import parse_quantity
 
@@ -79,11 +81,13 @@ def _scalar_equal(desired: Any, observed: Any) -> bool:
     return False
 
 
-def diff(desired: Any, observed: Any) -> Any:
+def diff(desired: Any, observed: Any, quantities: bool = False) -> Any:
     """The merge patch that makes `observed` match `desired` on the keys desired names; _SAME if none.
 
-    Keys the API server or others added (defaults, status, annotations) are left alone; lists are
-    compared element by element the same way and replaced whole when they differ.
+    Keys the API server or others added (defaults, status, annotations) are left alone; a key desired
+    as None is removed; lists are compared element by element the same way and replaced whole when
+    they differ. A desired False or "" matches a missing key (the API server drops them). Values under
+    resources.requests/limits compare as quantities ("0.5" == "500m").
     """
     if isinstance(desired, dict):
         if not isinstance(observed, dict):
@@ -91,18 +95,28 @@ def diff(desired: Any, observed: Any) -> Any:
         patch: dict[str, Any] = {}
         for key, value in desired.items():
             if key not in observed or observed[key] is None:
-                if not _empty(value):
+                if not (_empty(value) or value is False or value == ""):
                     patch[key] = value
                 continue
-            sub = diff(value, observed[key])
+            sub = diff(value, observed[key], quantities or key in ("requests", "limits"))
             if sub is not _SAME:
                 patch[key] = sub
         return patch if patch else _SAME
     if isinstance(desired, list):
         if not isinstance(observed, list) or len(desired) != len(observed):
             return desired if not (_empty(desired) and _empty(observed)) else _SAME
-        return _SAME if all(diff(d, o) is _SAME for d, o in zip(desired, observed, strict=True)) else desired
-    return _SAME if _scalar_equal(desired, observed) else desired
+        same = all(diff(d, o, quantities) is _SAME for d, o in zip(desired, observed, strict=True))
+        return _SAME if same else desired
+    return _SAME if _scalar_equal(desired, observed, quantities) else desired
+
+
+def prune(manifest: Any) -> Any:
+    """The manifest without None values (what a create sends)."""
+    if isinstance(manifest, dict):
+        return {k: prune(v) for k, v in manifest.items() if v is not None}
+    if isinstance(manifest, list):
+        return [prune(v) for v in manifest]
+    return manifest
 
 
 def plan(
@@ -235,7 +249,7 @@ def reconcile(
         if action.verb == "create":
             manifest = action.body.materialise() if isinstance(action.body, _LazySecret) else action.body
             assert manifest is not None
-            created = client.create(action.kind, ns, manifest)
+            created = client.create(action.kind, ns, prune(manifest))
             if action.kind is kube.DEPLOYMENT:
                 if created is not None:
                     deployment = created

@@ -51,7 +51,9 @@ class OperatorSettings(BaseSettings):
         ),
         ge=0,
     )
-    resync_seconds: float = Field(30.0, description="Interval of the level-triggered resync loop over every ModelDeployment.", gt=0)
+    resync_seconds: float = Field(
+        30.0, description="Interval of the level-triggered resync loop over every ModelDeployment.", gt=0
+    )
     degraded_grace_seconds: float = Field(
         120.0,
         description="How long fewer instances than asked may be ready before the phase is Degraded.",

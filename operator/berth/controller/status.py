@@ -62,15 +62,35 @@ def _container_statuses(pod: dict[str, Any]) -> list[dict[str, Any]]:
     return list(st.get("initContainerStatuses") or []) + list(st.get("containerStatuses") or [])
 
 
+def live(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pods that count: not being deleted, not finished (an evicted or completed pod is history)."""
+    return [
+        p
+        for p in pods
+        if not (p.get("metadata") or {}).get("deletionTimestamp")
+        and (p.get("status") or {}).get("phase") not in ("Failed", "Succeeded")
+    ]
+
+
+def deployment_cause(deployment: dict[str, Any] | None) -> Cause | None:
+    """What the Deployment itself reports: pods it cannot create (quota, admission), or a stalled rollout."""
+    for cond in ((deployment or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+            return Cause(
+                cond.get("reason") or "ReplicaFailure", cond.get("message") or "cannot create pods", True
+            )
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            return Cause("ProgressDeadlineExceeded", cond.get("message") or "the rollout stalled", True)
+    return None
+
+
 def diagnose(pods: list[dict[str, Any]], crash_loop_restarts: int) -> Cause | None:
     """The most telling reason the pods are not all ready, or None."""
     crash: Cause | None = None
     pull: Cause | None = None
     config: Cause | None = None
     unschedulable: Cause | None = None
-    for pod in pods:
-        if (pod.get("metadata") or {}).get("deletionTimestamp"):
-            continue
+    for pod in live(pods):
         for cond in (pod.get("status") or {}).get("conditions") or []:
             scheduled = cond.get("type") == "PodScheduled" and cond.get("status") == "False"
             if scheduled and cond.get("reason") == "Unschedulable" and unschedulable is None:
@@ -89,9 +109,7 @@ def diagnose(pods: list[dict[str, Any]], crash_loop_restarts: int) -> Cause | No
                     reason, f"container {name}: {reason}: {waiting.get('message', '')}".rstrip(": "), True
                 )
             restarts = int(cs.get("restartCount") or 0)
-            looping = reason == "CrashLoopBackOff" or (
-                restarts >= crash_loop_restarts and not cs.get("ready")
-            )
+            looping = reason == "CrashLoopBackOff" and restarts >= crash_loop_restarts
             if crash is None and looping:
                 term = (cs.get("lastState") or {}).get("terminated") or {}
                 detail = f"exit code {term.get('exitCode')}" if term else "restarting"
@@ -126,6 +144,17 @@ def _condition(
         "lastTransitionTime": transition or now,
         "observedGeneration": generation,
     }
+
+
+def _pod_ready(pod: dict[str, Any]) -> bool:
+    conds = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
+
+
+def _age(pod: dict[str, Any], now: datetime) -> float:
+    """Seconds since the pod was created (infinite when unknown)."""
+    created = parse_time((pod.get("metadata") or {}).get("creationTimestamp"))
+    return (now - created).total_seconds() if created else float("inf")
 
 
 def _since_not_ready(previous: list[dict[str, Any]], now: datetime) -> datetime:
@@ -163,7 +192,7 @@ def compute_status(
         dep_current and dep_replicas_spec == capacity and updated >= capacity and replicas == capacity
     )
 
-    cause = diagnose(observed.pods, settings.crash_loop_restarts)
+    cause = diagnose(observed.pods, settings.crash_loop_restarts) or deployment_cause(observed.deployment)
     if observed.missing_secret:
         cause = Cause(
             "APIKeySecretNotFound",
@@ -171,8 +200,9 @@ def compute_status(
             True,
         )
     ever_ready = bool(prev.get("readyAt"))
-    live_pods = [p for p in observed.pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
-    scheduled = [p for p in live_pods if (p.get("spec") or {}).get("nodeName")]
+    scheduled = [p for p in live(observed.pods) if (p.get("spec") or {}).get("nodeName")]
+    # Scheduled pods still inside their startup budget (loading a model): not a reason for Degraded yet.
+    starting = [p for p in scheduled if not _pod_ready(p) and _age(p, now) < settings.startup_seconds]
 
     progress_reason = "Scaling" if replicas != capacity or dep_replicas_spec != capacity else "RollingOut"
     if capacity == 0:
@@ -185,23 +215,23 @@ def compute_status(
         phase = "Pending" if not scheduled or (cause is not None and ready == 0) else "Deploying"
     elif (cause is not None and cause.fatal) or (
         ready < capacity
-        and (now - _since_not_ready(prev_conditions, now)).total_seconds()
-        >= (settings.degraded_grace_seconds)
+        and not starting
+        and (now - _since_not_ready(prev_conditions, now)).total_seconds() >= settings.degraded_grace_seconds
     ):
         phase = "Degraded"
     else:
         phase = "Updating"
 
     # Ready
-    if phase == "Running":
+    if capacity > 0 and ready >= capacity and phase in ("Running", "Updating"):
+        # all asked-for capacity serves, also while a rollout or a scale-down is still under way
         ready_cond = ("True", "AllInstancesReady", f"{ready}/{capacity} instances ready")
     elif phase == "Idle":
         ready_cond = ("False", "ScaledToZero", "capacity is 0: no instance runs; the endpoint stays")
     elif cause is not None:
         ready_cond = ("False", cause.reason, f"{ready}/{capacity} instances ready: {cause.message}")
     else:
-        starting = max(len(scheduled) - ready, 0)
-        detail = f"; {starting} starting (loading the model)" if starting else ""
+        detail = f"; {len(starting)} starting (loading the model)" if starting else ""
         ready_cond = ("False", "InstancesNotReady", f"{ready}/{capacity} instances ready{detail}")
     # Progressing
     if phase in ("Running", "Idle"):
@@ -267,14 +297,15 @@ def compute_status(
         "computeUnitHours": cu_hours,
         "meteredAt": metered_s,
     }
-    for keep in ("desiredCapacity", "lastScaleTime"):  # owned by the autoscaler
-        if prev.get(keep) is not None:
-            status[keep] = prev[keep]
-    return status
+    return status  # desiredCapacity and lastScaleTime belong to the autoscaler: a merge patch leaves them
 
 
 def failed_status(
-    md_body: dict[str, Any], message: str, now: datetime, previous: dict[str, Any] | None = None
+    md_body: dict[str, Any],
+    message: str,
+    now: datetime,
+    previous: dict[str, Any] | None = None,
+    reason: str = "InvalidSpec",
 ) -> dict[str, Any]:
     """Status for a spec the operator cannot act on: phase Failed, Ready False with the field named.
 
@@ -305,6 +336,10 @@ def status_events(previous: dict[str, Any], new: dict[str, Any]) -> list[EventSp
     events: list[EventSpec] = []
     old_phase, phase = previous.get("phase"), new.get("phase")
     conds = {c["type"]: c for c in new.get("conditions") or []}
+    old_ready = next((c for c in previous.get("conditions") or [] if c.get("type") == "Ready"), {})
+    new_ready = conds.get("Ready", {})
+    if new_ready.get("reason") == "Unschedulable" and old_ready.get("reason") != "Unschedulable":
+        events.append(EventSpec("Warning", "Unschedulable", new_ready.get("message", "")))
     if previous.get("capacity") is not None and previous.get("capacity") != new.get("capacity"):
         events.append(
             EventSpec("Normal", "Scaled", f"capacity {previous.get('capacity')} -> {new.get('capacity')}")
@@ -323,8 +358,6 @@ def status_events(previous: dict[str, Any], new: dict[str, Any]) -> list[EventSp
         events.append(EventSpec("Warning", "Degraded", conds.get("Degraded", {}).get("message", "")))
     elif phase == "Failed":
         events.append(EventSpec("Warning", "Failed", conds.get("Ready", {}).get("message", "")))
-    elif phase == "Pending" and conds.get("Ready", {}).get("reason") == "Unschedulable":
-        events.append(EventSpec("Warning", "Unschedulable", conds["Ready"]["message"]))
     elif phase == "Idle":
         events.append(EventSpec("Normal", "Idle", "scaled to zero"))
     return events
