@@ -336,7 +336,9 @@ def status_events(previous: dict[str, Any], new: dict[str, Any]) -> list[EventSp
     events: list[EventSpec] = []
     old_phase, phase = previous.get("phase"), new.get("phase")
     conds = {c["type"]: c for c in new.get("conditions") or []}
-    old_ready = next((c for c in previous.get("conditions") or [] if c.get("type") == "Ready"), {})
+    old_ready: dict[str, Any] = next(
+        (c for c in previous.get("conditions") or [] if c.get("type") == "Ready"), {}
+    )
     new_ready = conds.get("Ready", {})
     if new_ready.get("reason") == "Unschedulable" and old_ready.get("reason") != "Unschedulable":
         events.append(EventSpec("Warning", "Unschedulable", new_ready.get("message", "")))
