@@ -46,15 +46,12 @@ logger = logging.getLogger(__name__)
 
 
 def _size_cache(model: LoadedModel, config: EngineConfig) -> int:
-    import torch
-
     per_block = ModelRunner.bytes_per_block(model.model, config.block_size)
     useful = config.max_num_seqs * -(-model.max_model_len // config.block_size)
     if config.num_blocks is not None:
         return config.num_blocks
     if model.device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(model.device)
-        budget = int(free * config.kv_cache_memory_fraction)
+        budget = int(ModelRunner.free_device_memory(model.device) * config.kv_cache_memory_fraction)
     else:
         budget = int(config.kv_cache_cpu_gib * 2**30)
     n = max(1, min(budget // per_block, useful))
@@ -72,9 +69,12 @@ class EngineCore:
         self.bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.bm, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(
-            model.model, num_blocks=num_blocks, block_size=config.block_size, adapters=model.adapters
+            model.model,
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            adapters=model.adapters,
+            sampler=Sampler(self.token_texts),
         )
-        self.sampler = Sampler(self.token_texts)
         self.eos_token_ids = frozenset(model.eos_token_ids)
         self.special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", []) or [])
         self.adapter_index = {a.name: i for i, a in enumerate(model.adapters)}
@@ -220,9 +220,9 @@ class EngineCore:
         out = self.scheduler.schedule()
         if not out:
             return []
-        logits = self.runner.execute(out.scheduled)
+        sampling = [s.seq for s in out.scheduled if s.samples]
+        results = self.runner.step(out.scheduled, sampling)
         self.steps += 1
-        sampling: list[Sequence] = []
         for s in out.scheduled:
             seq = s.seq
             if s.num_tokens == 1 and s.start >= seq.num_prompt_tokens:
@@ -231,14 +231,7 @@ class EngineCore:
                 self.num_prefill_tokens += s.num_tokens
             seq.num_computed_tokens += s.num_tokens
             self.bm.cache_full_blocks(seq, seq.num_computed_tokens)
-            if s.samples:
-                sampling.append(seq)
-        events: list[tuple[str, TokenEvent]] = []
-        if sampling:
-            results = self.sampler.sample(logits, sampling)
-            for seq, res in zip(sampling, results, strict=True):
-                events.append((seq.request_id, self._process(seq, res)))
-        return events
+        return [(seq.request_id, self._process(seq, res)) for seq, res in zip(sampling, results, strict=True)]
 
     def _detokenize(self, seq: Sequence, flush: bool = False) -> str:
         ids = seq.all_token_ids

@@ -26,7 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from berth.server.engine.sampler import Sampler, SampleResult
 from berth.server.engine.scheduler import ScheduledSeq
+from berth.server.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +97,7 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         adapters: Seq[LoraWeights] = (),
+        sampler: Sampler | None = None,
     ) -> None:
         self.model_type = check_supported(model)
         self.model = model
@@ -119,6 +122,7 @@ class ModelRunner:
         attn0 = self.layers[0].self_attn
         self.scaling = float(getattr(attn0, "scaling", self.head_dim**-0.5))
         self.adapters = list(adapters)
+        self.sampler = sampler
 
         shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
@@ -141,6 +145,12 @@ class ModelRunner:
         hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
         itemsize = int(next(model.parameters()).element_size())
         return 2 * int(cfg.num_hidden_layers) * block_size * kv * hd * itemsize
+
+    @staticmethod
+    def free_device_memory(device: torch.device) -> int:
+        """Free bytes on a CUDA device (what ``--kv-cache-memory-fraction`` is a fraction of)."""
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
 
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
@@ -290,3 +300,16 @@ class ModelRunner:
         last = self.norm(h.index_select(0, inp.sample_idx))
         logits: torch.Tensor = self.lm_head(last)
         return logits.float()
+
+    def step(self, batch: Seq[ScheduledSeq], sampling: Seq[Sequence]) -> list[SampleResult]:
+        """One engine step: the forward pass, then the next token of each sampling sequence.
+
+        ``sampling`` are the sequences of ``batch`` whose chunk ends their prompt or that are
+        decoding, in batch order. The logits never leave the runner (nor the device).
+        """
+        logits = self.execute(batch)
+        if not sampling:
+            return []
+        if self.sampler is None:
+            raise RuntimeError("this ModelRunner was built without a sampler")
+        return self.sampler.sample(logits, sampling)
