@@ -190,3 +190,62 @@ def test_reconcile_keeps_the_autoscalers_status_fields(recording: RecordingKube,
     result = reconcile(body, recording, settings, NOW)
     assert "desiredCapacity" not in result.status  # never written back from a possibly stale copy
     assert recording.objects[("ModelDeployment", "team-a", "chat")]["status"]["desiredCapacity"] == 3
+
+
+def _server(recording: RecordingKube) -> dict[str, Any]:
+    dep = recording.objects[("Deployment", "team-a", "chat")]
+    container: dict[str, Any] = dep["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def test_gpus_to_zero_removes_the_gpu_limit_and_request(recording: RecordingKube, settings: OperatorSettings) -> None:
+    body = md_body(spec={"model": {"uri": "pvc://models/qwen"}, "resources": {"gpus": 2}})
+    _store_md(recording, body)
+    reconcile(body, recording, settings, NOW)
+    res = _server(recording)["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == 2 and res["requests"]["nvidia.com/gpu"] == 2
+    recording.clear()
+
+    body = _current(recording)
+    body["spec"]["resources"] = {"gpus": 0}
+    _store_md(recording, body)
+    reconcile(body, recording, settings, NOW + timedelta(seconds=1))
+    (patch,) = [c[3] for c in recording.writes() if c[:2] == ("patch", "Deployment")]
+    sent = patch["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in sent["limits"] and "nvidia.com/gpu" not in sent["requests"]
+    res = _server(recording)["resources"]
+    assert set(res["limits"]) == set(res["requests"]) == {"cpu", "memory"}
+
+
+def test_diff_removes_keys_only_inside_owned_maps() -> None:
+    desired = {"spec": {"nodeSelector": {"pool": "a"}, "affinity": {"x": {"y": 1}}, "template": {"k": 1}}}
+    observed = {"spec": {"nodeSelector": {"pool": "a", "zone": "z1"}, "affinity": {"x": {"y": 1, "z": 2}},
+                         "template": {"k": 1, "defaulted": True}}}
+    assert diff(desired, observed) == {"spec": {"nodeSelector": {"zone": None}, "affinity": {"x": {"z": None}}}}
+
+
+def test_dropped_pod_template_labels_and_annotations_are_removed_and_others_kept(
+    recording: RecordingKube, settings: OperatorSettings
+) -> None:
+    body = md_body(spec={"podTemplate": {"labels": {"team": "a", "cost": "x"}, "annotations": {"note": "n"}}})
+    _store_md(recording, body)
+    reconcile(body, recording, settings, NOW)
+    dep = recording.objects[("Deployment", "team-a", "chat")]
+    dep["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"] = "2026-11-23T10:01:00Z"
+    recording.clear()
+
+    body = _current(recording)
+    body["spec"]["podTemplate"] = {"labels": {"team": "a"}}
+    _store_md(recording, body)
+    reconcile(body, recording, settings, NOW + timedelta(seconds=1))
+    (patch,) = [c[3] for c in recording.writes() if c[:2] == ("patch", "Deployment")]
+    meta = patch["spec"]["template"]["metadata"]
+    assert meta == {"labels": {"cost": None}, "annotations": {"note": None}}
+    after = recording.objects[("Deployment", "team-a", "chat")]["spec"]["template"]["metadata"]
+    assert after["labels"]["team"] == "a" and "cost" not in after["labels"]
+    assert "note" not in after["annotations"]
+    assert after["annotations"]["kubectl.kubernetes.io/restartedAt"] == "2026-11-23T10:01:00Z"
+
+    recording.clear()
+    reconcile(_current(recording), recording, settings, NOW + timedelta(seconds=2))
+    assert recording.writes() == []

@@ -8,6 +8,7 @@ ownerReference to its ModelDeployment, so the garbage collector removes it with 
 from __future__ import annotations
 
 import base64
+import json
 import math
 from typing import Any
 
@@ -22,6 +23,10 @@ API_KEY_DIR = "/etc/berth/api-keys"
 SELECTOR_LABEL = "berth.dev/model-deployment"
 MANAGED_BY = "berth-operator"
 USER_ID = 1000
+# On the Deployment: the pod-template label and annotation keys that came from spec.podTemplate, so
+# that the reconcile can remove a key the spec no longer names (others' keys, such as kubectl's
+# restartedAt, are left alone).
+POD_METADATA_KEYS = "berth.dev/pod-template-keys"
 
 
 def labels(md: ModelDeployment) -> dict[str, str]:
@@ -246,10 +251,13 @@ def build_deployment(md: ModelDeployment, settings: OperatorSettings) -> Manifes
 
     cpu = spec.resources.cpu or settings.default_cpu
     memory = spec.resources.memory or settings.default_memory
-    limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
+    cpu_memory: dict[str, Any] = {"cpu": cpu, "memory": memory}
+    limits: dict[str, Any] = dict(cpu_memory)
     if gpus > 0:
         limits[spec.resources.gpu_resource_name] = gpus
-    requests: dict[str, Any] = {"cpu": cpu, "memory": memory}
+    # Requests name every limit (the API server would otherwise copy the GPU limit into requests, and the
+    # reconcile, which owns these maps whole, would see a key it did not ask for).
+    requests: dict[str, Any] = dict(limits)
 
     env: list[dict[str, Any]] = [
         {"name": "OMP_NUM_THREADS", "value": str(cpu_threads(cpu))},
@@ -314,7 +322,7 @@ def build_deployment(md: ModelDeployment, settings: OperatorSettings) -> Manifes
         )
     init = [
         _hf_init_container(
-            md, image, downloads, settings.image_pull_policy, {"requests": requests, "limits": requests}
+            md, image, downloads, settings.image_pull_policy, {"requests": cpu_memory, "limits": cpu_memory}
         )
     ]
     # Optional fields are None when unset (not left out), so that the merge patch removes them from an
@@ -337,10 +345,17 @@ def build_deployment(md: ModelDeployment, settings: OperatorSettings) -> Manifes
         "prometheus.io/path": "/metrics",
         **overrides.annotations,
     }
+    metadata = _metadata(md, deployment_name(md))
+    metadata["annotations"] = {
+        POD_METADATA_KEYS: json.dumps(
+            {"labels": sorted(overrides.labels), "annotations": sorted(overrides.annotations)},
+            separators=(",", ":"),
+        )
+    }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(md, deployment_name(md)),
+        "metadata": metadata,
         "spec": {
             "replicas": spec.capacity,
             "selector": {"matchLabels": selector_labels(md)},

@@ -7,6 +7,8 @@ only when it changed, so a reconcile with nothing to do makes no write at all.
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import secrets
 from collections.abc import Callable
@@ -22,6 +24,10 @@ from berth.controller.status import EventSpec, Observed, compute_status, format_
 log = logging.getLogger(__name__)
 
 _SAME = object()
+
+# Maps the operator owns whole: a key the desired manifest does not name is removed (a GPU limit after
+# gpus: 0, a nodeSelector entry the spec dropped). Everything below them is owned too.
+OWNED_MAPS = frozenset({"limits", "requests", "nodeSelector", "affinity"})
 
 # Status fields the operator writes; anything else under status is left as it is.
 MANAGED_STATUS_KEYS = (
@@ -81,12 +87,13 @@ def _scalar_equal(desired: Any, observed: Any, quantities: bool = False) -> bool
     return False
 
 
-def diff(desired: Any, observed: Any, quantities: bool = False) -> Any:
+def diff(desired: Any, observed: Any, quantities: bool = False, owned: bool = False) -> Any:
     """The merge patch that makes `observed` match `desired` on the keys desired names; _SAME if none.
 
-    Keys the API server or others added (defaults, status, annotations) are left alone; a key desired
-    as None is removed; lists are compared element by element the same way and replaced whole when
-    they differ. A desired False or "" matches a missing key (the API server drops them). Values under
+    Keys the API server or others added (defaults, status, annotations) are left alone, except inside
+    the maps in OWNED_MAPS, where a key desired does not name is removed; a key desired as None is
+    removed; lists are compared element by element the same way and replaced whole when they differ.
+    A desired False or "" matches a missing key (the API server drops them). Values under
     resources.requests/limits compare as quantities ("0.5" == "500m").
     """
     if isinstance(desired, dict):
@@ -98,16 +105,43 @@ def diff(desired: Any, observed: Any, quantities: bool = False) -> Any:
                 if not (_empty(value) or value is False or value == ""):
                     patch[key] = value
                 continue
-            sub = diff(value, observed[key], quantities or key in ("requests", "limits"))
+            sub = diff(
+                value,
+                observed[key],
+                quantities or key in ("requests", "limits"),
+                owned or key in OWNED_MAPS,
+            )
             if sub is not _SAME:
                 patch[key] = sub
+        if owned:
+            patch.update({key: None for key in observed if key not in desired})
         return patch if patch else _SAME
     if isinstance(desired, list):
         if not isinstance(observed, list) or len(desired) != len(observed):
             return desired if not (_empty(desired) and _empty(observed)) else _SAME
-        same = all(diff(d, o, quantities) is _SAME for d, o in zip(desired, observed, strict=True))
+        same = all(diff(d, o, quantities, owned) is _SAME for d, o in zip(desired, observed, strict=True))
         return _SAME if same else desired
     return _SAME if _scalar_equal(desired, observed, quantities) else desired
+
+
+def forget_dropped_pod_metadata(manifest: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """The Deployment manifest with None for each pod-template label or annotation that an earlier
+    spec.podTemplate set (recorded in builders.POD_METADATA_KEYS on `current`) and this one does not."""
+    recorded = ((current.get("metadata") or {}).get("annotations") or {}).get(builders.POD_METADATA_KEYS)
+    if not recorded:
+        return manifest
+    try:
+        before = json.loads(recorded)
+    except ValueError:
+        return manifest
+    out = copy.deepcopy(manifest)
+    template_meta = out["spec"]["template"]["metadata"]
+    for field_name in ("labels", "annotations"):
+        desired = template_meta.setdefault(field_name, {})
+        for key in before.get(field_name) or []:
+            if isinstance(key, str) and key not in desired:
+                desired[key] = None
+    return out
 
 
 def prune(manifest: Any) -> Any:
@@ -135,6 +169,8 @@ def plan(
         if current is None:
             actions.append(Action("create", kind, name, manifest))
         elif kind.kind not in create_only:
+            if kind.kind == "Deployment":
+                manifest = forget_dropped_pod_metadata(manifest, current)
             patch = diff({k: v for k, v in manifest.items() if k not in ("apiVersion", "kind")}, current)
             if patch is not _SAME:
                 actions.append(Action("patch", kind, name, patch))
