@@ -351,3 +351,46 @@ def test_nothing_changed_means_no_write(
 def _only_other_namespaces(local_cluster: Any, since: float, operator: OperatorProcess, namespace: str) -> bool:
     writes = [e for e in local_cluster.audit_events(since) if e.get("user", {}).get("username") == operator.user]
     return all((e.get("objectRef") or {}).get("namespace") != namespace for e in writes)
+
+
+def test_dropped_spec_entries_leave_the_deployment_and_then_nothing_is_written(
+    cluster: Any, local_cluster: Any, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(cluster, namespace, md("edit", capacity=1, resources={"gpus": 1},
+                                 podTemplate={"labels": {"team": "a", "cost": "x"},
+                                              "nodeSelector": {"kubernetes.io/os": "linux", "pool": "gpu"}}))
+
+    def server(dep: dict[str, Any] | None) -> dict[str, Any]:
+        assert dep is not None
+        container: dict[str, Any] = dep["spec"]["template"]["spec"]["containers"][0]
+        return container
+
+    dep = wait_for(lambda: get(cluster, namespace, "deployment", "edit"), 30, message="the Deployment")
+    assert server(dep)["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    apply(cluster, namespace, md("edit", capacity=1, podTemplate={"labels": {"team": "a"},
+                                                                   "nodeSelector": {"kubernetes.io/os": "linux"}}))
+
+    def edited() -> dict[str, Any] | None:
+        d = get(cluster, namespace, "deployment", "edit")
+        if d is None or "nvidia.com/gpu" in server(d)["resources"]["limits"]:
+            return None
+        return d
+
+    dep = wait_for(edited, 30, message="the GPU limit to go")
+    resources = server(dep)["resources"]
+    assert set(resources["limits"]) == set(resources["requests"]) == {"cpu", "memory"}
+    template = dep["spec"]["template"]
+    assert template["spec"]["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert template["metadata"]["labels"]["team"] == "a" and "cost" not in template["metadata"]["labels"]
+    assert "nvidia.com/gpu" not in {t.get("key") for t in template["spec"].get("tolerations") or []}
+
+    time.sleep(4)  # the status writes of the rollout
+    since = time.time()
+    time.sleep(7)  # two resync periods: the edited Deployment now matches, so no patch follows
+    patches = [
+        e for e in local_cluster.audit_events(since)
+        if e.get("user", {}).get("username") == operator.user
+        and (e.get("objectRef") or {}).get("namespace") == namespace
+        and (e.get("objectRef") or {}).get("resource") == "deployments"
+    ]
+    assert patches == [], [(e["verb"], e["objectRef"]) for e in patches]

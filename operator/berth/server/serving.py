@@ -108,6 +108,14 @@ class EngineLike(Protocol):
     def stats(self) -> EngineStats: ...
 
 
+def _usage(ctx: RequestContext) -> Usage:
+    return Usage(
+        prompt_tokens=ctx.prompt_tokens,
+        completion_tokens=ctx.completion_tokens,
+        total_tokens=ctx.prompt_tokens + ctx.completion_tokens,
+    )
+
+
 @dataclass
 class RequestContext:
     """Per-request facts for metrics and the access log (never the key itself)."""
@@ -632,11 +640,7 @@ class Serving:
             id=rid,
             model=model_name,
             choices=choices,
-            usage=Usage(
-                prompt_tokens=ctx.prompt_tokens,
-                completion_tokens=ctx.completion_tokens,
-                total_tokens=ctx.prompt_tokens + ctx.completion_tokens,
-            ),
+            usage=_usage(ctx),
         )
 
     async def _chat_stream(
@@ -674,11 +678,7 @@ class Serving:
                     ]
                 )
             if include_usage:
-                usage = Usage(
-                    prompt_tokens=ctx.prompt_tokens,
-                    completion_tokens=ctx.completion_tokens,
-                    total_tokens=ctx.prompt_tokens + ctx.completion_tokens,
-                )
+                usage = _usage(ctx)
                 final = ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
                 yield _sse(final.model_dump_json())
             yield SSE_DONE
@@ -758,11 +758,7 @@ class Serving:
             id=rid,
             model=ctx.model,
             choices=choices,
-            usage=Usage(
-                prompt_tokens=ctx.prompt_tokens,
-                completion_tokens=ctx.completion_tokens,
-                total_tokens=ctx.prompt_tokens + ctx.completion_tokens,
-            ),
+            usage=_usage(ctx),
         )
 
     async def _completion_stream(
@@ -803,11 +799,7 @@ class Serving:
                     )
                 )
             if include_usage:
-                usage = Usage(
-                    prompt_tokens=ctx.prompt_tokens,
-                    completion_tokens=ctx.completion_tokens,
-                    total_tokens=ctx.prompt_tokens + ctx.completion_tokens,
-                )
+                usage = _usage(ctx)
                 yield _sse(
                     CompletionResponse(
                         id=rid, created=created, model=model, choices=[], usage=usage
