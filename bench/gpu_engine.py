@@ -425,6 +425,8 @@ def bench_engine(
                 "tokens": [ev.token_id for ev in next(iter(res.values()))],
             }
 
+    out["static_decode_steps"] = core.runner.num_static_steps
+    out["cuda_graph_captures"] = core.runner.num_graph_captures
     if args.profile and device.type == "cuda":
         out["profile"] = profile_engine(core, args, vocab)
     del core, loaded
@@ -672,10 +674,16 @@ def ratios(m: dict[str, Any]) -> dict[str, float | None]:
     gen = get("generate", "output_tokens_per_s")
     b1 = get("engine", "b1_decode_tokens_per_s")
     st = get("static_b1", "decode_tokens_per_s")
+    eg = get("engine_graphs", "output_tokens_per_s")
+    b1g = get("engine_graphs", "b1_decode_tokens_per_s")
     return {
         "engine_vs_generate_batch": eng / gb if eng and gb else None,
         "engine_vs_generate": eng / gen if eng and gen else None,
         "b1_engine_vs_static_cache": b1 / st if b1 and st else None,
+        "engine_graphs_vs_generate_batch": eg / gb if eg and gb else None,
+        "b1_engine_graphs_vs_static_cache": b1g / st if b1g and st else None,
+        "graphs_vs_eager": eg / eng if eg and eng else None,
+        "b1_graphs_vs_eager": b1g / b1 if b1g and b1 else None,
     }
 
 
@@ -739,6 +747,27 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_fmt(m.get('engine', {}).get('b1_decode_tokens_per_s'))} "
             f"| {_fmt(m.get('static_b1', {}).get('decode_tokens_per_s'))} | {_fmt(r['b1_engine_vs_static_cache'], 2)}x "
             f"| {ttft} | {gtxt} |"
+        )
+    lines += [
+        "",
+        "With `--cuda-graphs` (decode steps through the static-shape path; captured as CUDA graphs on CUDA,",
+        "eager on CPU), same workload, same process:",
+        "",
+        "| model | engine tok/s | engine / generate_batch | vs eager | engine b1 tok/s | b1 / static-cache | b1 vs eager "
+        "| graphs captured | greedy = generate |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in report["models"].items():
+        r = m["ratios"]
+        eg = m.get("engine_graphs", {})
+        greedy = m.get("greedy_check_graphs", {})
+        checks = [g for g in greedy.values() if isinstance(g, dict)] if "error" not in greedy else []
+        gtxt = f"{sum(1 for g in checks if g.get('exact'))}/{len(checks)} exact" if checks else "—"
+        lines.append(
+            f"| {name} | {_fmt(eg.get('output_tokens_per_s'))} | {_fmt(r.get('engine_graphs_vs_generate_batch'), 2)}x "
+            f"| {_fmt(r.get('graphs_vs_eager'), 2)}x | {_fmt(eg.get('b1_decode_tokens_per_s'))} "
+            f"| {_fmt(r.get('b1_engine_graphs_vs_static_cache'), 2)}x | {_fmt(r.get('b1_graphs_vs_eager'), 2)}x "
+            f"| {_fmt(eg.get('cuda_graph_captures'))} | {gtxt} |"
         )
     lines += [
         "",
@@ -833,7 +862,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add(
         "--skip",
         default="",
-        help="comma-separated sections to skip: engine,server,generate_batch,generate,static_b1",
+        help="comma-separated sections to skip: engine,engine_graphs,server,generate_batch,generate,static_b1",
     )
     add("--no-greedy-check", dest="greedy_check", action="store_false")
     add("--no-profile", dest="profile", action="store_false")
@@ -935,12 +964,18 @@ def main(argv: list[str] | None = None) -> int:
             vocab = int(shape["vocab_size"])
             if "engine" not in skip:
                 _section(m, "engine", bench_engine, model_dir, args, device, vocab)
+            if "engine_graphs" not in skip:
+                graphs_args = argparse.Namespace(
+                    **{**vars(args), "engine_arg": [*args.engine_arg, "cuda_graphs=true"]}
+                )
+                _section(m, "engine_graphs", bench_engine, model_dir, graphs_args, device, vocab)
             if not {"generate_batch", "generate", "static_b1"} <= skip or args.greedy_check:
                 hf = _load_hf(model_dir, dtype, device)
-                if args.greedy_check and "greedy_tokens" in m.get("engine", {}):
-                    engine_m = m["engine"]
-                    _section(m, "greedy_check", greedy_reference, hf, engine_m, device)
-                    engine_m.pop("greedy_tokens", None)
+                for section, check in (("engine", "greedy_check"), ("engine_graphs", "greedy_check_graphs")):
+                    if args.greedy_check and "greedy_tokens" in m.get(section, {}):
+                        engine_m = m[section]
+                        _section(m, check, greedy_reference, hf, engine_m, device)
+                        engine_m.pop("greedy_tokens", None)
                 if "generate_batch" not in skip:
                     _section(m, "generate_batch", bench_generate_batch, hf, args, device, vocab)
                 if "generate" not in skip:

@@ -47,4 +47,13 @@ def test_gpu_engine_smoke(tmp_path: Path) -> None:
         assert srv[run]["total_output_tokens"] == wl["num_requests"] * wl["output_len"]
     assert srv[f"concurrency_{wl['concurrency']}"]["p99_ttft_ms"] > 0
     assert m["ratios"]["engine_vs_generate"] is not None
+    # the static-shape decode path (what CUDA graphs capture), eager on CPU: same tokens, and it did run
+    graphs = m["engine_graphs"]
+    assert graphs["engine_config"]["cuda_graphs"] is True and eng["engine_config"]["cuda_graphs"] is False
+    assert graphs["static_decode_steps"] > 0 and eng["static_decode_steps"] == 0
+    assert graphs["cuda_graph_captures"] == 0  # nothing is captured on CPU
+    assert graphs["output_tokens"] == eng["output_tokens"]
+    gchecks = {k: v for k, v in m["greedy_check_graphs"].items() if isinstance(v, dict)}
+    assert gchecks and all(c["exact"] for c in gchecks.values()), gchecks
+    assert m["ratios"]["graphs_vs_eager"] is not None
     assert "| tiny-qwen2 |" in md

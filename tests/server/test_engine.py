@@ -97,6 +97,28 @@ def test_greedy_matches_transformers_with_chunked_prefill_and_prefix_hits(
     assert st.running == 0 and st.waiting == 0 and st.kv_cache_usage == 0.0
 
 
+def test_static_decode_path_matches_transformers(
+    smollm2: LoadedModel, chat_ids: Callable[..., list[int]]
+) -> None:
+    """The padded, fixed-shape decode path that CUDA graphs capture, run eagerly on CPU: same tokens."""
+    c = core(smollm2, block_size=4, max_num_batched_tokens=16, num_blocks=256, max_num_seqs=6, cuda_graphs=True)
+    runner = c.runner
+    assert runner.static_decode and not runner.use_cuda_graphs  # CPU: eager, nothing captured
+    assert runner.batch_buckets == [1, 2, 4, 6]
+    prompts = [chat_ids(p) for p in PROMPTS] + [chat_ids("Name a colour."), chat_ids("Count to three.")]
+    expected = [hf_greedy(smollm2, p, 8) for p in prompts]
+    # batch 1, then 3 (padded to 4), then 5 (padded to 6); prompts of 4-blocks-and-more cross width buckets
+    assert token_ids(run_one(c, prompts[0], GREEDY, "a0")) == expected[0]
+    for batch in ([0, 1, 2], [0, 1, 2, 3, 4]):
+        res = c.run([GenerationRequest(f"r{i}", prompts[i], GREEDY) for i in batch])
+        for i in batch:
+            assert token_ids(res[f"r{i}"]) == expected[i], i
+    assert runner.num_static_steps >= 3 * 7  # every decode step after a prompt's first token
+    assert runner.num_graph_captures == 0
+    # the scratch block took the padded rows' writes; the block manager never hands it out
+    assert runner.scratch_block == c.bm.num_blocks and runner.k_cache[0].shape[0] == c.bm.num_blocks + 1
+
+
 def test_known_answer_and_finish_reasons(smollm2: LoadedModel, chat_ids: Callable[..., list[int]]) -> None:
     c = core(smollm2)
     ids = chat_ids("What is the capital of France?")

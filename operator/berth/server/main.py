@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--kv-cache-cpu-gib", type=float, help="CPU: KV cache size in GiB (default 1)")
     add(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run decode steps as captured CUDA graphs (default off until measured; see docs/engine.md)",
+    )
+    add(
         "--api-key-dir",
         help="directory with one API key per file (file name = key id); see also BERTH_API_KEYS",
     )
@@ -206,6 +212,7 @@ class Runtime:
             max_num_batched_tokens=s.max_num_batched_tokens,
             kv_cache_memory_fraction=s.kv_cache_memory_fraction,
             kv_cache_cpu_gib=s.kv_cache_cpu_gib,
+            cuda_graphs=s.cuda_graphs,
         )
         engine = Engine(model, config)
         engine.start()

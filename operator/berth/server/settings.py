@@ -33,6 +33,7 @@ class ServerSettings(BaseSettings):
     max_num_batched_tokens: int = Field(default=512, ge=16)
     kv_cache_memory_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
     kv_cache_cpu_gib: float = Field(default=1.0, gt=0.0)
+    cuda_graphs: bool = False  # decode steps as CUDA graphs (static-shape path; eager on CPU)
     api_key_dir: Path | None = None
     # Comma-separated keys; an entry "id:key" names its key id, a bare "key" gets the id "env-<n>".
     api_keys: str | None = Field(default=None, repr=False)

@@ -74,6 +74,9 @@ class EngineCore:
             block_size=config.block_size,
             adapters=model.adapters,
             sampler=Sampler(self.token_texts),
+            static_decode=config.cuda_graphs,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=model.max_model_len,
         )
         self.eos_token_ids = frozenset(model.eos_token_ids)
         self.special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", []) or [])

@@ -12,6 +12,13 @@ Supported: the Llama family (Llama, Mistral, Qwen2 with its q/k/v bias, Qwen3 wi
 norms) — the same decoder-layer shape. Anything else raises ``UnsupportedModelError`` naming
 the architecture.
 
+Decode steps can also run through a static-shape path (``static_decode``): the batch is padded to
+one of a few sizes and the block tables to one of a few widths, padded rows write into a scratch
+block, so the same tensors of the same shapes are used every step. On CUDA each (batch size, table
+width) pair is captured once as a CUDA graph and replayed (one launch per step instead of several
+hundred); on CPU the same padded path runs eagerly, which is how CI checks it against the flat path.
+Steps with a prefill chunk or an adapter run the flat path.
+
 Side-by-side LoRA adapters are applied per token row: ``y = W x + s * B (A x)`` for the rows
 of the requests that asked for the adapter, the others get ``W x`` only.
 """
@@ -19,6 +26,7 @@ of the requests that asked for the adapter, the others get ``W x`` only.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +106,9 @@ class ModelRunner:
         block_size: int,
         adapters: Seq[LoraWeights] = (),
         sampler: Sampler | None = None,
+        static_decode: bool = False,
+        max_num_seqs: int = 0,
+        max_model_len: int = 0,
     ) -> None:
         self.model_type = check_supported(model)
         self.model = model
@@ -124,7 +135,9 @@ class ModelRunner:
         self.adapters = list(adapters)
         self.sampler = sampler
 
-        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        # One block more than the block manager hands out: the scratch block padded decode rows write to.
+        self.scratch_block = num_blocks
+        shape = (num_blocks + 1, block_size, self.num_kv_heads, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         logger.info(
@@ -135,6 +148,12 @@ class ModelRunner:
             self.kv_cache_bytes() / 2**20,
             self.device,
         )
+        self.static_decode = static_decode and max_num_seqs > 0 and max_model_len > 0
+        self.use_cuda_graphs = self.static_decode and self.device.type == "cuda"
+        self.num_static_steps = 0
+        self.num_graph_captures = 0
+        if self.static_decode:
+            self._init_static(max_num_seqs, max_model_len)
 
     # ---------------------------------------------------------------- sizing
     @staticmethod
@@ -225,10 +244,142 @@ class ModelRunner:
             ],
         )
 
+    # ------------------------------------------------------- static decode
+    @staticmethod
+    def _buckets(limit: int) -> list[int]:
+        """1, 2, 4, ... below ``limit``, then ``limit``."""
+        out: list[int] = []
+        b = 1
+        while b < limit:
+            out.append(b)
+            b *= 2
+        return [*out, limit]
+
+    def _init_static(self, max_num_seqs: int, max_model_len: int) -> None:
+        dev = self.device
+        self.batch_buckets = self._buckets(max_num_seqs)
+        self.width_buckets = self._buckets(-(-max_model_len // self.block_size))
+        b, w = self.batch_buckets[-1], self.width_buckets[-1]
+        self._s_ids = torch.zeros(b, dtype=torch.long, device=dev)
+        self._s_pos = torch.zeros(b, dtype=torch.long, device=dev)
+        self._s_slots = torch.zeros(b, dtype=torch.long, device=dev)
+        self._s_ctx = torch.ones(b, dtype=torch.long, device=dev)
+        self._s_tables = torch.full((b, w), self.scratch_block, dtype=torch.long, device=dev)
+        self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self._graph_pool: Any = None
+        logger.info(
+            "static decode: batch sizes %s, block-table widths %s%s",
+            self.batch_buckets,
+            self.width_buckets,
+            " (CUDA graphs, captured on first use)" if self.use_cuda_graphs else " (eager)",
+        )
+
+    def _static_fits(self, batch: Seq[ScheduledSeq]) -> tuple[int, int] | None:
+        """The (batch size, table width) bucket for a pure decode step without adapters, else None."""
+        if not self.static_decode or not batch or len(batch) > self.batch_buckets[-1]:
+            return None
+        width = 0
+        for s in batch:
+            if s.num_tokens != 1 or not s.samples or s.seq.adapter_index >= 0:
+                return None
+            width = max(width, s.start // self.block_size + 1)
+        if width > self.width_buckets[-1]:
+            return None
+        b = next(x for x in self.batch_buckets if x >= len(batch))
+        w = next(x for x in self.width_buckets if x >= width)
+        return b, w
+
+    def _fill_static(self, batch: Seq[ScheduledSeq], b: int, w: int) -> None:
+        """Write this step's inputs into the static buffers; rows past the batch are padding."""
+        bs = self.block_size
+        n = len(batch)
+        ids = [0] * b
+        pos = [0] * b
+        slots = [self.scratch_block * bs] * b
+        ctx = [1] * b
+        tables = torch.full((b, w), self.scratch_block, dtype=torch.long)
+        for i, s in enumerate(batch):
+            seq, p = s.seq, s.start
+            ids[i] = seq.all_token_ids[p]
+            pos[i] = p
+            table = seq.block_table
+            slots[i] = table[p // bs] * bs + p % bs
+            ctx[i] = p + 1
+            used = p // bs + 1
+            tables[i, :used] = torch.tensor(table[:used], dtype=torch.long)
+        self._s_ids[:b].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
+        self._s_pos[:b].copy_(torch.tensor(pos, dtype=torch.long), non_blocking=True)
+        self._s_slots[:b].copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
+        self._s_ctx[:b].copy_(torch.tensor(ctx, dtype=torch.long), non_blocking=True)
+        self._s_tables[:b, :w].copy_(tables, non_blocking=True)
+        assert n <= b
+
+    def _pad_static(self, b: int, w: int) -> None:
+        """Every row padding: what warm-up and capture run on, so they touch only the scratch block."""
+        self._s_ids[:b].zero_()
+        self._s_pos[:b].zero_()
+        self._s_slots[:b].fill_(self.scratch_block * self.block_size)
+        self._s_ctx[:b].fill_(1)
+        self._s_tables[:b, :w].fill_(self.scratch_block)
+
+    def _static_forward(self, b: int, w: int) -> torch.Tensor:
+        """Logits [b, vocab] for the b rows in the static buffers (every row samples)."""
+        tables = self._s_tables[:b, :w]
+        ctx = self._s_ctx[:b]
+        kpos = torch.arange(w * self.block_size, device=self.device)
+        mask = (kpos[None, :] < ctx[:, None]).view(b, 1, 1, w * self.block_size)
+
+        def attend(q: torch.Tensor, layer: int) -> torch.Tensor:
+            k = self.k_cache[layer][tables].reshape(b, w * self.block_size, self.num_kv_heads, self.head_dim)
+            v = self.v_cache[layer][tables].reshape(b, w * self.block_size, self.num_kv_heads, self.head_dim)
+            o = F.scaled_dot_product_attention(
+                q.unsqueeze(2),  # [B, H, 1, D]
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=mask,
+                scale=self.scaling,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )
+            return o.squeeze(2)  # [B, H, D]
+
+        return self._forward(self._s_ids[:b], self._s_pos[:b], self._s_slots[:b], attend, None, [])
+
+    def _capture(self, b: int, w: int) -> tuple[Any, torch.Tensor]:
+        self._pad_static(b, w)
+        stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph (lazy inits, autotuning)
+                self._static_forward(b, w)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            out = self._static_forward(b, w)
+        if self._graph_pool is None:
+            self._graph_pool = graph.pool()
+        self.num_graph_captures += 1
+        logger.info("captured a CUDA graph for decode batch %d, block-table width %d", b, w)
+        return graph, out
+
+    def _execute_static(self, batch: Seq[ScheduledSeq], b: int, w: int) -> torch.Tensor:
+        self.num_static_steps += 1
+        if not self.use_cuda_graphs:
+            self._fill_static(batch, b, w)
+            return self._static_forward(b, w)[: len(batch)]
+        entry = self._graphs.get((b, w))
+        if entry is None:
+            entry = self._graphs[(b, w)] = self._capture(b, w)
+        graph, out = entry
+        self._fill_static(batch, b, w)
+        graph.replay()
+        return out[: len(batch)]
+
     # --------------------------------------------------------------- forward
-    def _linear(self, x: torch.Tensor, mod: Any, layer: int, name: str, inp: _StepInputs) -> torch.Tensor:
+    def _linear(
+        self, x: torch.Tensor, mod: Any, layer: int, name: str, adapter_rows: list[tuple[int, torch.Tensor]]
+    ) -> torch.Tensor:
         y: torch.Tensor = mod(x)
-        for a, rows in inp.adapter_rows:
+        for a, rows in adapter_rows:
             w = self.adapters[a].weights.get((layer, name))
             if w is None:
                 continue
@@ -264,42 +415,70 @@ class ModelRunner:
         assert out is not None
         return out
 
-    @torch.inference_mode()
-    def execute(self, batch: Seq[ScheduledSeq]) -> torch.Tensor:
-        """Run one step; returns float32 logits [num sampling sequences, vocab]."""
-        inp = self._prepare(batch)
-        t = inp.input_ids.shape[0]
-        h = self.embed(inp.input_ids)  # [T, hidden]
-        cos, sin = self.rotary(h.unsqueeze(0), inp.positions.unsqueeze(0))
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        attend: Callable[[torch.Tensor, int], torch.Tensor],
+        sample_idx: torch.Tensor | None,
+        adapter_rows: list[tuple[int, torch.Tensor]],
+    ) -> torch.Tensor:
+        """The decoder over T flat tokens; float32 logits of the rows in sample_idx (None: all rows)."""
+        t = input_ids.shape[0]
+        h = self.embed(input_ids)  # [T, hidden]
+        cos, sin = self.rotary(h.unsqueeze(0), positions.unsqueeze(0))
         cos = cos[0].unsqueeze(1)  # [T, 1, D]
         sin = sin[0].unsqueeze(1)
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q = self._linear(x, attn.q_proj, li, "q_proj", inp).view(t, self.num_heads, self.head_dim)
-            k = self._linear(x, attn.k_proj, li, "k_proj", inp).view(t, self.num_kv_heads, self.head_dim)
-            v = self._linear(x, attn.v_proj, li, "v_proj", inp).view(t, self.num_kv_heads, self.head_dim)
+            q = self._linear(x, attn.q_proj, li, "q_proj", adapter_rows).view(
+                t, self.num_heads, self.head_dim
+            )
+            k = self._linear(x, attn.k_proj, li, "k_proj", adapter_rows).view(
+                t, self.num_kv_heads, self.head_dim
+            )
+            v = self._linear(x, attn.v_proj, li, "v_proj", adapter_rows).view(
+                t, self.num_kv_heads, self.head_dim
+            )
             if self.model_type == "qwen3":
                 q = attn.q_norm(q)
                 k = attn.k_norm(k)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            self.k_cache[li].view(-1, self.num_kv_heads, self.head_dim)[inp.slots] = k
-            self.v_cache[li].view(-1, self.num_kv_heads, self.head_dim)[inp.slots] = v
-            o = self._attention(q, li, inp).reshape(t, self.num_heads * self.head_dim)
-            h = h + self._linear(o, attn.o_proj, li, "o_proj", inp)
+            self.k_cache[li].view(-1, self.num_kv_heads, self.head_dim)[slots] = k
+            self.v_cache[li].view(-1, self.num_kv_heads, self.head_dim)[slots] = v
+            o = attend(q, li).reshape(t, self.num_heads * self.head_dim)
+            h = h + self._linear(o, attn.o_proj, li, "o_proj", adapter_rows)
             x = layer.post_attention_layernorm(h)
             mlp = layer.mlp
-            if inp.adapter_rows:
-                gate = self._linear(x, mlp.gate_proj, li, "gate_proj", inp)
-                up = self._linear(x, mlp.up_proj, li, "up_proj", inp)
-                m = self._linear(mlp.act_fn(gate) * up, mlp.down_proj, li, "down_proj", inp)
+            if adapter_rows:
+                gate = self._linear(x, mlp.gate_proj, li, "gate_proj", adapter_rows)
+                up = self._linear(x, mlp.up_proj, li, "up_proj", adapter_rows)
+                m = self._linear(mlp.act_fn(gate) * up, mlp.down_proj, li, "down_proj", adapter_rows)
             else:
                 m = mlp(x)
             h = h + m
-        last = self.norm(h.index_select(0, inp.sample_idx))
+        last = self.norm(h if sample_idx is None else h.index_select(0, sample_idx))
         logits: torch.Tensor = self.lm_head(last)
         return logits.float()
+
+    @torch.inference_mode()
+    def execute(self, batch: Seq[ScheduledSeq]) -> torch.Tensor:
+        """Run one step; returns float32 logits [num sampling sequences, vocab]."""
+        bucket = self._static_fits(batch)
+        if bucket is not None:
+            return self._execute_static(batch, *bucket)
+        inp = self._prepare(batch)
+        return self._forward(
+            inp.input_ids,
+            inp.positions,
+            inp.slots,
+            lambda q, li: self._attention(q, li, inp),
+            inp.sample_idx,
+            inp.adapter_rows,
+        )
 
     def step(self, batch: Seq[ScheduledSeq], sampling: Seq[Sequence]) -> list[SampleResult]:
         """One engine step: the forward pass, then the next token of each sampling sequence.

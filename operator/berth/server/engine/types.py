@@ -120,6 +120,8 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.5  # CUDA: fraction of *free* device memory for the KV cache
     kv_cache_cpu_gib: float = 1.0  # CPU: KV cache size in GiB
     enable_prefix_caching: bool = True
+    # Pure decode steps through the static-shape path, captured as CUDA graphs on CUDA (eager on CPU).
+    cuda_graphs: bool = False
     seed: int = 0  # seeds the RNG that gives requests without a seed their own seed
     prebuild_json_vocab: bool = True  # build JSON mode's token-text table when the engine starts
 
