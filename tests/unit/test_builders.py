@@ -135,7 +135,7 @@ def test_cpu_deployment_defaults_and_hardening(settings: OperatorSettings) -> No
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert c["startupProbe"]["httpGet"]["path"] == "/health/live"
+    assert c["startupProbe"]["httpGet"]["path"] == "/health/ready"  # started = model loaded
     # the startup budget covers settings.startup_seconds of model download and load
     assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= settings.startup_seconds
     assert c["readinessProbe"]["httpGet"]["path"] == "/health/ready"

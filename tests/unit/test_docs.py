@@ -93,6 +93,11 @@ def _status_reasons() -> set[str]:
                 and isinstance(second.value, str)
             ):
                 reasons.add(second.value)
+    # failed_status takes its reason from the handler that records the failure
+    handlers = ast.parse((Path(status.__file__).parent / "handlers.py").read_text())
+    for node in ast.walk(handlers):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_record_failure":
+            reasons.update(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str))
     reasons.discard("")
     return reasons
 
@@ -106,6 +111,7 @@ def test_troubleshooting_covers_every_reason_and_phase() -> None:
         "CrashLoopBackOff",
         "APIKeySecretNotFound",
         "InvalidSpec",
+        "ChildRejected",
         "ScaledToZero",
     } <= reasons
     missing = sorted(r for r in reasons if f"`{r}`" not in guide)

@@ -42,7 +42,11 @@ def pod(node: str | None = "gpu-1", ready: bool = False, age: float = 30, phase:
         status["conditions"].append(
             {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": SCHED_MSG}
         )
-    cs: dict[str, Any] = {"name": "server", "ready": ready, "restartCount": container.pop("restarts", 0), "state": {}}
+    cs: dict[str, Any] = {"name": "server", "ready": ready, "restartCount": container.pop("restarts", 0), "state": {},
+                          "started": container.pop("started", ready)}
+    if "running_for" in container:
+        started_at = NOW - timedelta(seconds=container.pop("running_for"))
+        cs["state"] = {"running": {"startedAt": started_at.strftime("%Y-%m-%dT%H:%M:%SZ")}}
     if "waiting" in container:
         cs["state"] = {"waiting": container.pop("waiting")}
     if "terminated" in container:
@@ -100,6 +104,15 @@ TABLE: list[tuple[str, int, dict[str, Any] | None, list[dict[str, Any]], dict[st
      RUNNING_BEFORE, "Updating", "True", "AllInstancesReady", "2/2 instances ready"),
     ("scale up still loading past grace", 3, dep(3, ready=1), [pod(ready=True), pod(age=200), pod(age=200)],
      not_ready_since(600), "Updating", "False", "InstancesNotReady", "2 starting (loading the model)"),
+    ("served, then lost readiness: not starting", 2, dep(2, ready=1),
+     [pod(ready=True), pod(age=200, running_for=190, started=True)], not_ready_since(600), "Degraded", "False",
+     "InstancesNotReady", "1/2 instances ready"),
+    ("restarted container reloading its model", 2, dep(2, ready=1),
+     [pod(ready=True), pod(age=4000, running_for=60, restarts=1)], not_ready_since(600), "Updating", "False",
+     "InstancesNotReady", "1 starting (loading the model)"),
+    ("exited, waiting to restart: not starting", 2, dep(2, ready=1),
+     [pod(ready=True), pod(age=200, restarts=1, waiting=CRASH_WAIT)], not_ready_since(600), "Degraded", "False",
+     "InstancesNotReady", "1/2 instances ready"),
     ("evicted pod is history", 2, dep(2, ready=2), [pod(ready=True), pod(ready=True),
      pod(phase="Failed", waiting=CRASH_WAIT, restarts=5)], RUNNING_BEFORE, "Running", "True",
      "AllInstancesReady", "2/2"),
@@ -175,6 +188,8 @@ def test_failed_status_keeps_the_rest() -> None:
     assert st["phase"] == "Failed" and st["readyCapacity"] == 2 and st["endpoint"] == "http://x/v1"
     ready = next(c for c in st["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "InvalidSpec" and "minCapacity" in ready["message"]
+    refused = failed_status(md_body(), "the API server refused a child: ...", NOW, prev, reason="ChildRejected")
+    assert {c["reason"] for c in refused["conditions"]} == {"ChildRejected"}
 
 
 def test_events_on_transitions() -> None:

@@ -278,11 +278,12 @@ def build_deployment(md: ModelDeployment, settings: OperatorSettings) -> Manifes
         "resources": {"requests": requests, "limits": limits},
         "volumeMounts": mounts,
         "securityContext": _container_security(),
-        # A model load can take many minutes: the startup probe holds liveness off for settings.startup_seconds.
+        # Started = the model is loaded and warmed up (so `started` tells a loading pod from one that
+        # served and then lost readiness); liveness and readiness probes wait for it.
         "startupProbe": {
-            "httpGet": {"path": "/health/live", "port": "http"},
-            "periodSeconds": 10,
-            "failureThreshold": max(settings.startup_seconds // 10, 1),
+            "httpGet": {"path": "/health/ready", "port": "http"},
+            "periodSeconds": 5,
+            "failureThreshold": max(settings.startup_seconds // 5, 1),
         },
         "livenessProbe": {
             "httpGet": {"path": "/health/live", "port": "http"},

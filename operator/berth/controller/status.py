@@ -151,10 +151,24 @@ def _pod_ready(pod: dict[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
 
 
-def _age(pod: dict[str, Any], now: datetime) -> float:
-    """Seconds since the pod was created (infinite when unknown)."""
-    created = parse_time((pod.get("metadata") or {}).get("creationTimestamp"))
-    return (now - created).total_seconds() if created else float("inf")
+def _starting(pod: dict[str, Any], now: datetime, budget: float) -> bool:
+    """Not ready and still loading its model, within the startup budget.
+
+    The startup probe is /health/ready, so a container's `started` turns true once its model is loaded
+    and resets when the container restarts: a pod that served and then lost readiness (started) or
+    whose container exited and waits to restart is not starting. The budget runs from the container's
+    last start (from the pod's creation while no container runs yet: image pull, volume mount)."""
+    if _pod_ready(pod):
+        return False
+    began = parse_time((pod.get("metadata") or {}).get("creationTimestamp"))
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        running = (cs.get("state") or {}).get("running")
+        if cs.get("started") is True or (running is None and int(cs.get("restartCount") or 0) > 0):
+            return False
+        t = parse_time((running or {}).get("startedAt"))
+        if t is not None and (began is None or t > began):
+            began = t
+    return began is not None and (now - began).total_seconds() < budget
 
 
 def _since_not_ready(previous: list[dict[str, Any]], now: datetime) -> datetime:
@@ -202,7 +216,7 @@ def compute_status(
     ever_ready = bool(prev.get("readyAt"))
     scheduled = [p for p in live(observed.pods) if (p.get("spec") or {}).get("nodeName")]
     # Scheduled pods still inside their startup budget (loading a model): not a reason for Degraded yet.
-    starting = [p for p in scheduled if not _pod_ready(p) and _age(p, now) < settings.startup_seconds]
+    starting = [p for p in scheduled if _starting(p, now, settings.startup_seconds)]
 
     progress_reason = "Scaling" if replicas != capacity or dep_replicas_spec != capacity else "RollingOut"
     if capacity == 0:
@@ -320,11 +334,9 @@ def failed_status(
             "phase": "Failed",
             "observedGeneration": generation,
             "conditions": [
-                _condition(prev_conditions, "Ready", "False", "InvalidSpec", message, now_s, generation),
-                _condition(
-                    prev_conditions, "Progressing", "False", "InvalidSpec", message, now_s, generation
-                ),
-                _condition(prev_conditions, "Degraded", "True", "InvalidSpec", message, now_s, generation),
+                _condition(prev_conditions, "Ready", "False", reason, message, now_s, generation),
+                _condition(prev_conditions, "Progressing", "False", reason, message, now_s, generation),
+                _condition(prev_conditions, "Degraded", "True", reason, message, now_s, generation),
             ],
         }
     )
