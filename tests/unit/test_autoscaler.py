@@ -35,6 +35,13 @@ def test_spike_scales_up_at_once_with_a_bounded_step() -> None:
     assert run([1000, 1000, 1000]) == [5, 8, 8]
 
 
+def test_min_capacity_wins_over_the_step_limit() -> None:
+    high_floor = Policy(min_capacity=6, max_capacity=8, target_per_instance=32, scale_down_delay=60, window=10)
+    d = decide(1, 0, high_floor, State(), 0.0, 0)
+    assert (d.desired, d.reason) == (6, "capacity below minCapacity -> 6")
+    assert run([1000, 1000], start=1, policy=high_floor) == [6, 8]
+
+
 def test_reason_names_the_numbers() -> None:
     d = decide(1, 0, POLICY, State(), 0.0, 96)
     assert d.desired == 3

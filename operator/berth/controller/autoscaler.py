@@ -92,6 +92,9 @@ def decide(
         state.recommendations.popleft()
     what = f"in-flight {average:g} over target {policy.target_per_instance} per instance"
 
+    if current < policy.min_capacity:  # the bounds win over the step limit, as in the HPA
+        desired = max(min(raw, current + max(policy.max_step_up, current)), policy.min_capacity)
+        return Decision(desired, f"capacity below minCapacity -> {desired}", average)
     if raw > current:
         step = max(policy.max_step_up, current)
         desired = min(raw, current + step)
