@@ -67,6 +67,8 @@ def test_401_for_generate(client: TestClient) -> None:
         ({"top_logprobs": 50, "logprobs": True}, "top_logprobs"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"stream": "sometimes"}, "stream"),
+        ({"stream_options": {"include_usage": "maybe"}}, "stream_options.include_usage"),
     ],
 )
 def test_400_names_the_bad_parameter(client: TestClient, body: dict, param: str) -> None:  # type: ignore[type-arg]
@@ -76,6 +78,13 @@ def test_400_names_the_bad_parameter(client: TestClient, body: dict, param: str)
     err = _error(r)
     assert err["param"] == param
     assert err["type"] == "invalid_request_error"
+
+
+def test_unknown_route_and_method_in_openai_shape(client: TestClient) -> None:
+    r = client.post("/v1/embeddings", json={"input": "x"})
+    assert r.status_code == 404 and _error(r)["code"] == "not_found" and "/v1/embeddings" in _error(r)["message"]
+    r = client.delete("/v1/chat/completions")
+    assert r.status_code == 405 and _error(r)["code"] == "method_not_allowed" and "POST" in r.headers["allow"]
 
 
 def test_invalid_json_body(client: TestClient) -> None:

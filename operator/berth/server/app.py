@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from berth import __version__
@@ -107,13 +108,16 @@ def error_response(path: str, err: ApiError) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=status, headers=err.headers)
 
 
+_BRANCH_MARKERS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
+
+
 def _param_of(loc: tuple[Any, ...]) -> str:
     parts = [p for p in loc if p != "body"]
     out = ""
     for part in parts:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif str(part).startswith(("function-", "union[", "list[", "str", "int", "float")):
+        elif str(part) in _BRANCH_MARKERS or str(part).startswith(("function-", "union[", "list[", "dict[")):
             continue  # pydantic's union-branch markers
         else:
             out += ("." if out else "") + str(part)
@@ -222,6 +226,22 @@ def create_app(
     @app.exception_handler(ClientGone)
     async def _client_gone(request: Request, exc: ClientGone) -> Response:
         return Response(status_code=499)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            err = ApiError(404, f"no such route: {request.method} {request.url.path}", code="not_found")
+        elif exc.status_code == 405:
+            err = ApiError(
+                405,
+                f"{request.method} is not allowed on {request.url.path}",
+                code="method_not_allowed",
+                headers=dict(exc.headers or {}),
+            )
+        else:
+            err = ApiError(exc.status_code, str(exc.detail), code="http_error")
+        _note_error(request, err.message)
+        return error_response(request.url.path, err)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

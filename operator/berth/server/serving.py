@@ -486,6 +486,28 @@ class Serving:
                 break
 
     async def _merged(self, gens: list[_Gen], ctx: RequestContext) -> AsyncIterator[tuple[_Gen, TokenEvent]]:
+        """Events of all engine requests as they come, as ApiErrors when generation fails or is cut off."""
+        try:
+            async for item in self._merged_events(gens, ctx):
+                if item[1].finish_reason == "abort":
+                    raise ApiError(
+                        503,
+                        "the generation was stopped before it finished (the server is shutting down)",
+                        type_="server_error",
+                        code="aborted",
+                        headers={"Retry-After": "1"},
+                    )
+                yield item
+        except ApiError:
+            raise
+        except Exception as exc:
+            raise ApiError(
+                500, f"generation failed: {exc}", type_="server_error", code="internal_error"
+            ) from exc
+
+    async def _merged_events(
+        self, gens: list[_Gen], ctx: RequestContext
+    ) -> AsyncIterator[tuple[_Gen, TokenEvent]]:
         """Events of all engine requests as they come; tracks counts and inter-token latency."""
         last_at: dict[int, float] = {}
 
