@@ -118,6 +118,15 @@ def test_static_decode_path_matches_transformers(
     # the scratch block took the padded rows' writes; the block manager never hands it out
     assert runner.scratch_block == c.bm.num_blocks and runner.k_cache[0].shape[0] == c.bm.num_blocks + 1
 
+    # a capture that fails does not fail the step: the engine serves on without graphs
+    def broken_capture(b: int, w: int) -> None:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    runner.use_cuda_graphs = True
+    runner._capture = broken_capture  # type: ignore[method-assign]
+    assert token_ids(run_one(c, prompts[1], GREEDY, "after")) == expected[1]
+    assert runner.use_cuda_graphs is False
+
 
 def test_known_answer_and_finish_reasons(smollm2: LoadedModel, chat_ids: Callable[..., list[int]]) -> None:
     c = core(smollm2)

@@ -150,6 +150,13 @@ class ModelRunner:
         )
         self.static_decode = static_decode and max_num_seqs > 0 and max_model_len > 0
         self.use_cuda_graphs = self.static_decode and self.device.type == "cuda"
+        rope_type = str(getattr(self.rotary, "rope_type", "default"))
+        if self.use_cuda_graphs and ("dynamic" in rope_type or rope_type == "longrope"):
+            # These rotary embeddings compare positions on the host and swap inv_freq: not capturable.
+            logger.warning(
+                "rope type %s: no CUDA graphs, decode steps run the static path eagerly", rope_type
+            )
+            self.use_cuda_graphs = False
         self.num_static_steps = 0
         self.num_graph_captures = 0
         if self.static_decode:
@@ -265,8 +272,12 @@ class ModelRunner:
         self._s_slots = torch.zeros(b, dtype=torch.long, device=dev)
         self._s_ctx = torch.ones(b, dtype=torch.long, device=dev)
         self._s_tables = torch.full((b, w), self.scratch_block, dtype=torch.long, device=dev)
-        self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int], Any] = {}
         self._graph_pool: Any = None
+        # One logits buffer all graphs write into (a graph's own output would be [b, vocab] float32 each).
+        self._s_logits = (
+            torch.empty(b, self.vocab_size, dtype=torch.float32, device=dev) if self.use_cuda_graphs else None
+        )
         logger.info(
             "static decode: batch sizes %s, block-table widths %s%s",
             self.batch_buckets,
@@ -344,35 +355,44 @@ class ModelRunner:
 
         return self._forward(self._s_ids[:b], self._s_pos[:b], self._s_slots[:b], attend, None, [])
 
-    def _capture(self, b: int, w: int) -> tuple[Any, torch.Tensor]:
+    def _capture(self, b: int, w: int) -> Any:
+        assert self._s_logits is not None
+        logits_out = self._s_logits[:b]
         self._pad_static(b, w)
         stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up outside the graph (lazy inits, autotuning)
-                self._static_forward(b, w)
+                logits_out.copy_(self._static_forward(b, w))
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            out = self._static_forward(b, w)
+            logits_out.copy_(self._static_forward(b, w))
         if self._graph_pool is None:
             self._graph_pool = graph.pool()
         self.num_graph_captures += 1
         logger.info("captured a CUDA graph for decode batch %d, block-table width %d", b, w)
-        return graph, out
+        return graph
 
     def _execute_static(self, batch: Seq[ScheduledSeq], b: int, w: int) -> torch.Tensor:
         self.num_static_steps += 1
-        if not self.use_cuda_graphs:
-            self._fill_static(batch, b, w)
-            return self._static_forward(b, w)[: len(batch)]
-        entry = self._graphs.get((b, w))
-        if entry is None:
-            entry = self._graphs[(b, w)] = self._capture(b, w)
-        graph, out = entry
+        graph = self._graphs.get((b, w)) if self.use_cuda_graphs else None
+        if self.use_cuda_graphs and graph is None:
+            try:
+                graph = self._graphs[(b, w)] = self._capture(b, w)
+            except Exception:
+                # Do not fail the step, nor retry every step: serve on without graphs.
+                logger.exception(
+                    "CUDA graph capture failed; decode steps run the static path eagerly from now on"
+                )
+                self.use_cuda_graphs = False
+                graph = None
         self._fill_static(batch, b, w)
+        if graph is None:
+            return self._static_forward(b, w)[: len(batch)]
         graph.replay()
-        return out[: len(batch)]
+        assert self._s_logits is not None
+        return self._s_logits[: len(batch)]
 
     # --------------------------------------------------------------- forward
     def _linear(
