@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from berth.server import tool_calls
 from berth.server.engine.types import (
     AdapterNotFoundError,
     EngineDrainingError,
@@ -305,7 +306,7 @@ class Serving:
             if msg.name is not None:
                 entry["name"] = msg.name
             if msg.tool_calls is not None:
-                entry["tool_calls"] = msg.tool_calls
+                entry["tool_calls"] = tool_calls.arguments_for_template(msg.tool_calls)
             if msg.tool_call_id is not None:
                 entry["tool_call_id"] = msg.tool_call_id
             messages.append(entry)
@@ -645,19 +646,22 @@ class Serving:
         ]
         gens = await self._open(greqs, ctx, "messages")
         model_name = ctx.model
+        find_calls = bool(req.tools) and req.tool_choice != "none"
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
-            return self._chat_stream(gens, ctx, rid, model_name, include_usage, req.logprobs, k)
+            return self._chat_stream(gens, ctx, rid, model_name, include_usage, req.logprobs, k, find_calls)
         await self._collect(gens, ctx, keep_events=req.logprobs)
-        choices = [
-            ChatChoice(
-                index=g.index,
-                message=AssistantMessage(content=g.text),
-                logprobs=self._chat_logprobs(g.events, k) if req.logprobs else None,
-                finish_reason=_openai_finish(g.finish_reason),
+        choices = []
+        for g in gens:
+            content, calls = tool_calls.parse(g.text) if find_calls else (g.text, [])
+            choices.append(
+                ChatChoice(
+                    index=g.index,
+                    message=AssistantMessage(content=content, tool_calls=[c.openai() for c in calls] or None),
+                    logprobs=self._chat_logprobs(g.events, k) if req.logprobs else None,
+                    finish_reason="tool_calls" if calls else _openai_finish(g.finish_reason),
+                )
             )
-            for g in gens
-        ]
         return ChatCompletionResponse(
             id=rid,
             model=model_name,
@@ -674,9 +678,11 @@ class Serving:
         include_usage: bool,
         logprobs: bool,
         k: int,
+        find_calls: bool = False,
     ) -> AsyncIterator[str]:
         created = int(time.time())
         exclude = None if include_usage else {"usage"}
+        splitters = {g.index: tool_calls.StreamSplitter() for g in gens} if find_calls else {}
 
         def chunk(choices: list[ChatChunkChoice]) -> str:
             body = ChatCompletionChunk(id=rid, created=created, model=model, choices=choices)
@@ -686,16 +692,29 @@ class Serving:
             for g in gens:
                 yield chunk([ChatChunkChoice(index=g.index, delta=ChatDelta(role="assistant", content=""))])
             async for g, event in self._merged(gens, ctx):
-                if not event.text and event.finish_reason is None and not logprobs:
+                text, finish = event.text, _openai_finish(event.finish_reason)
+                calls: list[tool_calls.ToolCall] = []
+                splitter = splitters.get(g.index)
+                if splitter is not None:
+                    text = splitter.feed(text)
+                    if finish is not None:
+                        rest, calls = splitter.finish()
+                        text += rest
+                if not text and finish is None and not logprobs:
                     continue
                 lp = self._chat_logprobs([event], k) if logprobs and event.token_id is not None else None
+                if calls:  # content first (if any), then the calls with finish_reason tool_calls
+                    if text or lp is not None:
+                        yield chunk(
+                            [ChatChunkChoice(index=g.index, delta=ChatDelta(content=text), logprobs=lp)]
+                        )
+                    delta = ChatDelta(tool_calls=[c.openai(i) for i, c in enumerate(calls)])
+                    yield chunk([ChatChunkChoice(index=g.index, delta=delta, finish_reason="tool_calls")])
+                    continue
                 yield chunk(
                     [
                         ChatChunkChoice(
-                            index=g.index,
-                            delta=ChatDelta(content=event.text),
-                            logprobs=lp,
-                            finish_reason=_openai_finish(event.finish_reason),
+                            index=g.index, delta=ChatDelta(content=text), logprobs=lp, finish_reason=finish
                         )
                     ]
                 )
