@@ -121,6 +121,8 @@ TABLE: list[tuple[str, int, dict[str, Any] | None, list[dict[str, Any]], dict[st
     ("pods cannot be created", 1, REPLICA_FAILURE, [], {}, "Failed", "False", "FailedCreate",
      'exceeded quota: gpu-quota'),
     ("scaled to zero", 0, dep(0), [], RUNNING_BEFORE, "Idle", "False", "ScaledToZero", "endpoint stays"),
+    ("scaling to zero", 0, dep(2, ready=2, spec_replicas=0), [pod(ready=True)] * 2, RUNNING_BEFORE, "Updating",
+     "False", "ScaledToZero", "no instance serves; 2 instances stopping"),
 ]
 
 

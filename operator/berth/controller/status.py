@@ -240,8 +240,9 @@ def compute_status(
     if capacity > 0 and ready >= capacity and phase in ("Running", "Updating"):
         # all asked-for capacity serves, also while a rollout or a scale-down is still under way
         ready_cond = ("True", "AllInstancesReady", f"{ready}/{capacity} instances ready")
-    elif phase == "Idle":
-        ready_cond = ("False", "ScaledToZero", "capacity is 0: no instance runs; the endpoint stays")
+    elif phase == "Idle" or capacity == 0:
+        stopping = f"; {replicas} instances stopping" if replicas else ""
+        ready_cond = ("False", "ScaledToZero", f"capacity is 0: no instance serves{stopping}; the endpoint stays")
     elif cause is not None:
         ready_cond = ("False", cause.reason, f"{ready}/{capacity} instances ready: {cause.message}")
     else:
