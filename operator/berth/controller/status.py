@@ -242,7 +242,11 @@ def compute_status(
         ready_cond = ("True", "AllInstancesReady", f"{ready}/{capacity} instances ready")
     elif phase == "Idle" or capacity == 0:
         stopping = f"; {replicas} instances stopping" if replicas else ""
-        ready_cond = ("False", "ScaledToZero", f"capacity is 0: no instance serves{stopping}; the endpoint stays")
+        ready_cond = (
+            "False",
+            "ScaledToZero",
+            f"capacity is 0: no instance serves{stopping}; the endpoint stays",
+        )
     elif cause is not None:
         ready_cond = ("False", cause.reason, f"{ready}/{capacity} instances ready: {cause.message}")
     else:
