@@ -7,7 +7,6 @@ only when it changed, so a reconcile with nothing to do makes no write at all.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import secrets
@@ -134,14 +133,18 @@ def forget_dropped_pod_metadata(manifest: dict[str, Any], current: dict[str, Any
         before = json.loads(recorded)
     except ValueError:
         return manifest
-    out = copy.deepcopy(manifest)
-    template_meta = out["spec"]["template"]["metadata"]
-    for field_name in ("labels", "annotations"):
-        desired = template_meta.setdefault(field_name, {})
-        for key in before.get(field_name) or []:
-            if isinstance(key, str) and key not in desired:
-                desired[key] = None
-    return out
+    template = manifest["spec"]["template"]
+    meta = template.get("metadata") or {}
+    dropped = {
+        name: {
+            k: None for k in before.get(name) or [] if isinstance(k, str) and k not in (meta.get(name) or {})
+        }
+        for name in ("labels", "annotations")
+    }
+    if not any(dropped.values()):
+        return manifest  # the usual case: nothing to remove, nothing copied
+    new_meta = {**meta, **{name: {**(meta.get(name) or {}), **dropped[name]} for name in dropped}}
+    return {**manifest, "spec": {**manifest["spec"], "template": {**template, "metadata": new_meta}}}
 
 
 def prune(manifest: Any) -> Any:

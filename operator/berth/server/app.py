@@ -343,19 +343,19 @@ def create_app(
     async def models() -> dict[str, Any]:
         return serving().model_list().model_dump()
 
-    @app.post("/v1/chat/completions", dependencies=auth, response_model=None)
-    async def chat(body: ChatCompletionRequest, request: Request) -> Any:
-        result = await until_disconnect(request, serving().chat(body, ctx_of(request)))
+    def reply(request: Request, result: BaseModel | AsyncIterator[str]) -> Response:
+        """A whole answer as JSON, a stream as server-sent events."""
         if isinstance(result, BaseModel):
             return JSONResponse(result.model_dump())
         return sse(request.url.path, result)
 
+    @app.post("/v1/chat/completions", dependencies=auth, response_model=None)
+    async def chat(body: ChatCompletionRequest, request: Request) -> Any:
+        return reply(request, await until_disconnect(request, serving().chat(body, ctx_of(request))))
+
     @app.post("/v1/completions", dependencies=auth, response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        result = await until_disconnect(request, serving().completion(body, ctx_of(request)))
-        if isinstance(result, BaseModel):
-            return JSONResponse(result.model_dump())
-        return sse(request.url.path, result)
+        return reply(request, await until_disconnect(request, serving().completion(body, ctx_of(request))))
 
     # ---- TGI
 

@@ -303,7 +303,6 @@ class ModelRunner:
     def _fill_static(self, batch: Seq[ScheduledSeq], b: int, w: int) -> None:
         """Write this step's inputs into the static buffers; rows past the batch are padding."""
         bs = self.block_size
-        n = len(batch)
         ids = [0] * b
         pos = [0] * b
         slots = [self.scratch_block * bs] * b
@@ -323,7 +322,6 @@ class ModelRunner:
         self._s_slots[:b].copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
         self._s_ctx[:b].copy_(torch.tensor(ctx, dtype=torch.long), non_blocking=True)
         self._s_tables[:b, :w].copy_(tables, non_blocking=True)
-        assert n <= b
 
     def _pad_static(self, b: int, w: int) -> None:
         """Every row padding: what warm-up and capture run on, so they touch only the scratch block."""
