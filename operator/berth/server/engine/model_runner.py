@@ -336,22 +336,22 @@ class ModelRunner:
         tables = self._s_tables[:b, :w]
         ctx = self._s_ctx[:b]
         kpos = torch.arange(w * self.block_size, device=self.device)
-        mask = (kpos[None, :] < ctx[:, None]).view(b, 1, 1, w * self.block_size)
-
-        def attend(q: torch.Tensor, layer: int) -> torch.Tensor:
-            k = self.k_cache[layer][tables].reshape(b, w * self.block_size, self.num_kv_heads, self.head_dim)
-            v = self.v_cache[layer][tables].reshape(b, w * self.block_size, self.num_kv_heads, self.head_dim)
-            o = F.scaled_dot_product_attention(
-                q.unsqueeze(2),  # [B, H, 1, D]
-                k.transpose(1, 2),
-                v.transpose(1, 2),
-                attn_mask=mask,
-                scale=self.scaling,
-                enable_gqa=self.num_kv_heads != self.num_heads,
-            )
-            return o.squeeze(2)  # [B, H, D]
-
-        return self._forward(self._s_ids[:b], self._s_pos[:b], self._s_slots[:b], attend, None, [])
+        # One decode group in token order: query i is token i, attending to its first ctx[i] positions.
+        group = _AttnGroup(
+            tok_idx=torch.arange(b, device=self.device).unsqueeze(1),
+            block_tables=tables,
+            mask=(kpos[None, :] < ctx[:, None]).view(b, 1, 1, w * self.block_size),
+            src=None,
+            dst=None,
+        )
+        return self._forward(
+            self._s_ids[:b],
+            self._s_pos[:b],
+            self._s_slots[:b],
+            lambda q, li: self._attention(q, li, [group]),
+            None,
+            [],
+        )
 
     def _capture(self, b: int, w: int) -> Any:
         assert self._s_logits is not None
@@ -406,11 +406,11 @@ class ModelRunner:
             y = y.index_add(0, rows, delta, alpha=self.adapters[a].scale)
         return y
 
-    def _attention(self, q: torch.Tensor, layer: int, inp: _StepInputs) -> torch.Tensor:
+    def _attention(self, q: torch.Tensor, layer: int, groups: list[_AttnGroup]) -> torch.Tensor:
         """q: [T, H, D] -> [T, H, D], attending over the cache (already holding this step's K/V)."""
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         out: torch.Tensor | None = None
-        for g in inp.groups:
+        for g in groups:
             b, nb = g.block_tables.shape
             k = kc[g.block_tables].reshape(b, nb * self.block_size, self.num_kv_heads, self.head_dim)
             v = vc[g.block_tables].reshape(b, nb * self.block_size, self.num_kv_heads, self.head_dim)
@@ -493,7 +493,7 @@ class ModelRunner:
             inp.input_ids,
             inp.positions,
             inp.slots,
-            lambda q, li: self._attention(q, li, inp),
+            lambda q, li: self._attention(q, li, inp.groups),
             inp.sample_idx,
             inp.adapter_rows,
         )
