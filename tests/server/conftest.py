@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from berth.server.loader import LoadedModel
+    from berth.server.engine.types import LoadedModel
 
 BUILTIN = "builtin://smollm2-135m-instruct"
 

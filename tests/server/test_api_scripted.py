@@ -25,7 +25,7 @@ from berth.server.serving import Serving
 from berth.server.settings import ServerSettings
 
 if TYPE_CHECKING:
-    from berth.server.loader import LoadedModel
+    from berth.server.engine.types import LoadedModel
 
 pytestmark = pytest.mark.slow
 

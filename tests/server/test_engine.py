@@ -19,10 +19,10 @@ from berth.server.engine import (  # noqa: E402
     SamplingParams,
     TokenEvent,
 )
-from berth.server.engine.engine import EngineCore  # noqa: E402
+from berth.server.engine import EngineCore  # noqa: E402
 
 if TYPE_CHECKING:
-    from berth.server.loader import LoadedModel
+    from berth.server.engine.types import LoadedModel
 
 pytestmark = pytest.mark.slow
 
@@ -103,8 +103,9 @@ def test_static_decode_path_matches_transformers(
     """The padded, fixed-shape decode path that CUDA graphs capture, run eagerly on CPU: same tokens."""
     c = core(smollm2, block_size=4, max_num_batched_tokens=16, num_blocks=256, max_num_seqs=6, cuda_graphs=True)
     runner = c.runner
-    assert runner.static_decode and not runner.use_cuda_graphs  # CPU: eager, nothing captured
-    assert runner.batch_buckets == [1, 2, 4, 6]
+    static = runner.static
+    assert static is not None and not static.use_cuda_graphs  # CPU: eager, nothing captured
+    assert static.batch_buckets == [1, 2, 4, 6]
     prompts = [chat_ids(p) for p in PROMPTS] + [chat_ids("Name a colour."), chat_ids("Count to three.")]
     expected = [hf_greedy(smollm2, p, 8) for p in prompts]
     # batch 1, then 3 (padded to 4), then 5 (padded to 6); prompts of 4-blocks-and-more cross width buckets
@@ -122,10 +123,10 @@ def test_static_decode_path_matches_transformers(
     def broken_capture(b: int, w: int) -> None:
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    runner.use_cuda_graphs = True
-    runner._capture = broken_capture  # type: ignore[method-assign]
+    static.use_cuda_graphs = True
+    static._capture = broken_capture  # type: ignore[method-assign]
     assert token_ids(run_one(c, prompts[1], GREEDY, "after")) == expected[1]
-    assert runner.use_cuda_graphs is False
+    assert static.use_cuda_graphs is False
 
 
 def test_known_answer_and_finish_reasons(smollm2: LoadedModel, chat_ids: Callable[..., list[int]]) -> None:

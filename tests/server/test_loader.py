@@ -16,11 +16,11 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from berth.server.engine import EngineConfig, GenerationRequest, SamplingParams  # noqa: E402
-from berth.server.engine.engine import EngineCore  # noqa: E402
+from berth.server.engine import EngineCore  # noqa: E402
 from berth.server.loader import ModelLoadError, load_model, parse_adapter_specs, resolve_reference  # noqa: E402
 
 if TYPE_CHECKING:
-    from berth.server.loader import LoadedModel
+    from berth.server.engine.types import LoadedModel
 
 VOCAB = 49152
 PROMPT = "The quick brown fox jumps over the lazy dog"

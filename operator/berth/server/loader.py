@@ -23,15 +23,13 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from berth.server.engine.types import LoadedModel, LoraWeights
+
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedTokenizerBase
-
-    from berth.server.engine.model_runner import LoraWeights
 
 logger = logging.getLogger(__name__)
 
@@ -42,39 +40,6 @@ _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 class ModelLoadError(Exception):
     """The model (or an adapter) is missing, unreadable or unsupported."""
-
-
-@dataclass
-class LoadedModel:
-    model: Any  # a transformers PreTrainedModel (Llama family), eval mode, on ``device``
-    tokenizer: PreTrainedTokenizerBase
-    source: str
-    served_name: str
-    architecture: str
-    max_model_len: int
-    dtype: torch.dtype
-    device: torch.device
-    adapters: list[LoraWeights] = field(default_factory=list)  # served side by side
-    merged_adapters: list[str] = field(default_factory=list)  # merged into the weights at load
-
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return [a.name for a in self.adapters]
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        ids: set[int] = set()
-        gen = getattr(self.model, "generation_config", None)
-        for src in (getattr(gen, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)):
-            if isinstance(src, int):
-                ids.add(src)
-            elif isinstance(src, list | tuple):
-                ids.update(int(i) for i in src)
-        return sorted(ids)
 
 
 # ------------------------------------------------------------------ resolving
@@ -251,7 +216,7 @@ def _read_adapter(
     from peft import PeftConfig
     from peft.utils import load_peft_weights
 
-    from berth.server.engine.model_runner import LORA_TARGETS, LoraWeights
+    from berth.server.engine.runner import LORA_TARGETS
 
     path = Path(directory)
     if not (path / "adapter_config.json").is_file():
@@ -310,6 +275,49 @@ def _merge_adapter(model: Any, name: str, directory: str) -> Any:
         raise ModelLoadError(f"adapter {name!r}: cannot merge {directory}: {e}") from e
 
 
+def _load_adapters(
+    model: Any, names: dict[str, str], merge_single: bool, dev: torch.device, dt: torch.dtype
+) -> tuple[Any, list[str], list[LoraWeights]]:
+    """(model, merged adapter names, side-by-side adapters): one adapter is merged, several kept apart."""
+    for n in names:
+        if not _ADAPTER_NAME.match(n):
+            raise ModelLoadError(f"invalid adapter name {n!r}: letters, digits, '.', '_' and '-' only")
+    if len(names) == 1 and merge_single:
+        ((n, d),) = names.items()
+        logger.info("merging LoRA adapter %s from %s into the base weights", n, d)
+        model = _merge_adapter(model, n, d)
+        model.eval()
+        return model, [n], []
+    side: list[LoraWeights] = []
+    for n, d in names.items():
+        logger.info("loading LoRA adapter %s from %s (served side by side)", n, d)
+        side.append(_read_adapter(n, d, model, dev, dt))
+    return model, [], side
+
+
+def _context_limit(model: Any, max_model_len: int | None) -> int:
+    """``--max-model-len`` checked against the model's context (its default: the model's, capped)."""
+    max_pos = int(getattr(model.config, "max_position_embeddings", 0) or DEFAULT_MAX_MODEL_LEN_CAP)
+    window = getattr(model.config, "sliding_window", None)
+    if isinstance(window, int) and window > 0 and getattr(model.config, "use_sliding_window", True):
+        max_pos = min(max_pos, window)  # attention is full within the window: stay inside it
+    if max_model_len is None:
+        return min(max_pos, DEFAULT_MAX_MODEL_LEN_CAP)
+    if max_model_len < 2:
+        raise ModelLoadError(f"--max-model-len must be >= 2, got {max_model_len}")
+    if max_model_len > max_pos:
+        raise ModelLoadError(
+            f"--max-model-len {max_model_len} exceeds the model's maximum context of {max_pos} tokens"
+        )
+    return max_model_len
+
+
+def _default_served_name(ref: str, path: Path) -> str:
+    if ref.startswith("builtin://"):
+        return ref.removeprefix("builtin://")
+    return path.stem if path.is_file() else path.name
+
+
 def load_model(
     ref: str,
     *,
@@ -321,7 +329,7 @@ def load_model(
     merge_single_adapter: bool = True,
 ) -> LoadedModel:
     """Load ``ref`` (see the module docstring); raises ModelLoadError with a clear message."""
-    from berth.server.engine.model_runner import UnsupportedModelError, check_supported
+    from berth.server.engine.runner import UnsupportedModelError, check_supported
 
     t0 = time.monotonic()
     kind, path = resolve_reference(ref)
@@ -341,48 +349,12 @@ def load_model(
     if model.dtype != dt:
         model.to(dt)
 
-    names = dict(adapters or {})
-    for n in names:
-        if not _ADAPTER_NAME.match(n):
-            raise ModelLoadError(f"invalid adapter name {n!r}: letters, digits, '.', '_' and '-' only")
-    merged: list[str] = []
-    side: list[LoraWeights] = []
-    if len(names) == 1 and merge_single_adapter:
-        ((n, d),) = names.items()
-        logger.info("merging LoRA adapter %s from %s into the base weights", n, d)
-        model = _merge_adapter(model, n, d)
-        model.eval()
-        merged.append(n)
-    else:
-        for n, d in names.items():
-            logger.info("loading LoRA adapter %s from %s (served side by side)", n, d)
-            side.append(_read_adapter(n, d, model, dev, dt))
-
-    max_pos = int(getattr(model.config, "max_position_embeddings", 0) or DEFAULT_MAX_MODEL_LEN_CAP)
-    window = getattr(model.config, "sliding_window", None)
-    if isinstance(window, int) and window > 0 and getattr(model.config, "use_sliding_window", True):
-        max_pos = min(max_pos, window)  # attention is full within the window: stay inside it
-    if max_model_len is None:
-        mml = min(max_pos, DEFAULT_MAX_MODEL_LEN_CAP)
-    else:
-        if max_model_len < 2:
-            raise ModelLoadError(f"--max-model-len must be >= 2, got {max_model_len}")
-        if max_model_len > max_pos:
-            raise ModelLoadError(
-                f"--max-model-len {max_model_len} exceeds the model's maximum context of {max_pos} tokens"
-            )
-        mml = max_model_len
+    model, merged, side = _load_adapters(model, dict(adapters or {}), merge_single_adapter, dev, dt)
+    mml = _context_limit(model, max_model_len)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
-
     if served_name is None:
-        served_name = (
-            ref.removeprefix("builtin://")
-            if ref.startswith("builtin://")
-            else path.stem
-            if path.is_file()
-            else path.name
-        )
+        served_name = _default_served_name(ref, path)
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,

@@ -9,7 +9,6 @@ seconds), then the process exits 0. A model that cannot be loaded exits 1 with t
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -19,93 +18,10 @@ import time
 from types import FrameType
 from typing import Any
 
-from pydantic import ValidationError
-
 from berth.server.auth import KeyStore
-from berth.server.settings import DEFAULT_MODEL, ServerSettings
+from berth.server.settings import ServerSettings, settings_from_args
 
 log = logging.getLogger(__name__)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="berth serve",
-        description="Serve a model over OpenAI- and TGI-compatible HTTP APIs. "
-        "Every option can also be set in the environment as BERTH_<OPTION> (e.g. BERTH_PORT).",
-    )
-    add = p.add_argument
-    add("--model", help=f"model reference: {DEFAULT_MODEL}, a HF model directory or a .gguf file")
-    add("--served-model-name", help="the name clients send as `model` (default: derived from --model)")
-    add(
-        "--adapter",
-        dest="adapters",
-        action="append",
-        metavar="NAME=DIR",
-        help="a LoRA adapter directory; repeatable (served as <served-model-name>:<NAME>)",
-    )
-    add("--host", help="address to listen on (default 0.0.0.0)")
-    add("--port", type=int, help="port to listen on (default 8000)")
-    add(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)",
-    )
-    add("--device", help="auto | cpu | cuda | cuda:N (default auto)")
-    add("--max-model-len", type=int, help="context length limit (default: the model's)")
-    add("--max-num-seqs", type=int, help="requests in the running batch at most (default 32)")
-    add("--max-queue", type=int, help="requests waiting behind them at most; more get 429 (default 256)")
-    add("--max-num-batched-tokens", type=int, help="tokens per engine step (default 512)")
-    add(
-        "--kv-cache-memory-fraction",
-        type=float,
-        help="CUDA: fraction of free memory for the KV cache (default 0.5)",
-    )
-    add("--kv-cache-cpu-gib", type=float, help="CPU: KV cache size in GiB (default 1)")
-    add(
-        "--cuda-graphs",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="run decode steps as captured CUDA graphs (default off until measured; see docs/engine.md)",
-    )
-    add(
-        "--api-key-dir",
-        help="directory with one API key per file (file name = key id); see also BERTH_API_KEYS",
-    )
-    add(
-        "--log-content",
-        action="store_const",
-        const=True,
-        default=None,
-        help="put prompt and completion text into the access log (off by default)",
-    )
-    add(
-        "--drain-timeout",
-        "--grace",
-        dest="drain_timeout",
-        type=float,
-        help="seconds in-flight requests may take to finish after SIGTERM (default 30)",
-    )
-    add("--max-n", type=int, help="largest `n` (choices) one request may ask for (default 8)")
-    add("--log-level", help="critical | error | warning | info | debug (default info)")
-    add("--no-warmup", dest="warmup", action="store_const", const=False, default=None, help=argparse.SUPPRESS)
-    return p
-
-
-def settings_from_args(argv: list[str]) -> ServerSettings:
-    """Command line over environment (BERTH_*) over defaults; exits 2 on invalid values."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    if "adapters" in given:
-        given["adapters"] = tuple(given["adapters"])
-    try:
-        return ServerSettings(**given)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(x) for x in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
-        )
-        parser.error(problems)
-        raise  # unreachable: parser.error exits
 
 
 def configure_logging(level: str) -> None:

@@ -1,7 +1,7 @@
-"""Berth's inference engine: scheduler, paged KV cache, model runner, sampler.
+"""Berth's inference engine: scheduler, paged KV cache, model runner, sampler, detokenizer.
 
-``Engine`` is imported lazily so that ``berth.server.engine.types`` stays importable without
-torch (the serving layer's types and its fake-engine tests only need the types).
+``Engine`` and ``EngineCore`` are imported lazily so that ``berth.server.engine.types`` stays
+importable without torch (the serving layer's types and its fake-engine tests only need the types).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from berth.server.engine.types import (
     EngineDrainingError,
     EngineStats,
     GenerationRequest,
+    LoadedModel,
     ModelInfo,
     QueueFullError,
     SamplingParams,
@@ -21,15 +22,18 @@ from berth.server.engine.types import (
 )
 
 if TYPE_CHECKING:
+    from berth.server.engine.core import EngineCore
     from berth.server.engine.engine import Engine
 
 __all__ = [
     "AdapterNotFoundError",
     "Engine",
     "EngineConfig",
+    "EngineCore",
     "EngineDrainingError",
     "EngineStats",
     "GenerationRequest",
+    "LoadedModel",
     "ModelInfo",
     "QueueFullError",
     "SamplingParams",
@@ -42,4 +46,8 @@ def __getattr__(name: str) -> Any:
         from berth.server.engine.engine import Engine
 
         return Engine
+    if name == "EngineCore":
+        from berth.server.engine.core import EngineCore
+
+        return EngineCore
     raise AttributeError(name)

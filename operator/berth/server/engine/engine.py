@@ -1,11 +1,10 @@
-"""The engine: a stepping thread around ``EngineCore`` with an asyncio front.
+"""The engine: a stepping thread around ``EngineCore`` (core.py) with an asyncio front.
 
-``EngineCore`` is single-threaded and synchronous: ``add`` a sequence, call ``step`` until
-done; every step runs the scheduler, one forward pass of the model runner and the sampler,
-and returns the token events of that step. ``Engine`` runs ``EngineCore.step`` on a
-background thread and hands events to asyncio consumers through ``loop.call_soon_threadsafe``
-into per-request queues; admission (queue bounds, draining, validation) happens synchronously
-in the caller so errors surface before the first event.
+``Engine`` runs ``EngineCore.step`` on a background thread and hands events to asyncio consumers
+through ``loop.call_soon_threadsafe`` into per-request queues; admission (queue bounds, draining,
+the request's checks) happens synchronously in the caller so errors surface before the first event.
+A consumer that stops listening (its iterator closed, or its task cancelled) aborts its request:
+``generate`` is the one place that does it.
 """
 
 from __future__ import annotations
@@ -13,25 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import threading
-import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from berth.server.engine import json_mode
-from berth.server.engine.kv_cache import BlockManager
-from berth.server.engine.model_runner import ModelRunner
-from berth.server.engine.sampler import Sampler, SampleResult
-from berth.server.engine.scheduler import Scheduler
+from berth.server.engine.core import EngineCore
 from berth.server.engine.sequence import Sequence
 from berth.server.engine.types import (
-    AdapterNotFoundError,
     EngineConfig,
     EngineDrainingError,
     EngineStats,
     GenerationRequest,
+    LoadedModel,
     ModelInfo,
     QueueFullError,
     TokenEvent,
@@ -40,300 +33,7 @@ from berth.server.engine.types import (
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from berth.server.loader import LoadedModel
-
 logger = logging.getLogger(__name__)
-
-
-def _size_cache(model: LoadedModel, config: EngineConfig) -> int:
-    per_block = ModelRunner.bytes_per_block(model.model, config.block_size)
-    useful = config.max_num_seqs * -(-model.max_model_len // config.block_size)
-    if config.num_blocks is not None:
-        return config.num_blocks
-    if model.device.type == "cuda":
-        budget = int(ModelRunner.free_device_memory(model.device) * config.kv_cache_memory_fraction)
-    else:
-        budget = int(config.kv_cache_cpu_gib * 2**30)
-    n = max(1, min(budget // per_block, useful))
-    return n
-
-
-class EngineCore:
-    """Scheduler + KV cache + model runner + sampler, stepped by the caller (one thread)."""
-
-    def __init__(self, model: LoadedModel, config: EngineConfig) -> None:
-        self.model = model
-        self.config = config
-        self.tokenizer = model.tokenizer
-        num_blocks = _size_cache(model, config)
-        self.bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.bm, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(
-            model.model,
-            num_blocks=num_blocks,
-            block_size=config.block_size,
-            adapters=model.adapters,
-            sampler=Sampler(self.token_texts),
-            static_decode=config.cuda_graphs,
-            max_num_seqs=config.max_num_seqs,
-            max_model_len=model.max_model_len,
-        )
-        self.eos_token_ids = frozenset(model.eos_token_ids)
-        self.special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", []) or [])
-        self.adapter_index = {a.name: i for i, a in enumerate(model.adapters)}
-        self.capacity_tokens = num_blocks * config.block_size
-        self.seqs: dict[str, Sequence] = {}
-        self._rng = random.Random(config.seed)
-        self._token_texts: list[str | None] | None = None
-        self._vocab_lock = threading.Lock()
-        self._piece_cache: dict[int, str] = {}
-        # counters
-        self.steps = 0
-        self.num_prefill_tokens = 0
-        self.num_decode_tokens = 0
-        self.num_cached_prompt_tokens = 0
-        self.num_finished = 0
-        self.num_aborted = 0
-        if self.capacity_tokens < model.max_model_len:
-            logger.warning(
-                "the KV cache holds %d tokens, less than max_model_len=%d: long requests are cut at the cache size",
-                self.capacity_tokens,
-                model.max_model_len,
-            )
-
-    # ------------------------------------------------------------ vocabulary
-    def _decode(self, ids: list[int]) -> str:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return str(text)
-
-    def token_piece(self, token_id: int) -> str:
-        """The text of one token as it would appear in an output (for top_logprobs)."""
-        piece = self._piece_cache.get(token_id)
-        if piece is None:
-            piece = str(
-                self.tokenizer.decode(
-                    [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
-                )
-            )
-            self._piece_cache[token_id] = piece
-        return piece
-
-    def token_texts(self) -> list[str | None]:
-        """The text each token adds to an output (None for special tokens); built on first use."""
-        if self._token_texts is not None:
-            return self._token_texts
-        with self._vocab_lock:
-            if self._token_texts is not None:
-                return self._token_texts
-            t0 = time.monotonic()
-            tok = self.tokenizer
-            n = self.runner.vocab_size
-            anchor_ids = tok.encode("a", add_special_tokens=False)[:1] or [0]
-            anchor = self._decode(anchor_ids)
-            known = min(n, len(tok))
-            pairs = tok.batch_decode(
-                [[*anchor_ids, i] for i in range(known)],
-                skip_special_tokens=False,
-                clean_up_tokenization_spaces=False,
-            )
-            texts: list[str | None] = []
-            for i, s in enumerate(pairs):
-                if i in self.special_ids:
-                    texts.append(None)
-                elif s.startswith(anchor):
-                    texts.append(s[len(anchor) :])
-                else:
-                    texts.append(self._decode([i]))
-            texts.extend([None] * (n - known))
-            self._token_texts = texts
-            logger.info(
-                "built the token text table for JSON mode (%d tokens) in %.1fs", n, time.monotonic() - t0
-            )
-        return self._token_texts
-
-    # ------------------------------------------------------------- admission
-    def make_sequence(self, req: GenerationRequest) -> Sequence:
-        """Validate a request and turn it into a Sequence (raises ValueError naming the problem)."""
-        p = req.params
-        p.validate()
-        n = len(req.prompt_token_ids)
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        mml = self.model.max_model_len
-        if n >= mml:
-            raise ValueError(
-                f"the prompt has {n} tokens but this model's maximum context length is {mml} tokens "
-                "(prompt plus at least one generated token)"
-            )
-        if n >= self.capacity_tokens:
-            raise ValueError(
-                f"the prompt has {n} tokens but the KV cache holds only {self.capacity_tokens} tokens"
-            )
-        vocab = self.runner.vocab_size
-        if any(t < 0 or t >= vocab for t in req.prompt_token_ids):
-            raise ValueError(f"the prompt holds token ids outside the vocabulary (0..{vocab - 1})")
-        adapter_index = -1
-        if req.adapter is not None and req.adapter not in self.model.merged_adapters:
-            if req.adapter not in self.adapter_index:
-                known = list(self.model.merged_adapters) + list(self.adapter_index)
-                raise AdapterNotFoundError(
-                    f"unknown adapter {req.adapter!r}; loaded adapters: {known or 'none'}"
-                )
-            adapter_index = self.adapter_index[req.adapter]
-        if p.json_mode and p.max_tokens < 2:
-            raise ValueError("json_mode needs max_tokens >= 2")
-        max_tokens = min(p.max_tokens, mml - n, self.capacity_tokens - n)
-        seed = p.seed if p.seed is not None else self._rng.getrandbits(63)
-        return Sequence(
-            request_id=req.request_id,
-            prompt_token_ids=list(req.prompt_token_ids),
-            params=p,
-            adapter=req.adapter if adapter_index >= 0 else None,
-            adapter_index=adapter_index,
-            max_tokens=max_tokens,
-            seed=seed,
-        )
-
-    def add(self, seq: Sequence) -> None:
-        if seq.request_id in self.seqs:
-            raise ValueError(f"request id {seq.request_id!r} is already running")
-        self.seqs[seq.request_id] = seq
-        self.scheduler.add(seq)
-
-    def has_work(self) -> bool:
-        return self.scheduler.has_work()
-
-    def abort(self, request_id: str) -> TokenEvent | None:
-        seq = self.seqs.pop(request_id, None)
-        if seq is None:
-            return None
-        self.scheduler.finish(seq, "abort")
-        self.num_aborted += 1
-        return TokenEvent(
-            token_id=None,
-            text="",
-            finish_reason="abort",
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_generated_tokens=seq.num_output_tokens,
-            num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
-        )
-
-    # ------------------------------------------------------------------ step
-    def step(self) -> list[tuple[str, TokenEvent]]:
-        out = self.scheduler.schedule()
-        if not out:
-            return []
-        sampling = [s.seq for s in out.scheduled if s.samples]
-        results = self.runner.step(out.scheduled, sampling)
-        self.steps += 1
-        for s in out.scheduled:
-            seq = s.seq
-            if s.num_tokens == 1 and s.start >= seq.num_prompt_tokens:
-                self.num_decode_tokens += 1
-            else:
-                self.num_prefill_tokens += s.num_tokens
-            seq.num_computed_tokens += s.num_tokens
-            self.bm.cache_full_blocks(seq, seq.num_computed_tokens)
-        return [(seq.request_id, self._process(seq, res)) for seq, res in zip(sampling, results, strict=True)]
-
-    def _detokenize(self, seq: Sequence, flush: bool = False) -> str:
-        ids = seq.all_token_ids
-        prefix = self._decode(ids[seq.prefix_offset : seq.read_offset])
-        new = self._decode(ids[seq.prefix_offset :])
-        if len(new) > len(prefix) and (flush or not new.endswith("\ufffd")):
-            seq.prefix_offset = seq.read_offset
-            seq.read_offset = len(ids)
-            return new[len(prefix) :]
-        return ""
-
-    def _process(self, seq: Sequence, res: SampleResult) -> TokenEvent:
-        p = seq.params
-        tid = res.token_id
-        first = seq.num_output_tokens == 0
-        if first:
-            self.num_cached_prompt_tokens += seq.num_cached_prompt_tokens
-        seq.append_token(tid)
-        if res.json_state is not None:
-            seq.json_state = res.json_state
-        finish: str | None = None
-        if (tid in self.eos_token_ids and not p.ignore_eos) or tid in p.stop_token_ids:
-            finish = "stop"
-        else:
-            old_len = len(seq.text)
-            seq.text += self._detokenize(seq, flush=False)
-            if p.stop:
-                longest = max(len(s) for s in p.stop)
-                begin = max(0, old_len - longest + 1)
-                hits = [i for i in (seq.text.find(s, begin) for s in p.stop) if i >= 0]
-                if hits:
-                    seq.text = seq.text[: min(hits)]
-                    finish = "stop"
-            if (
-                finish is None
-                and p.json_mode
-                and res.json_state is not None
-                and json_mode.is_done(res.json_state)
-            ):
-                finish = "stop"
-        if finish is None and (seq.num_output_tokens >= seq.max_tokens):
-            finish = "length"
-            seq.text += self._detokenize(seq, flush=True)
-        # Release text, holding back a suffix that may still become a stop string.
-        end = len(seq.text)
-        if finish is None and p.stop:
-            for k in range(min(end - seq.num_released_chars, max(len(s) for s in p.stop) - 1), 0, -1):
-                tail = seq.text[end - k :]
-                if any(s.startswith(tail) for s in p.stop):
-                    end -= k
-                    break
-        delta = seq.text[seq.num_released_chars : end]
-        seq.num_released_chars = end
-        event = TokenEvent(
-            token_id=tid,
-            text=delta,
-            logprob=res.logprob,
-            top_logprobs=(
-                [(self.token_piece(t), lp) for t, lp in res.top_logprobs]
-                if res.top_logprobs is not None
-                else None
-            ),
-            finish_reason=finish,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_generated_tokens=seq.num_output_tokens,
-            num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
-        )
-        if finish is not None:
-            self.scheduler.finish(seq, finish)
-            self.seqs.pop(seq.request_id, None)
-            self.num_finished += 1
-        return event
-
-    def stats(self, extra_waiting: int = 0) -> EngineStats:
-        return EngineStats(
-            running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting) + extra_waiting,
-            kv_cache_usage=self.bm.usage,
-            steps=self.steps,
-            num_prefill_tokens=self.num_prefill_tokens,
-            num_decode_tokens=self.num_decode_tokens,
-            num_cached_prompt_tokens=self.num_cached_prompt_tokens,
-            num_blocks_total=self.bm.num_blocks,
-            num_blocks_free=self.bm.num_free_blocks,
-            num_preemptions=self.scheduler.num_preemptions,
-            num_finished=self.num_finished,
-            num_aborted=self.num_aborted,
-        )
-
-    def run(self, requests: Iterable[GenerationRequest]) -> dict[str, list[TokenEvent]]:
-        """Run requests to completion on the calling thread (tests, benchmarks)."""
-        out: dict[str, list[TokenEvent]] = {}
-        for req in requests:
-            self.add(self.make_sequence(req))
-            out[req.request_id] = []
-        while self.has_work():
-            for rid, ev in self.step():
-                out[rid].append(ev)
-        return out
 
 
 @dataclass
@@ -365,7 +65,7 @@ class Engine:
             dtype=str(model.dtype).removeprefix("torch."),
             device=str(model.device),
             has_chat_template=model.has_chat_template,
-            vocab_size=self._core.runner.vocab_size,
+            vocab_size=self._core.vocab_size,
             eos_token_ids=tuple(model.eos_token_ids),
             adapters=tuple(model.merged_adapters) + tuple(model.adapter_names),
             merged_adapters=tuple(model.merged_adapters),
@@ -526,7 +226,7 @@ class Engine:
                 events = core.step()
             except Exception as e:  # a failed step fails the requests in it, not the server
                 logger.exception("engine step failed; failing all running requests")
-                for rid in list(core.seqs):
+                for rid in core.request_ids():
                     core.abort(rid)
                     self._deliver(rid, RuntimeError(f"engine step failed: {e}"))
                 continue

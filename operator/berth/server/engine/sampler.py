@@ -16,23 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 
 import torch
 
 from berth.server.engine import json_mode
 from berth.server.engine.sequence import Sequence
+from berth.server.engine.types import SampleResult
 
 _MAX_REJECTIONS = 24
 _SCAN_CHUNK = 256
-
-
-@dataclass
-class SampleResult:
-    token_id: int
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-    json_state: json_mode.State | None = None
 
 
 def _apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence]) -> None:

@@ -38,7 +38,7 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: str | None = None
 
-    # Detokenisation: offsets into all_token_ids (see Detokenizer in engine.py).
+    # Detokenisation: offsets into all_token_ids (see detokenizer.py).
     prefix_offset: int = 0
     read_offset: int = 0
     text: str = ""  # decoded completion text so far (before stop-string trimming)

@@ -1,12 +1,28 @@
-"""Plain data types shared by the engine and the serving layer.
+"""Plain data types shared by the engine, the loader and the serving layer.
 
-This module imports nothing heavy (no torch, no transformers) so that the serving layer and
-its tests can use the types without loading a model.
+This module imports nothing heavy (no torch, no transformers at run time) so that the serving
+layer and its tests can use the types without loading a model. ``LoadedModel`` is what the loader
+hands the engine: the only arrow between them is loader -> engine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from berth.server.engine.json_mode import State as JsonState
+
+
+class ParamError(ValueError):
+    """A sampling parameter out of range; ``param`` names the field (serving answers 400 with it)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -27,20 +43,28 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: chosen token's logprob only; k: plus top-k alternatives
     json_mode: bool = False  # constrain output to one valid JSON object
 
-    def validate(self) -> None:
-        """Raise ValueError naming the offending field."""
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+    def __post_init__(self) -> None:
+        """Validated once, when made: raises ParamError naming the offending field."""
+        checks = (
+            ("max_tokens", self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            ("temperature", self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            ("top_p", 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            ("top_k", self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (
+                "repetition_penalty",
+                self.repetition_penalty > 0,
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+            ),
+            (
+                "logprobs",
+                self.logprobs is None or 0 <= self.logprobs <= 20,
+                f"logprobs must be between 0 and 20, got {self.logprobs}",
+            ),
+            ("max_tokens", not self.json_mode or self.max_tokens >= 2, "json_mode needs max_tokens >= 2"),
+        )
+        for param, ok, message in checks:
+            if not ok:
+                raise ParamError(param, message)
 
     @property
     def greedy(self) -> bool:
@@ -53,6 +77,16 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter: str | None = None  # LoRA adapter name, None = base model
+
+
+@dataclass
+class SampleResult:
+    """What the model runner produced for one sequence in one step: its next token."""
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    json_state: JsonState | None = None
 
 
 @dataclass
@@ -140,3 +174,47 @@ class ModelInfo:
     adapters: tuple[str, ...] = ()  # served side by side as "<served_name>:<adapter>"
     merged_adapters: tuple[str, ...] = ()  # merged into the base weights at load
     extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LoraWeights:
+    """One side-by-side adapter: per (layer, module) the A [r, in] and B [out, r] tensors and the scale."""
+
+    name: str
+    scale: float
+    weights: dict[tuple[int, str], tuple[Any, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine: weights on their device, tokenizer, limits, adapters."""
+
+    model: Any  # a transformers PreTrainedModel, eval mode, on ``device``
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+    served_name: str
+    architecture: str
+    max_model_len: int
+    dtype: torch.dtype
+    device: torch.device
+    adapters: list[LoraWeights] = field(default_factory=list)  # served side by side
+    merged_adapters: list[str] = field(default_factory=list)  # merged into the weights at load
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [a.name for a in self.adapters]
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids: set[int] = set()
+        gen = getattr(self.model, "generation_config", None)
+        for src in (getattr(gen, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(src, int):
+                ids.add(src)
+            elif isinstance(src, list | tuple):
+                ids.update(int(i) for i in src)
+        return sorted(ids)

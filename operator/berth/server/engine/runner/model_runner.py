@@ -1,0 +1,268 @@
+"""The model runner: Berth's own forward pass over the paged KV cache.
+
+It reuses the weights of the loaded transformers module (embedding, q/k/v/o projections, MLP,
+norms, rotary embedding, LM head) but not its attention or cache: every step runs all
+scheduled tokens of all sequences as one flat batch of ``T`` tokens through the layers, writes
+their K/V into the sequences' cache blocks, and computes attention with
+``torch.nn.functional.scaled_dot_product_attention`` over the blocks each sequence owns
+(gathered through its block table). Decoding sequences (one query each) share one SDPA call;
+prefill chunks share another. Only rows that sample go through the final norm and LM head.
+
+Supported: the Llama family (Llama, Mistral, Qwen2 with its q/k/v bias, Qwen3 with its q/k
+norms) — the same decoder-layer shape. Anything else raises ``UnsupportedModelError`` naming
+the architecture.
+
+Pure decode steps can run through static shapes, captured as CUDA graphs on CUDA
+(``static_decode.py``); a step's flat inputs and the paged attention are in ``attention.py``.
+
+Side-by-side LoRA adapters are applied per token row: ``y = W x + s * B (A x)`` for the rows
+of the requests that asked for the adapter, the others get ``W x`` only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import torch
+
+from berth.server.engine.runner import attention
+from berth.server.engine.runner.attention import AttnGroup
+from berth.server.engine.runner.static_decode import StaticDecode
+from berth.server.engine.sampler import Sampler
+from berth.server.engine.scheduler import ScheduledSeq
+from berth.server.engine.sequence import Sequence
+from berth.server.engine.types import LoraWeights, SampleResult
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def check_supported(model: Any) -> str:
+    cfg = model.config
+    mt = str(getattr(cfg, "model_type", "unknown"))
+    arch = ",".join(getattr(cfg, "architectures", None) or [type(model).__name__])
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"architecture {arch} (model_type {mt!r}) is not supported by Berth's engine; "
+            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if getattr(cfg, "use_sliding_window", False):
+        raise UnsupportedModelError(f"architecture {arch}: sliding-window attention is not supported")
+    return mt
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        num_blocks: int,
+        block_size: int,
+        adapters: Seq[LoraWeights] = (),
+        sampler: Sampler | None = None,
+        static_decode: bool = False,
+        max_num_seqs: int = 0,
+        max_model_len: int = 0,
+    ) -> None:
+        self.model_type = check_supported(model)
+        self.model = model
+        cfg = model.config
+        self.config = cfg
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.num_layers = int(cfg.num_hidden_layers)
+        self.num_heads = int(cfg.num_attention_heads)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads)
+        self.vocab_size = int(cfg.vocab_size)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.lm_head = model.lm_head
+        self.rotary = inner.rotary_emb
+        attn0 = self.layers[0].self_attn
+        self.scaling = float(getattr(attn0, "scaling", self.head_dim**-0.5))
+        self.adapters = list(adapters)
+        self.sampler = sampler
+
+        # One block more than the block manager hands out: the scratch block padded decode rows write to.
+        self.scratch_block = num_blocks
+        shape = (num_blocks + 1, block_size, self.num_kv_heads, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        logger.info(
+            "KV cache: %d blocks x %d tokens (%d tokens, %.1f MiB) on %s",
+            num_blocks,
+            block_size,
+            num_blocks * block_size,
+            self.kv_cache_bytes() / 2**20,
+            self.device,
+        )
+        self.static: StaticDecode | None = None
+        if static_decode and max_num_seqs > 0 and max_model_len > 0:
+            self.static = StaticDecode(
+                self._static_forward,
+                device=self.device,
+                block_size=block_size,
+                scratch_block=self.scratch_block,
+                vocab_size=self.vocab_size,
+                max_num_seqs=max_num_seqs,
+                max_model_len=max_model_len,
+                cuda_graphs=self.device.type == "cuda" and self._graphs_capturable(),
+            )
+
+    def _graphs_capturable(self) -> bool:
+        rope_type = str(getattr(self.rotary, "rope_type", "default"))
+        if "dynamic" in rope_type or rope_type == "longrope":
+            # These rotary embeddings compare positions on the host and swap inv_freq: not capturable.
+            logger.warning(
+                "rope type %s: no CUDA graphs, decode steps run the static path eagerly", rope_type
+            )
+            return False
+        return True
+
+    @property
+    def num_static_steps(self) -> int:
+        return self.static.num_steps if self.static is not None else 0
+
+    @property
+    def num_graph_captures(self) -> int:
+        return self.static.num_graph_captures if self.static is not None else 0
+
+    # ---------------------------------------------------------------- sizing
+    @staticmethod
+    def bytes_per_block(model: Any, block_size: int) -> int:
+        cfg = model.config
+        heads = int(cfg.num_attention_heads)
+        kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        itemsize = int(next(model.parameters()).element_size())
+        return 2 * int(cfg.num_hidden_layers) * block_size * kv * hd * itemsize
+
+    @staticmethod
+    def free_device_memory(device: torch.device) -> int:
+        """Free bytes on a CUDA device (what ``--kv-cache-memory-fraction`` is a fraction of)."""
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
+
+    # --------------------------------------------------------------- forward
+    def _linear(
+        self, x: torch.Tensor, mod: Any, layer: int, name: str, adapter_rows: list[tuple[int, torch.Tensor]]
+    ) -> torch.Tensor:
+        y: torch.Tensor = mod(x)
+        for a, rows in adapter_rows:
+            w = self.adapters[a].weights.get((layer, name))
+            if w is None:
+                continue
+            lora_a, lora_b = w
+            delta = (x.index_select(0, rows) @ lora_a.t()) @ lora_b.t()
+            y = y.index_add(0, rows, delta, alpha=self.adapters[a].scale)
+        return y
+
+    def _attention(self, q: torch.Tensor, layer: int, groups: list[AttnGroup]) -> torch.Tensor:
+        return attention.paged_attention(q, self.k_cache[layer], self.v_cache[layer], groups, self.scaling)
+
+    def _static_forward(
+        self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, groups: list[AttnGroup]
+    ) -> torch.Tensor:
+        return self._forward(ids, pos, slots, lambda q, li: self._attention(q, li, groups), None, [])
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        attend: Callable[[torch.Tensor, int], torch.Tensor],
+        sample_idx: torch.Tensor | None,
+        adapter_rows: list[tuple[int, torch.Tensor]],
+    ) -> torch.Tensor:
+        """The decoder over T flat tokens; float32 logits of the rows in sample_idx (None: all rows)."""
+        t = input_ids.shape[0]
+        h = self.embed(input_ids)  # [T, hidden]
+        cos, sin = self.rotary(h.unsqueeze(0), positions.unsqueeze(0))
+        cos = cos[0].unsqueeze(1)  # [T, 1, D]
+        sin = sin[0].unsqueeze(1)
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = self._linear(x, attn.q_proj, li, "q_proj", adapter_rows).view(
+                t, self.num_heads, self.head_dim
+            )
+            k = self._linear(x, attn.k_proj, li, "k_proj", adapter_rows).view(
+                t, self.num_kv_heads, self.head_dim
+            )
+            v = self._linear(x, attn.v_proj, li, "v_proj", adapter_rows).view(
+                t, self.num_kv_heads, self.head_dim
+            )
+            if self.model_type == "qwen3":
+                q = attn.q_norm(q)
+                k = attn.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.k_cache[li].view(-1, self.num_kv_heads, self.head_dim)[slots] = k
+            self.v_cache[li].view(-1, self.num_kv_heads, self.head_dim)[slots] = v
+            o = attend(q, li).reshape(t, self.num_heads * self.head_dim)
+            h = h + self._linear(o, attn.o_proj, li, "o_proj", adapter_rows)
+            x = layer.post_attention_layernorm(h)
+            mlp = layer.mlp
+            if adapter_rows:
+                gate = self._linear(x, mlp.gate_proj, li, "gate_proj", adapter_rows)
+                up = self._linear(x, mlp.up_proj, li, "up_proj", adapter_rows)
+                m = self._linear(mlp.act_fn(gate) * up, mlp.down_proj, li, "down_proj", adapter_rows)
+            else:
+                m = mlp(x)
+            h = h + m
+        last = self.norm(h if sample_idx is None else h.index_select(0, sample_idx))
+        logits: torch.Tensor = self.lm_head(last)
+        return logits.float()
+
+    @torch.inference_mode()
+    def execute(self, batch: Seq[ScheduledSeq]) -> torch.Tensor:
+        """Run one step; returns float32 logits [num sampling sequences, vocab]."""
+        bucket = self.static.fits(batch) if self.static is not None else None
+        if bucket is not None:
+            assert self.static is not None
+            return self.static.execute(batch, *bucket)
+        inp = attention.prepare(batch, self.block_size, self.device)
+        return self._forward(
+            inp.input_ids,
+            inp.positions,
+            inp.slots,
+            lambda q, li: self._attention(q, li, inp.groups),
+            inp.sample_idx,
+            inp.adapter_rows,
+        )
+
+    def step(self, batch: Seq[ScheduledSeq], sampling: Seq[Sequence]) -> list[SampleResult]:
+        """One engine step: the forward pass, then the next token of each sampling sequence.
+
+        ``sampling`` are the sequences of ``batch`` whose chunk ends their prompt or that are
+        decoding, in batch order. The logits never leave the runner (nor the device).
+        """
+        logits = self.execute(batch)
+        if not sampling:
+            return []
+        if self.sampler is None:
+            raise RuntimeError("this ModelRunner was built without a sampler")
+        return self.sampler.sample(logits, sampling)

@@ -1,0 +1,204 @@
+"""``POST /v1/chat/completions``: the chat template, tool calls, streamed and whole answers."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from berth.server import tool_calls
+from berth.server.engine.types import GenerationRequest
+from berth.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatMessage,
+)
+from berth.server.serving.base import SSE_DONE, ServedModel, for_choice, openai_finish, sse
+from berth.server.serving.context import RequestContext
+from berth.server.serving.errors import bad_param
+from berth.server.serving.sampling import chat_logprobs, common_checks, openai_params, usage
+from berth.server.serving.stream import Generations
+
+
+def _template_of(tokenizer: Any) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = " ".join(str(v) for v in template.values())
+    return template if isinstance(template, str) else None
+
+
+class OpenAIServingChat:
+    def __init__(self, model: ServedModel) -> None:
+        self.model = model
+        self.template = _template_of(model.tokenizer)
+
+    @property
+    def supports_tools(self) -> bool:
+        return self.template is not None and "tools" in self.template
+
+    # ------------------------------------------------------------------------- the prompt
+
+    def _check(self, req: ChatCompletionRequest) -> None:
+        name = self.model.served_name
+        if self.template is None:
+            raise bad_param("messages", "this model has no chat template; use /v1/completions")
+        if req.tools:
+            if not self.supports_tools:
+                raise bad_param("tools", f"the model {name!r} has no tool-calling chat template")
+        elif req.tool_choice not in (None, "none", "auto"):
+            raise bad_param("tool_choice", "tool_choice requires tools")
+        if req.modalities and any(m != "text" for m in req.modalities):
+            raise bad_param("modalities", f"the model {name!r} only produces text")
+        if req.audio is not None:
+            raise bad_param("audio", f"the model {name!r} only produces text")
+
+    def _content(self, i: int, msg: ChatMessage) -> str:
+        if not isinstance(msg.content, list):
+            return msg.content if msg.content is not None else ""
+        texts: list[str] = []
+        for j, part in enumerate(msg.content):
+            if part.type != "text" or part.text is None:
+                raise bad_param(
+                    f"messages[{i}].content[{j}]",
+                    f"content parts of type {part.type!r} are not supported: "
+                    f"the model {self.model.served_name!r} is text-only",
+                )
+            texts.append(part.text)
+        return "".join(texts)
+
+    def _template_messages(self, req: ChatCompletionRequest) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = []
+        for i, msg in enumerate(req.messages):
+            entry: dict[str, Any] = {
+                "role": "system" if msg.role == "developer" else msg.role,
+                "content": self._content(i, msg),
+            }
+            if msg.name is not None:
+                entry["name"] = msg.name
+            if msg.tool_calls is not None:
+                entry["tool_calls"] = tool_calls.arguments_for_template(msg.tool_calls)
+            if msg.tool_call_id is not None:
+                entry["tool_call_id"] = msg.tool_call_id
+            messages.append(entry)
+        return messages
+
+    def prompt(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+        """Apply the model's chat template and tokenize; 400 for what a text-only model can't take."""
+        self._check(req)
+        messages = self._template_messages(req)
+        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+        if req.tools:
+            kwargs["tools"] = req.tools
+        try:
+            text = self.model.tokenizer.apply_chat_template(messages, **kwargs)
+        except Exception as exc:  # jinja raise_exception() in templates: e.g. roles out of order
+            raise bad_param("messages", f"the chat template rejected the messages: {exc}") from exc
+        return str(text), self.model.encode(str(text), add_special_tokens=False)
+
+    # ---------------------------------------------------------------------------- answers
+
+    async def create(
+        self, req: ChatCompletionRequest, ctx: RequestContext
+    ) -> ChatCompletionResponse | AsyncIterator[str]:
+        model = self.model
+        adapter = model.resolve_model(req.model)
+        ctx.model = req.model or model.served_name
+        stops = common_checks(model, req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_param("top_logprobs", "top_logprobs requires logprobs=true")
+        prompt_text, prompt_ids = self.prompt(req)
+        ctx.prompt_tokens = len(prompt_ids)
+        if model.settings.log_content:
+            ctx.prompt_text = prompt_text
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = model.max_tokens(requested, len(prompt_ids), "messages")
+        k = req.top_logprobs or 0
+        params = openai_params(req, stops, max_tokens, k if req.logprobs else None)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        ctx.request_id = rid
+        greqs = [
+            GenerationRequest(f"{rid}-{i}", prompt_ids, for_choice(params, i), adapter) for i in range(req.n)
+        ]
+        gens = await model.open(greqs, ctx, "messages")
+        find_calls = bool(req.tools) and req.tool_choice != "none"
+        if req.stream:
+            include_usage = req.stream_options is not None and req.stream_options.include_usage
+            return self._stream(gens, rid, ctx.model, include_usage, req.logprobs, k, find_calls)
+        await gens.collect(keep_events=req.logprobs)
+        choices = []
+        for g in gens:
+            content, calls = tool_calls.parse(g.text) if find_calls else (g.text, [])
+            choices.append(
+                ChatChoice(
+                    index=g.index,
+                    message=AssistantMessage(content=content, tool_calls=[c.openai() for c in calls] or None),
+                    logprobs=chat_logprobs(model, g.events, k) if req.logprobs else None,
+                    finish_reason="tool_calls" if calls else openai_finish(g.finish_reason),
+                )
+            )
+        return ChatCompletionResponse(id=rid, model=ctx.model, choices=choices, usage=usage(ctx))
+
+    async def _stream(
+        self,
+        gens: Generations,
+        rid: str,
+        model: str,
+        include_usage: bool,
+        logprobs: bool,
+        k: int,
+        find_calls: bool,
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        exclude = None if include_usage else {"usage"}
+        splitters = {g.index: tool_calls.StreamSplitter() for g in gens} if find_calls else {}
+
+        def chunk(choices: list[ChatChunkChoice]) -> str:
+            body = ChatCompletionChunk(id=rid, created=created, model=model, choices=choices)
+            return sse(body.model_dump_json(exclude=exclude))
+
+        try:
+            for g in gens:
+                yield chunk([ChatChunkChoice(index=g.index, delta=ChatDelta(role="assistant", content=""))])
+            async for g, event in gens.events():
+                text, finish = event.text, openai_finish(event.finish_reason)
+                calls: list[tool_calls.ToolCall] = []
+                splitter = splitters.get(g.index)
+                if splitter is not None:
+                    text = splitter.feed(text)
+                    if finish is not None:
+                        rest, calls = splitter.finish()
+                        text += rest
+                if not text and finish is None and not logprobs:
+                    continue
+                lp = (
+                    chat_logprobs(self.model, [event], k) if logprobs and event.token_id is not None else None
+                )
+                if calls:  # content first (if any), then the calls with finish_reason tool_calls
+                    if text or lp is not None:
+                        yield chunk(
+                            [ChatChunkChoice(index=g.index, delta=ChatDelta(content=text), logprobs=lp)]
+                        )
+                    delta = ChatDelta(tool_calls=[c.openai(i) for i, c in enumerate(calls)])
+                    yield chunk([ChatChunkChoice(index=g.index, delta=delta, finish_reason="tool_calls")])
+                    continue
+                yield chunk(
+                    [
+                        ChatChunkChoice(
+                            index=g.index, delta=ChatDelta(content=text), logprobs=lp, finish_reason=finish
+                        )
+                    ]
+                )
+            if include_usage:
+                final = ChatCompletionChunk(
+                    id=rid, created=created, model=model, choices=[], usage=usage(gens.ctx)
+                )
+                yield sse(final.model_dump_json())
+            yield SSE_DONE
+        finally:
+            gens.finish()
