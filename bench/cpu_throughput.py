@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
-import json
 import os
 import platform
 import sys
@@ -27,8 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "operator"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "operator")]
+
+from bench.common import RESULTS_DIR, cpu_name, greedy_requests, memory_gib, ml_versions, write_results  # noqa: E402
 
 QUESTIONS = [
     "Hi",
@@ -43,28 +43,14 @@ QUESTIONS = [
 
 
 def machine(threads: int) -> dict[str, Any]:
-    import torch
-    import transformers
-
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    mem_gib = 0
-    with contextlib.suppress(OSError, ValueError):
-        mem_gib = int(Path("/proc/meminfo").read_text().split()[1]) // 1024 // 1024
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": threads,
-        "memory_gib": mem_gib,
+        "memory_gib": memory_gib(),
         "load_average_at_start": list(os.getloadavg()),
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **ml_versions(),
         "platform": platform.platform(),
     }
 
@@ -91,7 +77,7 @@ def cut(tokens: list[int], eos: set[int]) -> list[int]:
 
 
 def run_engine(loaded: Any, reqs: list[list[int]], max_tokens: int, block_size: int) -> dict[str, Any]:
-    from berth.server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+    from berth.server.engine import Engine, EngineConfig
 
     engine = Engine(
         loaded,
@@ -103,13 +89,12 @@ def run_engine(loaded: Any, reqs: list[list[int]], max_tokens: int, block_size: 
         ),
     )
     engine.start()
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
-    async def one(i: int, ids: list[int]) -> tuple[list[int], float]:
+    async def one(req: Any) -> tuple[list[int], float]:
         t0 = time.perf_counter()
         first = 0.0
         toks: list[int] = []
-        async for ev in engine.generate(GenerationRequest(f"b{i}", ids, params)):
+        async for ev in engine.generate(req):
             if not toks:
                 first = time.perf_counter() - t0
             if ev.token_id is not None:
@@ -117,7 +102,7 @@ def run_engine(loaded: Any, reqs: list[list[int]], max_tokens: int, block_size: 
         return toks, first
 
     async def all_() -> list[tuple[list[int], float]]:
-        return await asyncio.gather(*(one(i, ids) for i, ids in enumerate(reqs)))
+        return await asyncio.gather(*(one(req) for req in greedy_requests(reqs, max_tokens, "b")))
 
     try:
         t0 = time.perf_counter()
@@ -187,7 +172,7 @@ def run_generate_batched(
     return {"wall_s": wall, "output_tokens": n, "output_tokens_per_s": n / wall}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin://smollm2-135m-instruct")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -199,78 +184,51 @@ def main() -> None:
     ap.add_argument(
         "--sequential-max", type=int, default=8, help="at most this many requests for one-at-a-time generate"
     )
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(RESULTS_DIR))
     ap.add_argument("--tag", default="smollm2")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    import logging
 
-    import torch
-
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
-    from berth.server.loader import load_model
-
-    info = machine(args.threads)
-    t0 = time.perf_counter()
-    loaded = load_model(args.model, dtype="float32", device="cpu")
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; machine: {info}", flush=True)
+def measure(loaded: Any, concurrency: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One row: ``concurrency`` requests through the engine and through generate (one at a time, batched)."""
     tok = loaded.tokenizer
     eos = set(loaded.eos_token_ids)
-    # warm-up (first-call allocations) for both paths
-    warm = prompts(tok, 1)
-    run_engine(loaded, warm, 2, args.block_size)
-    run_generate_sequential(loaded.model, warm, 2)
-
-    rows = []
-    for c in args.concurrency:
-        reqs = prompts(tok, c)
-        eng = run_engine(loaded, reqs, args.max_tokens, args.block_size)
-        seq_reqs = reqs[: args.sequential_max]
-        seq = run_generate_sequential(loaded.model, seq_reqs, args.max_tokens)
-        bat = run_generate_batched(loaded.model, tok, reqs, args.max_tokens)
-        # generate's min_new_tokens masks EOS while the engine's ignore_eos samples it and goes on:
-        # compare up to the engine's first EOS.
-        same = sum(
-            cut(a, eos) == b[: len(cut(a, eos))] for a, b in zip(eng["tokens"], seq["tokens"], strict=False)
-        )
-        row = {
-            "concurrency": c,
-            "engine": {k: v for k, v in eng.items() if k != "tokens"},
-            "generate_sequential": {k: v for k, v in seq.items() if k != "tokens"}
-            | {"requests": len(seq_reqs)},
-            "generate_batched": bat,
-            "greedy_equal": f"{same}/{len(seq_reqs)}",
-            "prompt_tokens": [len(r) for r in reqs],
-        }
-        rows.append(row)
-        print(
-            f"c={c:>3}  engine {eng['output_tokens_per_s']:7.1f} tok/s ({eng['steps']} steps)  "
-            f"generate 1-at-a-time {seq['output_tokens_per_s']:7.1f}  batched {bat['output_tokens_per_s']:7.1f}  "
-            f"greedy equal {same}/{len(seq_reqs)}",
-            flush=True,
-        )
-
-    result = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "model": args.model,
-        "dtype": "float32",
-        "max_tokens": args.max_tokens,
-        "block_size": args.block_size,
-        "machine": info,
-        "results": rows,
+    reqs = prompts(tok, concurrency)
+    eng = run_engine(loaded, reqs, args.max_tokens, args.block_size)
+    seq_reqs = reqs[: args.sequential_max]
+    seq = run_generate_sequential(loaded.model, seq_reqs, args.max_tokens)
+    bat = run_generate_batched(loaded.model, tok, reqs, args.max_tokens)
+    # generate's min_new_tokens masks EOS while the engine's ignore_eos samples it and goes on:
+    # compare up to the engine's first EOS.
+    same = sum(
+        cut(a, eos) == b[: len(cut(a, eos))] for a, b in zip(eng["tokens"], seq["tokens"], strict=False)
+    )
+    print(
+        f"c={concurrency:>3}  engine {eng['output_tokens_per_s']:7.1f} tok/s ({eng['steps']} steps)  "
+        f"generate 1-at-a-time {seq['output_tokens_per_s']:7.1f}  batched {bat['output_tokens_per_s']:7.1f}  "
+        f"greedy equal {same}/{len(seq_reqs)}",
+        flush=True,
+    )
+    return {
+        "concurrency": concurrency,
+        "engine": {k: v for k, v in eng.items() if k != "tokens"},
+        "generate_sequential": {k: v for k, v in seq.items() if k != "tokens"} | {"requests": len(seq_reqs)},
+        "generate_batched": bat,
+        "greedy_equal": f"{same}/{len(seq_reqs)}",
+        "prompt_tokens": [len(r) for r in reqs],
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"cpu-{args.tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def markdown(result: dict[str, Any], sequential_max: int) -> str:
+    info, rows = result["machine"], result["results"]
     lines = [
-        f"# CPU throughput: Berth engine vs transformers generate ({args.model})",
+        f"# CPU throughput: Berth engine vs transformers generate ({result['model']})",
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
         f"{info['memory_gib']} GiB; load average at start {info['load_average_at_start'][0]:.2f}; "
         f"Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}; {result['date']}.",
         "",
-        f"fp32, {args.max_tokens} output tokens per request (EOS ignored), chat prompts of "
+        f"fp32, {result['max_tokens']} output tokens per request (EOS ignored), chat prompts of "
         f"{min(min(r['prompt_tokens']) for r in rows)}-{max(max(r['prompt_tokens']) for r in rows)} tokens, "
         "greedy. Output tokens/s over the wall time of all requests of a row.",
         "",
@@ -287,12 +245,46 @@ def main() -> None:
         )
     lines += [
         "",
-        f"One-at-a-time generate runs at most {args.sequential_max} requests of a row (its rate does not depend "
+        f"One-at-a-time generate runs at most {sequential_max} requests of a row (its rate does not depend "
         "on the row). The engine numbers include its asyncio front and stepping thread, as the server uses it.",
         "",
     ]
-    (out / f"cpu-{args.tag}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    from berth.server.loader import load_model
+
+    info = machine(args.threads)
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, dtype="float32", device="cpu")
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; machine: {info}", flush=True)
+    # warm-up (first-call allocations) for both paths
+    warm = prompts(loaded.tokenizer, 1)
+    run_engine(loaded, warm, 2, args.block_size)
+    run_generate_sequential(loaded.model, warm, 2)
+
+    rows = [measure(loaded, c, args) for c in args.concurrency]
+    result = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "model": args.model,
+        "dtype": "float32",
+        "max_tokens": args.max_tokens,
+        "block_size": args.block_size,
+        "machine": info,
+        "results": rows,
+    }
+    md = markdown(result, args.sequential_max)
+    write_results(Path(args.out), f"cpu-{args.tag}", result, md, indent=2)
+    print(md)
 
 
 if __name__ == "__main__":

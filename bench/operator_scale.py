@@ -10,7 +10,6 @@ writes bench/results/operator-scale-<n>.json and .md with the machine it ran on.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -26,6 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from tests.cluster import harness  # noqa: E402
 from tests.cluster.operator_proc import OperatorProcess  # noqa: E402
+
+from bench.common import RESULTS_DIR, cpu_name, memory_gib, write_results  # noqa: E402
 
 
 def rss_kib(pid: int) -> int:
@@ -48,24 +49,19 @@ def rss_kib(pid: int) -> int:
 
 
 def machine() -> dict[str, Any]:
-    cpu = ""
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    mem = 0
-    with contextlib.suppress(OSError, ValueError):
-        mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024 // 1024
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "python": platform.python_version()}
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "memory_gib": memory_gib(),
+        "python": platform.python_version(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--timeout", type=float, default=900)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
 
     nodes = [harness.NodeSpec(f"gpu-{i}", gpus=8, cpu="256", memory="2Ti", pods=250) for i in range(4)]
@@ -144,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         "kubernetes": "v1.37.2 local control plane (kube-apiserver, kube-controller-manager, kube-scheduler) + kwok",
         "date": time.strftime("%Y-%m-%d"),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"operator-scale-{args.count}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
-    stem.with_suffix(".md").write_text(
+    md = write_results(
+        args.out,
+        f"operator-scale-{args.count}",
+        result,
         f"# Operator at scale: {args.count} ModelDeployments applied at once\n\n"
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']}; "
         f"{result['kubernetes']}; {result['date']}.\n\n"
@@ -158,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         f"| kubectl apply took | {result['apply_seconds']} s |\n"
         f"| operator RSS idle / peak | {result['operator_rss_idle_mib']} / {result['operator_rss_peak_mib']} MiB |\n"
         f"| operator API writes | {writes:.0f} ({writes / args.count:.1f} per ModelDeployment) |\n"
-        f"| reconciles | {reconciles:.0f} |\n"
+        f"| reconciles | {reconciles:.0f} |\n",
+        indent=2,
     )
-    print(stem.with_suffix(".md").read_text())
+    print(md.read_text())
     return 0 if running == args.count else 1
 
 

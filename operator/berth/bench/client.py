@@ -76,6 +76,68 @@ def _chunk_text(data: dict[str, Any], endpoint: Endpoint) -> tuple[bool, str, st
     return True, text, c.get("finish_reason")
 
 
+class _Stream:
+    """The chunks of one stream so far, timed; ``finish`` turns them into the request's result."""
+
+    def __init__(self, result: RequestResult, endpoint: Endpoint) -> None:
+        self.r = result
+        self.endpoint = endpoint
+        self.last_content: float | None = None
+        self.last_choice: float | None = None
+        self.n_chunks = 0
+        self.usage_tokens: int | None = None
+        self.text_parts: list[str] = []
+
+    def event(self, data: dict[str, Any], now: float) -> bool:
+        """Take one SSE event that arrived at ``now``; False (and the error recorded) for an error event."""
+        if "error" in data and not data.get("choices"):
+            err = data["error"]
+            self.r.error = f"stream error: {err.get('message') if isinstance(err, dict) else err}"
+            return False
+        has_choice, text, finish = _chunk_text(data, self.endpoint)
+        if has_choice:
+            self.last_choice = now
+            if finish is not None:
+                self.r.finish_reason = finish
+            if text:
+                self._content(text, now)
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            self._usage(usage)
+        return True
+
+    def _content(self, text: str, now: float) -> None:
+        if self.last_content is None:
+            self.r.ttft = now - self.r.start_time
+        else:
+            self.r.itl.append(now - self.last_content)
+        self.last_content = now
+        self.n_chunks += 1
+        self.text_parts.append(text)
+
+    def _usage(self, usage: dict[str, Any]) -> None:
+        if isinstance(usage.get("completion_tokens"), int):
+            self.usage_tokens = usage["completion_tokens"]
+        if isinstance(usage.get("prompt_tokens"), int):
+            self.r.prompt_len = usage["prompt_tokens"]
+
+    def finish(self) -> RequestResult:
+        r, st = self.r, self.r.start_time
+        if self.last_choice is None:
+            r.error = "the stream ended without a single choice chunk"
+            return r
+        if self.last_content is None:  # an empty completion: the first token time is the finishing chunk
+            r.ttft = self.last_choice - st
+        r.latency = self.last_choice - st
+        r.generated_text = "".join(self.text_parts)
+        if self.usage_tokens is not None:
+            r.output_tokens, r.output_tokens_source = self.usage_tokens, "usage"
+        else:
+            r.output_tokens, r.output_tokens_source = self.n_chunks, "chunks"
+        r.success = True
+        return r
+
+
 async def send_request(
     client: httpx.AsyncClient,
     url: str,
@@ -86,13 +148,8 @@ async def send_request(
 ) -> RequestResult:
     """Send one streaming request and time its chunks; never raises (errors land in the result)."""
     r = RequestResult(prompt_len=spec.prompt_len)
-    st = time.perf_counter()
-    r.start_time = st
-    last_content: float | None = None
-    last_choice: float | None = None
-    n_chunks = 0
-    usage_tokens: int | None = None
-    text_parts: list[str] = []
+    r.start_time = time.perf_counter()
+    stream = _Stream(r, endpoint)
     try:
         async with client.stream("POST", url, json=payload, headers=headers) as resp:
             r.status_code = resp.status_code
@@ -107,46 +164,12 @@ async def send_request(
                 if data_str == "[DONE]":
                     break
                 now = time.perf_counter()
-                data = json.loads(data_str)
-                if "error" in data and not data.get("choices"):
-                    err = data["error"]
-                    r.error = f"stream error: {err.get('message') if isinstance(err, dict) else err}"
+                if not stream.event(json.loads(data_str), now):
                     return r
-                has_choice, text, finish = _chunk_text(data, endpoint)
-                if has_choice:
-                    last_choice = now
-                    if finish is not None:
-                        r.finish_reason = finish
-                    if text:
-                        if last_content is None:
-                            r.ttft = now - st
-                        else:
-                            r.itl.append(now - last_content)
-                        last_content = now
-                        n_chunks += 1
-                        text_parts.append(text)
-                usage = data.get("usage")
-                if isinstance(usage, dict):
-                    if isinstance(usage.get("completion_tokens"), int):
-                        usage_tokens = usage["completion_tokens"]
-                    if isinstance(usage.get("prompt_tokens"), int):
-                        r.prompt_len = usage["prompt_tokens"]
     except (httpx.HTTPError, json.JSONDecodeError, OSError) as e:
         r.error = f"{type(e).__name__}: {e}"
         return r
-    if last_choice is None:
-        r.error = "the stream ended without a single choice chunk"
-        return r
-    if last_content is None:  # an empty completion: the first token time is the finishing chunk
-        r.ttft = last_choice - st
-    r.latency = last_choice - st
-    r.generated_text = "".join(text_parts)
-    if usage_tokens is not None:
-        r.output_tokens, r.output_tokens_source = usage_tokens, "usage"
-    else:
-        r.output_tokens, r.output_tokens_source = n_chunks, "chunks"
-    r.success = True
-    return r
+    return stream.finish()
 
 
 def _error_message(body: str) -> str:

@@ -373,24 +373,36 @@ def make_source(tokenizer: str | None) -> PromptSource:
     return TokenizerPrompts(load_tokenizer(ref), name=f"tokenizer:{ref}")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the flag whose value cannot work."""
+    if args.num_prompts < 1:
+        raise ValueError("--num-prompts must be >= 1")
+    if args.input_len < 1 or args.output_len < 1:
+        raise ValueError("--input-len and --output-len must be >= 1")
+    if not args.request_rate > 0:
+        raise ValueError("--request-rate must be > 0 (inf: all at once)")
+    if not args.burstiness > 0:
+        raise ValueError("--burstiness must be > 0")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise ValueError("--max-concurrency must be >= 1")
+    if args.prefix_len < 0:
+        raise ValueError("--prefix-len must be >= 0")
+
+
+def write_result(path: Path, result: dict[str, Any], quiet: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    if not quiet:
+        print(f"result written to {path}")
+
+
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         percentiles = parse_percentiles(args.metric_percentiles)
-        if args.num_prompts < 1:
-            raise ValueError("--num-prompts must be >= 1")
-        if args.input_len < 1 or args.output_len < 1:
-            raise ValueError("--input-len and --output-len must be >= 1")
-        if not args.request_rate > 0:
-            raise ValueError("--request-rate must be > 0 (inf: all at once)")
-        if not args.burstiness > 0:
-            raise ValueError("--burstiness must be > 0")
-        if args.max_concurrency is not None and args.max_concurrency < 1:
-            raise ValueError("--max-concurrency must be >= 1")
-        if args.prefix_len < 0:
-            raise ValueError("--prefix-len must be >= 0")
+        check_args(args)
         source = make_source(args.tokenizer)
         prompts = build_prompts(
             source,
@@ -416,11 +428,7 @@ def main(argv: list[str]) -> int:
     if not args.quiet:
         print(format_summary(result))
     if args.result_file:
-        path = Path(args.result_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        if not args.quiet:
-            print(f"result written to {path}")
+        write_result(Path(args.result_file), result, args.quiet)
     if result["completed"] == 0:
         print("berth bench: every request failed", file=sys.stderr)
         return 1

@@ -1,9 +1,9 @@
 """Synthetic prompts of a given length: random tokens through a tokenizer, or random words.
 
-With a tokenizer (``--tokenizer``: a HF model directory, a .gguf file or ``builtin://...``)
-each prompt is a random sequence of non-special token ids, decoded to text and re-encoded
-until it holds exactly the requested number of tokens (decoding and re-encoding can merge or
-split tokens). Without one, a prompt is that many random common English words (about one
+With a tokenizer (``--tokenizer``: a HF model directory, a .gguf file or ``builtin://...``; the
+built-in model's file is found through ``berth.models_builtin``, not the server) each prompt is a
+random sequence of non-special token ids, decoded to text and re-encoded until it holds exactly
+the requested number of tokens (decoding and re-encoding can merge or split tokens). Without one, a prompt is that many random common English words (about one
 token each in the usual BPE vocabularies); the server's ``usage`` then gives the real count.
 
 Lengths follow vLLM's random dataset: with ``range_ratio`` r the length is drawn uniformly
@@ -16,7 +16,10 @@ import logging
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
+
+from berth import models_builtin
 
 logger = logging.getLogger(__name__)
 
@@ -322,24 +325,27 @@ class TokenizerPrompts:
 
 
 def load_tokenizer(ref: str) -> Any:
-    """A transformers tokenizer from a HF directory, a .gguf file or a Berth model reference."""
-    from pathlib import Path
-
+    """A transformers tokenizer from a HF directory or name, a .gguf file or ``builtin://<name>``."""
     from transformers import AutoTokenizer
 
-    if ref.startswith("builtin://") or ref.endswith(".gguf"):
-        from berth.server import loader
-
-        kind, path = loader.resolve_reference(ref)
-        if kind == "hf":
-            return AutoTokenizer.from_pretrained(str(path))
-        converted = getattr(loader, "_converted_dir", None)
-        if converted is not None:
-            cached = Path(converted(path))
-            if (cached / "tokenizer_config.json").is_file():
-                return AutoTokenizer.from_pretrained(str(cached))
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if ref.startswith(models_builtin.BUILTIN_SCHEME):
+        return _gguf_tokenizer(models_builtin.builtin_gguf_path(models_builtin.builtin_name(ref)))
+    path = Path(ref)
+    if ref.endswith(".gguf") and not path.is_dir():
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {ref} does not exist")
+        return _gguf_tokenizer(path)
     return AutoTokenizer.from_pretrained(ref)
+
+
+def _gguf_tokenizer(path: Path) -> Any:
+    """The tokenizer of a GGUF file: from the server's converted copy when there is one (seconds faster)."""
+    from transformers import AutoTokenizer
+
+    cached = models_builtin.converted_dir(path)
+    if (cached / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cached))
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 @dataclass

