@@ -7,7 +7,7 @@ BERTH := $(VENV)/bin/berth
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-unit test-server test-cluster verify crds docs lint typecheck demo serve \
+.PHONY: help install test test-unit test-server test-cluster verify crds docs lint lint-imports typecheck demo serve \
         cluster-bin cluster-up cluster-down cluster-env helm-lint images bench-cpu bench-gpu bench-gpu-smoke bench-operator clean
 
 help: ## list the targets
@@ -45,11 +45,11 @@ crds: install ## regenerate crds/ and the chart's CRD template from the pydantic
 docs: install ## regenerate docs/api.md from the pydantic models
 	$(PY) -m berth.api.docs -o docs/api.md
 
-verify: install ## fail when generated files (CRD, chart CRD, API docs) drift, or lint/type/helm checks fail
+verify: install ## fail when generated files (CRD, chart CRD, API docs) drift, or lint/layers/type/helm checks fail
 	@$(BERTH) crd | diff -u crds/modeldeployments.berth.dev.yaml - || (echo "crds/ is stale: run make crds" && exit 1)
 	@$(PY) tools/render_chart_crd.py --check || (echo "the chart's CRD is stale: run make crds" && exit 1)
 	@$(PY) -m berth.api.docs --check || (echo "docs/api.md is stale: run make docs" && exit 1)
-	$(MAKE) --no-print-directory lint typecheck helm-lint
+	$(MAKE) --no-print-directory lint lint-imports typecheck helm-lint
 
 helm-lint: cluster-bin ## helm lint the chart
 	$$(tools/cluster/build.sh --dir)/helm lint --strict charts/berth
@@ -59,9 +59,12 @@ images: ## build the operator, server (CUDA) and server-cpu images (needs Docker
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make images needs a Docker engine"; exit 1; }
 	for i in operator server server-cpu; do docker build -f images/$$i/Dockerfile -t $(REGISTRY)/berth-$$i:0.1.0 . || exit 1; done
 
-lint: install ## ruff
-	$(VENV)/bin/ruff check operator tests bench
-	$(VENV)/bin/ruff format --check operator bench
+lint: install ## ruff (lint and format) over operator, tests, bench and tools
+	$(VENV)/bin/ruff check operator tests bench tools
+	$(VENV)/bin/ruff format --check operator tests bench tools
+
+lint-imports: install ## the layering rules of DESIGN.md (import-linter contracts in pyproject.toml)
+	$(VENV)/bin/lint-imports
 
 typecheck: install ## mypy (strict) on operator/
 	$(VENV)/bin/mypy
