@@ -375,7 +375,7 @@ def test_service_monitors_select_what_the_operator_creates(ha: list[dict[str, An
     from berth.api.models import ModelDeployment
 
     md = ModelDeployment.model_validate({"metadata": {"name": "chat", "namespace": "team-a", "uid": "u1"}})
-    svc = builders.build_service(md, OperatorSettings())
+    svc = builders.build_service(md)
     wanted = servers["spec"]["selector"]["matchLabels"]
     assert wanted.items() <= svc["metadata"]["labels"].items()
     assert servers["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
