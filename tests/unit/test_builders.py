@@ -159,6 +159,8 @@ def test_hf_and_adapters(settings: OperatorSettings) -> None:
     assert "hf download Qwen/Qwen2.5-0.5B-Instruct --revision main --local-dir /models/hf" in script
     assert "hf download acme/qwen-sql-lora --revision main --local-dir /adapters/sql" in script
     token = next(e for e in init["env"] if e["name"] == "HF_TOKEN")
+    # the download counts against a namespace's CPU/memory quota like the server (no GPU)
+    assert init["resources"] == {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}}
     assert token["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
     args = _container(dep)["args"]
     assert args[args.index("--adapter") : args.index("--adapter") + 2] == ["--adapter", "sql=/adapters/sql"]

@@ -295,6 +295,7 @@ def _download_container(
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["sh", "-c", script],
         "env": env,
+        "resources": download_resources(md, settings),
         "volumeMounts": [{"name": vol, "mountPath": d["dir"]} for vol, d in downloads]
         + [{"name": "tmp", "mountPath": "/tmp"}],
         "securityContext": container_security(),
