@@ -239,7 +239,7 @@ def test_health_and_metrics_can_be_turned_off() -> None:
 
 # ---------------------------------------------------------------- RBAC
 
-# Exactly the calls of kube.py/reconcile.py/autoscaler.py/handlers.py, plus kopf's watches.
+# Exactly the calls of kube.py/reconcile.py/events.py/autoscaler.py/handlers.py, plus kopf's watches.
 EXPECTED_OPERATOR_RULES = {
     ("berth.dev", "modeldeployments", "get"),
     ("berth.dev", "modeldeployments", "list"),
