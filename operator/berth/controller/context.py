@@ -28,8 +28,8 @@ class OperatorContext:
     namespaces: list[str] = field(default_factory=list)  # watched namespaces; empty: the whole cluster
     priority: int = 0  # this process's kopf peering priority
     loops: list[Loop] = field(default_factory=list)
-    _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
-    _guard: threading.Lock = field(default_factory=threading.Lock)
+    _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict, init=False, repr=False)
+    _guard: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @classmethod
     def create(
