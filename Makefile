@@ -43,12 +43,12 @@ crds: install ## regenerate crds/ and the chart's CRD template from the pydantic
 	$(PY) tools/render_chart_crd.py
 
 docs: install ## regenerate docs/api.md from the pydantic models
-	$(PY) -m berth.api.docs -o docs/api.md
+	$(PY) tools/render_api_docs.py -o docs/api.md
 
 verify: install ## fail when generated files (CRD, chart CRD, API docs) drift, or lint/layers/type/helm checks fail
 	@$(BERTH) crd | diff -u crds/modeldeployments.berth.dev.yaml - || (echo "crds/ is stale: run make crds" && exit 1)
 	@$(PY) tools/render_chart_crd.py --check || (echo "the chart's CRD is stale: run make crds" && exit 1)
-	@$(PY) -m berth.api.docs --check || (echo "docs/api.md is stale: run make docs" && exit 1)
+	@$(PY) tools/render_api_docs.py --check || (echo "docs/api.md is stale: run make docs" && exit 1)
 	$(MAKE) --no-print-directory lint lint-imports typecheck helm-lint
 
 helm-lint: cluster-bin ## helm lint the chart

@@ -1,6 +1,7 @@
 """Builders: golden files for every child of representative specs, plus the rules the goldens must obey.
 
-Regenerate the goldens after an intended change with `BERTH_UPDATE_GOLDEN=1 make test-unit`, and read the diff.
+A golden file that is missing or differs fails the test. Regenerate the goldens after an intended change
+with `BERTH_UPDATE_GOLDEN=1 make test-unit` (nothing else writes them), and read the diff.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from berth.api import ModelDeployment
-from berth.controller import builders
+from berth.controller import builders, names
 from berth.controller.settings import OperatorSettings
 
 from .conftest import md_body
@@ -59,11 +60,11 @@ CASES: dict[str, dict[str, Any]] = {
 def build_all(md: ModelDeployment, settings: OperatorSettings) -> dict[str, Any]:
     children: dict[str, Any] = {
         "deployment": builders.build_deployment(md, settings),
-        "service": builders.build_service(md, settings),
+        "service": builders.build_service(md),
         "networkpolicy": builders.build_network_policy(md, settings),
         "pdb": builders.build_pdb(md),
     }
-    if md.spec.auth.mode == "apiKey" and not md.spec.auth.api_key_secret_ref:
+    if names.generates_api_key_secret(md):
         children["secret"] = builders.build_api_key_secret(md, "sk-berth-golden")
     return children
 
@@ -73,8 +74,9 @@ def test_golden(case: str, settings: OperatorSettings) -> None:
     md = ModelDeployment.model_validate(md_body(name=case, spec=CASES[case]))
     text = yaml.safe_dump(build_all(md, settings), sort_keys=True, width=120)
     path = GOLDEN / f"{case}.yaml"
-    if os.environ.get("BERTH_UPDATE_GOLDEN") or not path.exists():
+    if os.environ.get("BERTH_UPDATE_GOLDEN"):
         path.write_text(text)
+    assert path.exists(), f"{path.name} is missing; BERTH_UPDATE_GOLDEN=1 writes it"
     assert text == path.read_text(), f"{path.name} differs; BERTH_UPDATE_GOLDEN=1 regenerates it"
 
 
@@ -157,6 +159,8 @@ def test_hf_and_adapters(settings: OperatorSettings) -> None:
     assert "hf download Qwen/Qwen2.5-0.5B-Instruct --revision main --local-dir /models/hf" in script
     assert "hf download acme/qwen-sql-lora --revision main --local-dir /adapters/sql" in script
     token = next(e for e in init["env"] if e["name"] == "HF_TOKEN")
+    # the download counts against a namespace's CPU/memory quota like the server (no GPU)
+    assert init["resources"] == {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}}
     assert token["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
     args = _container(dep)["args"]
     assert args[args.index("--adapter") : args.index("--adapter") + 2] == ["--adapter", "sql=/adapters/sql"]
@@ -165,7 +169,7 @@ def test_hf_and_adapters(settings: OperatorSettings) -> None:
 
 def test_service_network_policy_pdb(settings: OperatorSettings) -> None:
     md = ModelDeployment.model_validate(md_body(spec=CASES["private-access"]))
-    svc = builders.build_service(md, settings)
+    svc = builders.build_service(md)
     assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
     assert svc["spec"]["selector"] == {"berth.dev/model-deployment": "chat"}
     np = builders.build_network_policy(md, settings)
@@ -179,7 +183,7 @@ def test_service_network_policy_pdb(settings: OperatorSettings) -> None:
     assert builders.build_network_policy(ModelDeployment.model_validate(md_body()), settings) is None
     args = _container(builders.build_deployment(md, settings))["args"]
     assert "--api-key-dir" in args
-    assert builders.api_key_secret_name(md) == "team-keys"
+    assert names.api_key_secret_name(md) == "team-keys"
 
 
 def test_auth_none_mounts_no_keys(settings: OperatorSettings) -> None:

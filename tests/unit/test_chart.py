@@ -239,7 +239,7 @@ def test_health_and_metrics_can_be_turned_off() -> None:
 
 # ---------------------------------------------------------------- RBAC
 
-# Exactly the calls of kube.py/reconcile.py/autoscaler.py/handlers.py, plus kopf's watches.
+# Exactly the calls of kube.py/reconcile.py/events.py/autoscaler.py/handlers.py, plus kopf's watches.
 EXPECTED_OPERATOR_RULES = {
     ("berth.dev", "modeldeployments", "get"),
     ("berth.dev", "modeldeployments", "list"),
@@ -375,7 +375,7 @@ def test_service_monitors_select_what_the_operator_creates(ha: list[dict[str, An
     from berth.api.models import ModelDeployment
 
     md = ModelDeployment.model_validate({"metadata": {"name": "chat", "namespace": "team-a", "uid": "u1"}})
-    svc = builders.build_service(md, OperatorSettings())
+    svc = builders.build_service(md)
     wanted = servers["spec"]["selector"]["matchLabels"]
     assert wanted.items() <= svc["metadata"]["labels"].items()
     assert servers["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}

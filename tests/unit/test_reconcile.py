@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import kopf
 import pydantic
 import pytest
 
-from berth.controller import kube
+from berth.controller import handlers, kube
+from berth.controller.context import MEMO_KEY, OperatorContext, from_memo
 from berth.controller.reconcile import diff, reconcile
 from berth.controller.settings import OperatorSettings
 
@@ -249,3 +252,45 @@ def test_dropped_pod_template_labels_and_annotations_are_removed_and_others_kept
     recording.clear()
     reconcile(_current(recording), recording, settings, NOW + timedelta(seconds=2))
     assert recording.writes() == []
+
+
+def test_api_errors_are_typed_by_status() -> None:
+    assert type(kube.ApiError.for_status(400, "BadRequest", "x")) is kube.Rejected
+    assert type(kube.ApiError.for_status(422, "Invalid", "x")) is kube.Rejected
+    assert type(kube.ApiError.for_status(404, "NotFound", "x")) is kube.NotFound
+    assert type(kube.ApiError.for_status(409, "AlreadyExists", "x")) is kube.Conflict
+    other = kube.ApiError.for_status(503, "ServiceUnavailable", "etcd away")
+    assert type(other) is kube.ApiError and other.status == 503 and str(other) == "503 ServiceUnavailable: etcd away"
+
+
+def test_handlers_share_one_context_through_kopfs_memo(recording: RecordingKube, settings: OperatorSettings) -> None:
+    ctx = OperatorContext.create(settings, namespaces=["team-a"], priority=7, client=recording)
+    memo = kopf.Memo({MEMO_KEY: ctx})
+    assert from_memo(copy.copy(memo)) is ctx  # kopf hands each object a shallow copy of the operator's memo
+    assert ctx.lock("team-a", "chat") is ctx.lock("team-a", "chat")
+    ctx.forget("team-a", "chat")
+    with pytest.raises(RuntimeError, match="no OperatorContext"):
+        from_memo(kopf.Memo())
+
+
+def test_a_refused_child_is_recorded_and_retried_later(recording: RecordingKube, settings: OperatorSettings) -> None:
+    _store_md(recording, md_body())
+
+    class Refusing(RecordingKube):
+        def create(self, kind: kube.Kind, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+            if kind.kind == "Deployment":
+                raise kube.Rejected(422, "Invalid", 'Deployment.apps "chat" is invalid: spec.template: bad')
+            return super().create(kind, namespace, body)
+
+    refusing = Refusing()
+    refusing.objects = recording.objects
+    ctx = OperatorContext.create(settings, client=refusing)
+    with pytest.raises(kopf.TemporaryError) as raised:
+        handlers.run_reconcile(ctx, "team-a", "chat", "spec", logging.getLogger(__name__), permanent_on_invalid=True)
+    assert raised.value.delay == 60
+    status = refusing.objects[("ModelDeployment", "team-a", "chat")]["status"]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert status["phase"] == "Failed" and ready["reason"] == "ChildRejected"
+    assert ready["message"].startswith("the API server refused a child: Deployment.apps")
+    events = [c[3] for c in refusing.writes() if c[:2] == ("create", "Event")]
+    assert [(e["type"], e["reason"]) for e in events] == [("Warning", "ChildRejected")]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
 from berth.api import ModelDeployment
+from berth.api.models import Phase
+from berth.controller.events import status_events
 from berth.controller.settings import OperatorSettings
-from berth.controller.status import Observed, compute_status, diagnose, failed_status, status_events
+from berth.controller.status import Observed, compute_status, diagnose, failed_status
 
 from .conftest import md_body
 
@@ -20,8 +23,14 @@ SCHED_MSG = (
 )
 
 
-def dep(replicas: int = 2, ready: int = 0, updated: int | None = None, spec_replicas: int | None = None,
-        generation: int = 1, observed: int = 1) -> dict[str, Any]:
+def dep(
+    replicas: int = 2,
+    ready: int = 0,
+    updated: int | None = None,
+    spec_replicas: int | None = None,
+    generation: int = 1,
+    observed: int = 1,
+) -> dict[str, Any]:
     return {
         "metadata": {"generation": generation},
         "spec": {"replicas": replicas if spec_replicas is None else spec_replicas},
@@ -34,16 +43,25 @@ def dep(replicas: int = 2, ready: int = 0, updated: int | None = None, spec_repl
     }
 
 
-def pod(node: str | None = "gpu-1", ready: bool = False, age: float = 30, phase: str = "Running",
-        **container: Any) -> dict[str, Any]:
-    status: dict[str, Any] = {"phase": phase, "conditions": [{"type": "Ready", "status": str(ready)}],
-                              "containerStatuses": []}
+def pod(
+    node: str | None = "gpu-1", ready: bool = False, age: float = 30, phase: str = "Running", **container: Any
+) -> dict[str, Any]:
+    status: dict[str, Any] = {
+        "phase": phase,
+        "conditions": [{"type": "Ready", "status": str(ready)}],
+        "containerStatuses": [],
+    }
     if node is None:
         status["conditions"].append(
             {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": SCHED_MSG}
         )
-    cs: dict[str, Any] = {"name": "server", "ready": ready, "restartCount": container.pop("restarts", 0), "state": {},
-                          "started": container.pop("started", ready)}
+    cs: dict[str, Any] = {
+        "name": "server",
+        "ready": ready,
+        "restartCount": container.pop("restarts", 0),
+        "state": {},
+        "started": container.pop("started", ready),
+    }
     if "running_for" in container:
         started_at = NOW - timedelta(seconds=container.pop("running_for"))
         cs["state"] = {"running": {"startedAt": started_at.strftime("%Y-%m-%dT%H:%M:%SZ")}}
@@ -61,106 +79,283 @@ def pod(node: str | None = "gpu-1", ready: bool = False, age: float = 30, phase:
 PULL = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "berth/server:nope"'}
 CRASH_WAIT = {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}
 CRASH_TERM = {"exitCode": 1, "reason": "Error", "message": "ModelLoadError: /models/pvc/qwen: no config.json"}
-REPLICA_FAILURE = {**dep(1), "status": {"observedGeneration": 1, "conditions": [
-    {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
-     "message": 'pods "chat-7d9-x" is forbidden: exceeded quota: gpu-quota'}]}}
+REPLICA_FAILURE = {
+    **dep(1),
+    "status": {
+        "observedGeneration": 1,
+        "conditions": [
+            {
+                "type": "ReplicaFailure",
+                "status": "True",
+                "reason": "FailedCreate",
+                "message": 'pods "chat-7d9-x" is forbidden: exceeded quota: gpu-quota',
+            }
+        ],
+    },
+}
 RUNNING_BEFORE = {"readyAt": "2026-11-23T10:01:00Z", "phase": "Running", "capacity": 2, "readyCapacity": 2}
 
 
 def not_ready_since(seconds: float) -> dict[str, Any]:
     t = (NOW - timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {**RUNNING_BEFORE, "phase": "Updating",
-            "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": t}]}
+    return {
+        **RUNNING_BEFORE,
+        "phase": "Updating",
+        "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": t}],
+    }
 
 
-# (name, capacity, deployment, pods, previous status, phase, Ready status, Ready reason, words in Ready message)
-TABLE: list[tuple[str, int, dict[str, Any] | None, list[dict[str, Any]], dict[str, Any], str, str, str, str]] = [
-    ("nothing yet", 2, None, [], {}, "Pending", "False", "InstancesNotReady", "0/2 instances ready"),
-    ("unschedulable gpu", 2, dep(2), [pod(None), pod(None)], {}, "Pending", "False", "Unschedulable",
-     "2 Insufficient nvidia.com/gpu"),
-    ("loading", 2, dep(2), [pod(), pod()], {}, "Deploying", "False", "InstancesNotReady",
-     "2 starting (loading the model)"),
-    ("half ready first time", 2, dep(2, ready=1), [pod(ready=True), pod()], {}, "Deploying", "False",
-     "InstancesNotReady", "1/2 instances ready"),
-    ("all ready", 2, dep(2, ready=2), [pod(ready=True), pod(ready=True)], {}, "Running", "True",
-     "AllInstancesReady", "2/2 instances ready"),
-    ("image pull", 2, dep(2), [pod(waiting=PULL), pod(waiting=PULL)], {}, "Failed", "False", "ImagePullBackOff",
-     'Back-off pulling image "berth/server:nope"'),
-    ("crash loop", 1, dep(1), [pod(waiting=CRASH_WAIT, restarts=4, terminated=CRASH_TERM)], {}, "Failed", "False",
-     "CrashLoopBackOff", "exit code 1 (Error): ModelLoadError: /models/pvc/qwen: no config.json"),
-    ("scale up in progress", 4, dep(4, ready=2, updated=4), [pod(ready=True)] * 2 + [pod()] * 2,
-     RUNNING_BEFORE, "Updating", "False", "InstancesNotReady", "2/4 instances ready"),
-    ("scale up unschedulable after grace", 4, dep(4, ready=2), [pod(ready=True)] * 2 + [pod(None)] * 2,
-     not_ready_since(600), "Degraded", "False", "Unschedulable", "Insufficient nvidia.com/gpu"),
-    ("lost a pod within grace", 2, dep(2, ready=1), [pod(ready=True), pod()], not_ready_since(10), "Updating",
-     "False", "InstancesNotReady", "1/2 instances ready"),
-    ("lost a pod after grace", 2, dep(2, ready=1), [pod(ready=True), pod(age=4000)], not_ready_since(600),
-     "Degraded",
-     "False", "InstancesNotReady", "1/2 instances ready"),
-    ("rollout with bad image keeps serving", 2, dep(3, ready=2, updated=1, generation=2, observed=2),
-     [pod(ready=True), pod(ready=True), pod(waiting=PULL)], RUNNING_BEFORE, "Degraded", "False", "ImagePullBackOff",
-     "2/2 instances ready"),
-    ("rollout not observed yet", 2, dep(2, ready=2, generation=3, observed=2), [pod(ready=True)] * 2,
-     RUNNING_BEFORE, "Updating", "True", "AllInstancesReady", "2/2 instances ready"),
-    ("scale up still loading past grace", 3, dep(3, ready=1), [pod(ready=True), pod(age=200), pod(age=200)],
-     not_ready_since(600), "Updating", "False", "InstancesNotReady", "2 starting (loading the model)"),
-    ("served, then lost readiness: not starting", 2, dep(2, ready=1),
-     [pod(ready=True), pod(age=200, running_for=190, started=True)], not_ready_since(600), "Degraded", "False",
-     "InstancesNotReady", "1/2 instances ready"),
-    ("restarted container reloading its model", 2, dep(2, ready=1),
-     [pod(ready=True), pod(age=4000, running_for=60, restarts=1)], not_ready_since(600), "Updating", "False",
-     "InstancesNotReady", "1 starting (loading the model)"),
-    ("exited, waiting to restart: not starting", 2, dep(2, ready=1),
-     [pod(ready=True), pod(age=200, restarts=1, waiting=CRASH_WAIT)], not_ready_since(600), "Degraded", "False",
-     "InstancesNotReady", "1/2 instances ready"),
-    ("evicted pod is history", 2, dep(2, ready=2), [pod(ready=True), pod(ready=True),
-     pod(phase="Failed", waiting=CRASH_WAIT, restarts=5)], RUNNING_BEFORE, "Running", "True",
-     "AllInstancesReady", "2/2"),
-    ("one crash is not a loop", 1, dep(1), [pod(waiting=CRASH_WAIT, restarts=1)], {}, "Deploying", "False",
-     "InstancesNotReady", "0/1 instances ready"),
-    ("pods cannot be created", 1, REPLICA_FAILURE, [], {}, "Failed", "False", "FailedCreate",
-     'exceeded quota: gpu-quota'),
-    ("scaled to zero", 0, dep(0), [], RUNNING_BEFORE, "Idle", "False", "ScaledToZero", "endpoint stays"),
-    ("scaling to zero", 0, dep(2, ready=2, spec_replicas=0), [pod(ready=True)] * 2, RUNNING_BEFORE, "Updating",
-     "False", "ScaledToZero", "no instance serves; 2 instances stopping"),
+@dataclass(frozen=True)
+class Seen:
+    """What the API server shows: the capacity asked for, the Deployment, its pods, the status before."""
+
+    capacity: int
+    deployment: dict[str, Any] | None = None
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    previous: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Want:
+    """The phase and the Ready condition that must follow: its status, its reason, words in its message."""
+
+    phase: Phase
+    ready: Literal["True", "False"]
+    reason: str
+    words: str
+
+
+TABLE = [
+    pytest.param(
+        Seen(capacity=2),
+        Want(phase="Pending", ready="False", reason="InstancesNotReady", words="0/2 instances ready"),
+        id="nothing yet",
+    ),
+    pytest.param(
+        Seen(capacity=2, deployment=dep(2), pods=[pod(None), pod(None)]),
+        Want(phase="Pending", ready="False", reason="Unschedulable", words="2 Insufficient nvidia.com/gpu"),
+        id="unschedulable gpu",
+    ),
+    pytest.param(
+        Seen(capacity=2, deployment=dep(2), pods=[pod(), pod()]),
+        Want(
+            phase="Deploying",
+            ready="False",
+            reason="InstancesNotReady",
+            words="2 starting (loading the model)",
+        ),
+        id="loading",
+    ),
+    pytest.param(
+        Seen(capacity=2, deployment=dep(2, ready=1), pods=[pod(ready=True), pod()]),
+        Want(phase="Deploying", ready="False", reason="InstancesNotReady", words="1/2 instances ready"),
+        id="half ready first time",
+    ),
+    pytest.param(
+        Seen(capacity=2, deployment=dep(2, ready=2), pods=[pod(ready=True), pod(ready=True)]),
+        Want(phase="Running", ready="True", reason="AllInstancesReady", words="2/2 instances ready"),
+        id="all ready",
+    ),
+    pytest.param(
+        Seen(capacity=2, deployment=dep(2), pods=[pod(waiting=PULL), pod(waiting=PULL)]),
+        Want(
+            phase="Failed",
+            ready="False",
+            reason="ImagePullBackOff",
+            words='Back-off pulling image "berth/server:nope"',
+        ),
+        id="image pull",
+    ),
+    pytest.param(
+        Seen(
+            capacity=1, deployment=dep(1), pods=[pod(waiting=CRASH_WAIT, restarts=4, terminated=CRASH_TERM)]
+        ),
+        Want(
+            phase="Failed",
+            ready="False",
+            reason="CrashLoopBackOff",
+            words="exit code 1 (Error): ModelLoadError: /models/pvc/qwen: no config.json",
+        ),
+        id="crash loop",
+    ),
+    pytest.param(
+        Seen(
+            capacity=4,
+            deployment=dep(4, ready=2, updated=4),
+            pods=[pod(ready=True)] * 2 + [pod()] * 2,
+            previous=RUNNING_BEFORE,
+        ),
+        Want(phase="Updating", ready="False", reason="InstancesNotReady", words="2/4 instances ready"),
+        id="scale up in progress",
+    ),
+    pytest.param(
+        Seen(
+            capacity=4,
+            deployment=dep(4, ready=2),
+            pods=[pod(ready=True)] * 2 + [pod(None)] * 2,
+            previous=not_ready_since(600),
+        ),
+        Want(phase="Degraded", ready="False", reason="Unschedulable", words="Insufficient nvidia.com/gpu"),
+        id="scale up unschedulable after grace",
+    ),
+    pytest.param(
+        Seen(
+            capacity=2,
+            deployment=dep(2, ready=1),
+            pods=[pod(ready=True), pod()],
+            previous=not_ready_since(10),
+        ),
+        Want(phase="Updating", ready="False", reason="InstancesNotReady", words="1/2 instances ready"),
+        id="lost a pod within grace",
+    ),
+    pytest.param(
+        Seen(
+            capacity=2,
+            deployment=dep(2, ready=1),
+            pods=[pod(ready=True), pod(age=4000)],
+            previous=not_ready_since(600),
+        ),
+        Want(phase="Degraded", ready="False", reason="InstancesNotReady", words="1/2 instances ready"),
+        id="lost a pod after grace",
+    ),
+    pytest.param(
+        Seen(
+            capacity=2,
+            deployment=dep(3, ready=2, updated=1, generation=2, observed=2),
+            pods=[pod(ready=True), pod(ready=True), pod(waiting=PULL)],
+            previous=RUNNING_BEFORE,
+        ),
+        Want(phase="Degraded", ready="False", reason="ImagePullBackOff", words="2/2 instances ready"),
+        id="rollout with bad image keeps serving",
+    ),
+    pytest.param(
+        Seen(
+            capacity=2,
+            deployment=dep(2, ready=2, generation=3, observed=2),
+            pods=[pod(ready=True)] * 2,
+            previous=RUNNING_BEFORE,
+        ),
+        Want(phase="Updating", ready="True", reason="AllInstancesReady", words="2/2 instances ready"),
+        id="rollout not observed yet",
+    ),
+    pytest.param(
+        Seen(
+            capacity=3,
+            deployment=dep(3, ready=1),
+            pods=[pod(ready=True), pod(age=200), pod(age=200)],
+            previous=not_ready_since(600),
+        ),
+        Want(
+            phase="Updating",
+            ready="False",
+            reason="InstancesNotReady",
+            words="2 starting (loading the model)",
+        ),
+        id="scale up still loading past grace",
+    ),
+    pytest.param(
+        Seen(
+            capacity=2,
+            deployment=dep(2, ready=1),
+            pods=[pod(ready=True), pod(age=200, running_for=190, started=True)],
+            previous=not_ready_since(600),
+        ),
+        Want(phase="Degraded", ready="False", reason="InstancesNotReady", words="1/2 instances ready"),
+        id="served, then lost readiness: not starting",
+    ),
+    pytest.param(
+        Seen(
+            capacity=2,
+            deployment=dep(2, ready=1),
+            pods=[pod(ready=True), pod(age=4000, running_for=60, restarts=1)],
+            previous=not_ready_since(600),
+        ),
+        Want(
+            phase="Updating",
+            ready="False",
+            reason="InstancesNotReady",
+            words="1 starting (loading the model)",
+        ),
+        id="restarted container reloading its model",
+    ),
+    pytest.param(
+        Seen(
+            capacity=2,
+            deployment=dep(2, ready=1),
+            pods=[pod(ready=True), pod(age=200, restarts=1, waiting=CRASH_WAIT)],
+            previous=not_ready_since(600),
+        ),
+        Want(phase="Degraded", ready="False", reason="InstancesNotReady", words="1/2 instances ready"),
+        id="exited, waiting to restart: not starting",
+    ),
+    pytest.param(
+        Seen(
+            capacity=2,
+            deployment=dep(2, ready=2),
+            pods=[pod(ready=True), pod(ready=True), pod(phase="Failed", waiting=CRASH_WAIT, restarts=5)],
+            previous=RUNNING_BEFORE,
+        ),
+        Want(phase="Running", ready="True", reason="AllInstancesReady", words="2/2"),
+        id="evicted pod is history",
+    ),
+    pytest.param(
+        Seen(capacity=1, deployment=dep(1), pods=[pod(waiting=CRASH_WAIT, restarts=1)]),
+        Want(phase="Deploying", ready="False", reason="InstancesNotReady", words="0/1 instances ready"),
+        id="one crash is not a loop",
+    ),
+    pytest.param(
+        Seen(capacity=1, deployment=REPLICA_FAILURE),
+        Want(phase="Failed", ready="False", reason="FailedCreate", words="exceeded quota: gpu-quota"),
+        id="pods cannot be created",
+    ),
+    pytest.param(
+        Seen(capacity=0, deployment=dep(0), previous=RUNNING_BEFORE),
+        Want(phase="Idle", ready="False", reason="ScaledToZero", words="endpoint stays"),
+        id="scaled to zero",
+    ),
+    pytest.param(
+        Seen(
+            capacity=0,
+            deployment=dep(2, ready=2, spec_replicas=0),
+            pods=[pod(ready=True)] * 2,
+            previous=RUNNING_BEFORE,
+        ),
+        Want(
+            phase="Updating",
+            ready="False",
+            reason="ScaledToZero",
+            words="no instance serves; 2 instances stopping",
+        ),
+        id="scaling to zero",
+    ),
 ]
 
 
-@pytest.mark.parametrize(
-    ("capacity", "deployment", "pods", "previous", "phase", "ready_status", "ready_reason", "words"),
-    [t[1:] for t in TABLE],
-    ids=[t[0] for t in TABLE],
-)
-def test_phase_and_conditions(
-    settings: OperatorSettings,
-    capacity: int,
-    deployment: dict[str, Any] | None,
-    pods: list[dict[str, Any]],
-    previous: dict[str, Any],
-    phase: str,
-    ready_status: str,
-    ready_reason: str,
-    words: str,
-) -> None:
-    md = ModelDeployment.model_validate(md_body(spec={"capacity": capacity, "resources": {"gpus": 1}}))
-    st = compute_status(md, Observed(deployment, pods), settings, NOW, previous)
-    assert st["phase"] == phase
+@pytest.mark.parametrize(("seen", "want"), TABLE)
+def test_phase_and_conditions(settings: OperatorSettings, seen: Seen, want: Want) -> None:
+    md = ModelDeployment.model_validate(md_body(spec={"capacity": seen.capacity, "resources": {"gpus": 1}}))
+    st = compute_status(md, Observed(seen.deployment, seen.pods), settings, NOW, seen.previous)
+    assert st["phase"] == want.phase
     ready = next(c for c in st["conditions"] if c["type"] == "Ready")
-    assert (ready["status"], ready["reason"]) == (ready_status, ready_reason)
-    assert words in ready["message"]
+    assert (ready["status"], ready["reason"]) == (want.ready, want.reason)
+    assert want.words in ready["message"]
     degraded = next(c for c in st["conditions"] if c["type"] == "Degraded")
-    assert degraded["status"] == ("True" if phase in ("Degraded", "Failed") else "False")
-    assert st["capacity"] == capacity
+    assert degraded["status"] == ("True" if want.phase in ("Degraded", "Failed") else "False")
+    assert st["capacity"] == seen.capacity
     assert st["selector"] == "berth.dev/model-deployment=chat"
     assert st["endpoint"] == "http://chat.team-a.svc.cluster.local/v1"
 
 
 def test_first_running_records_ready_at_and_time_to_ready(settings: OperatorSettings) -> None:
     md = ModelDeployment.model_validate(md_body(spec={"capacity": 1}))
-    st = compute_status(md, Observed(dep(1, ready=1), [pod(ready=True)]), settings, NOW, {"phase": "Deploying"})
+    st = compute_status(
+        md, Observed(dep(1, ready=1), [pod(ready=True)]), settings, NOW, {"phase": "Deploying"}
+    )
     assert st["readyAt"] == "2026-11-23T10:05:00Z"
     assert st["timeToReadySeconds"] == 300.0  # created 10:00:00
-    later = compute_status(md, Observed(dep(1, ready=1), [pod(ready=True)]), settings, NOW + timedelta(hours=1), st)
+    later = compute_status(
+        md, Observed(dep(1, ready=1), [pod(ready=True)]), settings, NOW + timedelta(hours=1), st
+    )
     assert later["readyAt"] == st["readyAt"]
 
 
@@ -186,27 +381,47 @@ def test_compute_unit_hours_metering(settings: OperatorSettings) -> None:
 
 def test_failed_status_keeps_the_rest() -> None:
     prev = {"phase": "Running", "readyCapacity": 2, "endpoint": "http://x/v1"}
-    st = failed_status(md_body(), "spec.autoscaling: minCapacity (3) must not exceed maxCapacity (1)", NOW, prev)
+    st = failed_status(
+        md_body(), "spec.autoscaling: minCapacity (3) must not exceed maxCapacity (1)", NOW, prev
+    )
     assert st["phase"] == "Failed" and st["readyCapacity"] == 2 and st["endpoint"] == "http://x/v1"
     ready = next(c for c in st["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "InvalidSpec" and "minCapacity" in ready["message"]
-    refused = failed_status(md_body(), "the API server refused a child: ...", NOW, prev, reason="ChildRejected")
+    refused = failed_status(
+        md_body(), "the API server refused a child: ...", NOW, prev, reason="ChildRejected"
+    )
     assert {c["reason"] for c in refused["conditions"]} == {"ChildRejected"}
 
 
 def test_events_on_transitions() -> None:
     ready = [{"type": "Ready", "status": "True", "message": "2/2"}]
     assert [e.reason for e in status_events({}, {"phase": "Pending"})] == []
-    evs = status_events({"phase": "Deploying", "capacity": 2}, {"phase": "Running", "capacity": 2,
-                                                                "readyCapacity": 2, "endpoint": "http://e/v1",
-                                                                "conditions": ready})
+    evs = status_events(
+        {"phase": "Deploying", "capacity": 2},
+        {
+            "phase": "Running",
+            "capacity": 2,
+            "readyCapacity": 2,
+            "endpoint": "http://e/v1",
+            "conditions": ready,
+        },
+    )
     assert [(e.reason, e.type) for e in evs] == [("Ready", "Normal")]
     assert "endpoint http://e/v1" in evs[0].message
-    evs = status_events({"phase": "Running", "capacity": 2}, {"phase": "Updating", "capacity": 5, "conditions": []})
+    evs = status_events(
+        {"phase": "Running", "capacity": 2}, {"phase": "Updating", "capacity": 5, "conditions": []}
+    )
     assert [(e.reason, e.message) for e in evs] == [("Scaled", "capacity 2 -> 5")]
-    evs = status_events({"phase": "Running"}, {"phase": "Degraded", "conditions": [
-        {"type": "Degraded", "status": "True", "message": "only 1/2 instances ready"}]})
-    assert [(e.reason, e.type, e.message) for e in evs] == [("Degraded", "Warning", "only 1/2 instances ready")]
+    evs = status_events(
+        {"phase": "Running"},
+        {
+            "phase": "Degraded",
+            "conditions": [{"type": "Degraded", "status": "True", "message": "only 1/2 instances ready"}],
+        },
+    )
+    assert [(e.reason, e.type, e.message) for e in evs] == [
+        ("Degraded", "Warning", "only 1/2 instances ready")
+    ]
     assert status_events({"phase": "Running"}, {"phase": "Running"}) == []
 
 
@@ -219,8 +434,13 @@ def test_diagnose_prefers_the_fatal_cause() -> None:
 
 
 def test_unschedulable_event_when_the_reason_appears_in_the_same_phase() -> None:
-    pending = {"phase": "Pending", "conditions": [{"type": "Ready", "status": "False", "reason": "InstancesNotReady"}]}
-    now = {"phase": "Pending", "conditions": [{"type": "Ready", "status": "False", "reason": "Unschedulable",
-                                               "message": SCHED_MSG}]}
+    pending = {
+        "phase": "Pending",
+        "conditions": [{"type": "Ready", "status": "False", "reason": "InstancesNotReady"}],
+    }
+    now = {
+        "phase": "Pending",
+        "conditions": [{"type": "Ready", "status": "False", "reason": "Unschedulable", "message": SCHED_MSG}],
+    }
     assert [(e.reason, e.message) for e in status_events(pending, now)] == [("Unschedulable", SCHED_MSG)]
     assert status_events(now, now) == []

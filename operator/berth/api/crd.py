@@ -117,50 +117,55 @@ def _resolve(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def _structural(schema: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str, Any]:
-    schema = _resolve(schema, defs)
-    if "anyOf" in schema:
-        options = [o for o in schema["anyOf"] if o.get("type") != "null"]
-        rest = {k: v for k, v in schema.items() if k != "anyOf"}
-        if schema.get("x-kubernetes-int-or-string") or {o.get("type") for o in options} == {
-            "integer",
-            "string",
-        }:
-            int_or_string: dict[str, Any] = {"x-kubernetes-int-or-string": True}
-            int_or_string.update({k: v for k, v in rest.items() if k in ("description", "default")})
-            return int_or_string
-        if len(options) != 1:
-            raise ValueError(f"{path}: a union of {options} has no structural form")
-        schema = {**_resolve(options[0], defs), **rest}
-        if schema.get("default", 0) is None:
-            del schema["default"]
+def _int_or_string(schema: dict[str, Any]) -> dict[str, Any] | None:
+    """`int | str` (or a field marked x-kubernetes-int-or-string) as an IntOrString; None for other unions."""
+    types = {o.get("type") for o in schema["anyOf"] if o.get("type") != "null"}
+    if not schema.get("x-kubernetes-int-or-string") and types != {"integer", "string"}:
+        return None
+    out: dict[str, Any] = {"x-kubernetes-int-or-string": True}
+    out.update({k: v for k, v in schema.items() if k in ("description", "default")})
+    return out
 
-    out: dict[str, Any] = {}
-    for key, value in schema.items():
-        if key not in _KEEP:
-            continue
-        if key == "properties":
-            out[key] = {}
-            for name, sub in value.items():
-                prop = _structural(sub, defs, f"{path}.{name}" if path else name)
-                optional = "anyOf" in _resolve(sub, defs)
-                if (
-                    prop.get("type") == "object"
-                    and "properties" in prop
-                    and "default" not in prop
-                    and not optional
-                ):
-                    prop["default"] = {}  # a default_factory sub-object: let its fields default
-                out[key][name] = prop
-        elif key == "items":
-            out[key] = _structural(value, defs, f"{path}[]")
-        elif key == "additionalProperties":
-            if value is True or value == {}:
-                out["x-kubernetes-preserve-unknown-fields"] = True
-            elif value is not False:
-                out[key] = _structural(value, defs, f"{path}{{}}")
-        else:
-            out[key] = value
+
+def _optional(schema: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str, Any]:
+    """`X | None` as X (absent means None; a None default is dropped)."""
+    options = [o for o in schema["anyOf"] if o.get("type") != "null"]
+    if len(options) != 1:
+        raise ValueError(f"{path}: a union of {options} has no structural form")
+    rest = {k: v for k, v in schema.items() if k != "anyOf"}
+    out = {**_resolve(options[0], defs), **rest}
+    if out.get("default", 0) is None:
+        del out["default"]
+    return out
+
+
+def _property(sub: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str, Any]:
+    prop = _structural(sub, defs, path)
+    optional = "anyOf" in _resolve(sub, defs)
+    if prop.get("type") == "object" and "properties" in prop and "default" not in prop and not optional:
+        prop["default"] = {}  # a default_factory sub-object: let its fields default
+    return prop
+
+
+def _keyword(key: str, value: Any, defs: dict[str, Any], path: str) -> dict[str, Any]:
+    """One kept keyword of a schema, its sub-schemas made structural."""
+    if key == "properties":
+        return {
+            key: {
+                name: _property(sub, defs, f"{path}.{name}" if path else name) for name, sub in value.items()
+            }
+        }
+    if key == "items":
+        return {key: _structural(value, defs, f"{path}[]")}
+    if key == "additionalProperties":
+        if value is True or value == {}:
+            return {"x-kubernetes-preserve-unknown-fields": True}
+        return {} if value is False else {key: _structural(value, defs, f"{path}{{}}")}
+    return {key: value}
+
+
+def _finish(out: dict[str, Any], schema: dict[str, Any], path: str) -> dict[str, Any]:
+    """OpenAPI v3 bounds, free-form objects, defaults reduced so nested ones apply, the CEL rules."""
     if "exclusiveMinimum" in schema:  # JSON Schema 2020 number -> OpenAPI v3 boolean form
         out["minimum"] = schema["exclusiveMinimum"]
         out["exclusiveMinimum"] = True
@@ -176,6 +181,20 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any], path: str) -> dict
     if path in CEL_RULES:
         out["x-kubernetes-validations"] = CEL_RULES[path]
     return out
+
+
+def _structural(schema: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str, Any]:
+    schema = _resolve(schema, defs)
+    if "anyOf" in schema:
+        int_or_string = _int_or_string(schema)
+        if int_or_string is not None:
+            return int_or_string
+        schema = _optional(schema, defs, path)
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _KEEP:
+            out.update(_keyword(key, value, defs, path))
+    return _finish(out, schema, path)
 
 
 def openapi_schema() -> dict[str, Any]:

@@ -8,8 +8,9 @@ Field names are snake_case in Python and camelCase on the wire (Kubernetes conve
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -348,14 +349,22 @@ class ModelDeploymentSpec(_Base):
 
 
 Phase = Literal["Pending", "Deploying", "Running", "Updating", "Degraded", "Failed", "Idle"]
-PHASES: tuple[str, ...] = ("Pending", "Deploying", "Running", "Updating", "Degraded", "Failed", "Idle")
+PHASES: tuple[Phase, ...] = get_args(Phase)
+ConditionType = Literal["Ready", "Progressing", "Degraded"]
+CONDITION_TYPES: tuple[ConditionType, ...] = get_args(ConditionType)
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+def _either(names: tuple[str, ...], conjunction: str) -> str:
+    """`A, B or C`."""
+    return f"{', '.join(names[:-1])} {conjunction} {names[-1]}"
 
 
 class Condition(_Base):
     """A status condition (Kubernetes API conventions)."""
 
-    type: str = Field(description="Ready, Progressing or Degraded.")
-    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    type: str = Field(description=f"{_either(CONDITION_TYPES, 'or')}.")
+    status: ConditionStatus = Field(description=f"{_either(get_args(ConditionStatus), 'or')}.")
     reason: str = Field("", description="One CamelCase word for machines.")
     message: str = Field("", description="What happened, for people.")
     last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).")
@@ -367,9 +376,11 @@ class ModelDeploymentStatus(_Base):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
-    phase: Phase | None = Field(
-        None, description="Pending, Deploying, Running, Updating, Degraded, Failed or Idle."
-    )
+    # Who writes what: the autoscaler writes these fields (status.desiredCapacity, status.lastScaleTime),
+    # the reconcile every other one. A merge patch from either leaves the other's fields as they are.
+    AUTOSCALER_FIELDS: ClassVar[frozenset[str]] = frozenset({"desired_capacity", "last_scale_time"})
+
+    phase: Phase | None = Field(None, description=f"{_either(PHASES, 'or')}.")
     capacity: int | None = Field(None, description="Capacity the operator is working towards.")
     ready_capacity: int | None = Field(None, description="Instances ready to serve.")
     replicas: int | None = Field(
@@ -381,7 +392,9 @@ class ModelDeploymentStatus(_Base):
     endpoint: str | None = Field(None, description="In-cluster OpenAI base URL, ending in /v1.")
     served_model_name: str | None = Field(None, description="The `model` value clients send.")
     api_key_secret: str | None = Field(None, description="Secret holding the API keys.")
-    conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing and Degraded.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description=f"{_either(CONDITION_TYPES, 'and')}."
+    )
     observed_generation: int | None = Field(None, description="The spec generation last reconciled.")
     ready_at: str | None = Field(None, description="When the instance first became Running (RFC 3339).")
     time_to_ready_seconds: float | None = Field(
@@ -393,6 +406,20 @@ class ModelDeploymentStatus(_Base):
     metered_at: str | None = Field(None, description="When computeUnitHours was last brought up to date.")
     desired_capacity: int | None = Field(None, description="Capacity the autoscaler last asked for.")
     last_scale_time: str | None = Field(None, description="When the autoscaler last changed capacity.")
+
+    @classmethod
+    def reconciled_fields(cls) -> tuple[str, ...]:
+        """The fields the reconcile writes (Python names, in schema order)."""
+        return tuple(name for name in cls.model_fields if name not in cls.AUTOSCALER_FIELDS)
+
+    @classmethod
+    def wire_names(cls, fields: Collection[str]) -> tuple[str, ...]:
+        """The camelCase keys of `fields` as stored in the resource (schema order)."""
+        return tuple(f.alias or name for name, f in cls.model_fields.items() if name in fields)
+
+    def patch(self, fields: Collection[str]) -> dict[str, Any]:
+        """A merge patch setting exactly `fields` (camelCase, JSON values; None removes a key)."""
+        return self.model_dump(mode="json", by_alias=True, include=set(fields))
 
 
 class ModelDeployment(_Base):

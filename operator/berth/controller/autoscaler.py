@@ -22,10 +22,11 @@ from typing import Any, Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from berth.api.models import ModelDeployment
-from berth.controller import builders, kube, metrics
+from berth.api.models import ModelDeployment, ModelDeploymentStatus
+from berth.controller import kube, metrics, names
+from berth.controller.events import EventSpec, emit
 from berth.controller.settings import OperatorSettings
-from berth.controller.status import EventSpec, format_time
+from berth.controller.status import format_time
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,6 @@ def decide(
                 average,
             )
         return Decision(current, f"{what}; holding {current}", average)
-    if current < policy.min_capacity:
-        return Decision(policy.min_capacity, f"capacity below minCapacity -> {policy.min_capacity}", average)
     return Decision(current, f"{what}; steady at {current}", average)
 
 
@@ -188,7 +187,7 @@ class Autoscaler:
             self.forget(*key)
             return None
         state = self.states.setdefault(key, State())
-        pods = self.client.list(kube.POD, md.namespace, builders.selector_string(md))
+        pods = self.client.list(kube.POD, md.namespace, names.selector_string(md))
         per_pod = self.source.in_flight(pods, self.settings.server_port)
         policy = Policy.from_spec(md, window=max(self.settings.autoscale_interval_seconds * 2, 1.0))
         # A ready pod whose /metrics did not answer counts as loaded at the target (as the HPA assumes
@@ -206,18 +205,20 @@ class Autoscaler:
         status = body.get("status") or {}
         if decision.desired != current:
             self.client.patch_scale(kube.MODEL_DEPLOYMENT, md.namespace, md.name, decision.desired)
+            scaled = ModelDeploymentStatus(
+                desired_capacity=decision.desired, last_scale_time=format_time(now)
+            )
             self.client.patch_status(
                 kube.MODEL_DEPLOYMENT,
                 md.namespace,
                 md.name,
-                {"desiredCapacity": decision.desired, "lastScaleTime": format_time(now)},
+                scaled.patch(ModelDeploymentStatus.AUTOSCALER_FIELDS),
             )
-            from berth.controller.reconcile import emit
-
             emit(self.client, body, [EventSpec("Normal", "Autoscaled", decision.reason)], now)
             log.info("%s/%s: %s", md.namespace, md.name, decision.reason)
         elif status.get("desiredCapacity") != decision.desired:
+            desired = ModelDeploymentStatus(desired_capacity=decision.desired)
             self.client.patch_status(
-                kube.MODEL_DEPLOYMENT, md.namespace, md.name, {"desiredCapacity": decision.desired}
+                kube.MODEL_DEPLOYMENT, md.namespace, md.name, desired.patch({"desired_capacity"})
             )
         return decision

@@ -3,6 +3,9 @@
 No client, no kopf, no clock, no randomness (the generated API key is passed in), so every builder
 is golden-file tested. Every child carries the `app.kubernetes.io/*` labels and a controller
 ownerReference to its ModelDeployment, so the garbage collector removes it with its owner.
+
+The Deployment is composed from small parts, one per concern: the model source (volumes, mounts and
+the download init container), auth (the API-key volume), resources, probes and security contexts.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from __future__ import annotations
 import base64
 import json
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
-from berth.api.models import API_VERSION, KIND, ModelDeployment, ModelUri
+from berth.api.models import ModelDeployment, ModelUri
+from berth.controller import names
 from berth.controller.settings import OperatorSettings
 
 Manifest = dict[str, Any]
@@ -20,124 +25,101 @@ Manifest = dict[str, Any]
 MODEL_ROOT = "/models"
 ADAPTER_ROOT = "/adapters"
 API_KEY_DIR = "/etc/berth/api-keys"
-SELECTOR_LABEL = "berth.dev/model-deployment"
-MANAGED_BY = "berth-operator"
 USER_ID = 1000
-# On the Deployment: the pod-template label and annotation keys that came from spec.podTemplate, so
-# that the reconcile can remove a key the spec no longer names (others' keys, such as kubectl's
-# restartedAt, are left alone).
-POD_METADATA_KEYS = "berth.dev/pod-template-keys"
-
-
-def labels(md: ModelDeployment) -> dict[str, str]:
-    """The labels every child and every instance pod carries."""
-    return {
-        "app.kubernetes.io/name": "berth-server",
-        "app.kubernetes.io/instance": md.name,
-        "app.kubernetes.io/component": "inference-server",
-        "app.kubernetes.io/part-of": "berth",
-        "app.kubernetes.io/managed-by": MANAGED_BY,
-        SELECTOR_LABEL: md.name,
-    }
-
-
-def selector_labels(md: ModelDeployment) -> dict[str, str]:
-    return {SELECTOR_LABEL: md.name}
-
-
-def selector_string(md: ModelDeployment) -> str:
-    """The instance pods' label selector in string form (status.selector, for the scale subresource)."""
-    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(md).items()))
-
-
-def owner_reference(md: ModelDeployment) -> dict[str, Any]:
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "name": md.name,
-        "uid": md.metadata["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
 
 
 def _metadata(md: ModelDeployment, name: str) -> dict[str, Any]:
     return {
         "name": name,
         "namespace": md.namespace,
-        "labels": labels(md),
-        "ownerReferences": [owner_reference(md)],
+        "labels": names.labels(md),
+        "ownerReferences": [names.owner_reference(md)],
     }
 
 
-def deployment_name(md: ModelDeployment) -> str:
-    return md.name
+# ---------------------------------------------------------------- parts of the instance pod
 
 
-def service_name(md: ModelDeployment) -> str:
-    return md.name
+@dataclass
+class PodParts:
+    """What one concern adds to the instance pod: volumes, server mounts, hf:// downloads."""
+
+    volumes: list[dict[str, Any]] = field(default_factory=list)
+    mounts: list[dict[str, Any]] = field(default_factory=list)
+    # (volume, {"repo", "revision", "dir"}) for each source the init container downloads
+    downloads: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def add(self, other: PodParts) -> None:
+        self.volumes += other.volumes
+        self.mounts += other.mounts
+        self.downloads += other.downloads
 
 
-def api_key_secret_name(md: ModelDeployment) -> str | None:
-    """The Secret the instances read their keys from; None when auth is off."""
-    if md.spec.auth.mode == "none":
-        return None
-    return md.spec.auth.api_key_secret_ref or f"{md.name}-api-keys"
+@dataclass
+class ModelSource(PodParts):
+    """The model and its adapters: where the server reads them, and the pod parts that put them there."""
+
+    model_path: str = ""
+    adapter_args: list[str] = field(default_factory=list)  # `--adapter name=path` values
 
 
-def endpoint(md: ModelDeployment, settings: OperatorSettings) -> str:
-    return f"http://{service_name(md)}.{md.namespace}.svc.{settings.cluster_domain}/v1"
-
-
-def _mount(name: str, path: str, read_only: bool) -> dict[str, Any]:
-    # readOnly only when true: the API server drops a false one, and the diff would see a change each time
-    return (
-        {"name": name, "mountPath": path, "readOnly": True}
-        if read_only
-        else {"name": name, "mountPath": path}
+def scratch() -> PodParts:
+    """The writable directories of a read-only root filesystem: /tmp and a shared-memory /dev/shm."""
+    return PodParts(
+        volumes=[
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+        ],
+        mounts=[{"name": "tmp", "mountPath": "/tmp"}, {"name": "shm", "mountPath": "/dev/shm"}],
     )
 
 
-def _source_volume(
-    uri: ModelUri, volume: str, mount: str
-) -> tuple[dict[str, Any], str, dict[str, Any] | None]:
-    """(volume, path the server reads, init container download spec or None) for one model or adapter source."""
+def _source(uri: ModelUri, volume: str, mount: str) -> tuple[PodParts, str]:
+    """(pod parts, path the server reads) for one model or adapter source mounted at `mount`."""
     if uri.scheme == "pvc":
         vol = {"name": volume, "persistentVolumeClaim": {"claimName": uri.location, "readOnly": True}}
-        return vol, f"{mount}/{uri.path}".rstrip("/"), None
-    if uri.scheme == "hostpath":
-        return {"name": volume, "hostPath": {"path": uri.location, "type": "Directory"}}, mount, None
-    if uri.scheme == "hf":
+        path = f"{mount}/{uri.path}".rstrip("/")
+    elif uri.scheme == "hostpath":
+        vol, path = {"name": volume, "hostPath": {"path": uri.location, "type": "Directory"}}, mount
+    elif uri.scheme == "hf":
         download = {"repo": uri.location, "revision": uri.path or "main", "dir": mount}
-        return {"name": volume, "emptyDir": {}}, mount, download
-    raise ValueError(f"no volume for {uri.scheme}://")
+        parts = PodParts(
+            volumes=[{"name": volume, "emptyDir": {}}],
+            mounts=[{"name": volume, "mountPath": mount, "readOnly": False}],
+            downloads=[(volume, download)],
+        )
+        return parts, mount
+    else:
+        raise ValueError(f"no volume for {uri.scheme}://")
+    return PodParts(volumes=[vol], mounts=[{"name": volume, "mountPath": mount, "readOnly": True}]), path
 
 
-def _hf_init_container(
-    md: ModelDeployment,
-    image: str,
-    downloads: list[tuple[str, dict[str, Any]]],
-    pull_policy: str,
-    resources: dict[str, Any],
-) -> dict[str, Any]:
-    """One init container that downloads every hf:// source into its cache volume."""
-    script = " && ".join(
-        f"hf download {d['repo']} --revision {d['revision']} --local-dir {d['dir']}" for _, d in downloads
+def model_source(md: ModelDeployment) -> ModelSource:
+    """Volumes, mounts and downloads for spec.model (builtin:// is in the image) and its adapters."""
+    model = md.spec.model
+    source = ModelSource(model_path=model.uri)
+    uri = model.parsed_uri
+    if uri.scheme != "builtin":
+        parts, source.model_path = _source(uri, "model", f"{MODEL_ROOT}/{uri.scheme}")
+        source.add(parts)
+    for adapter in model.adapters:
+        parts, path = _source(
+            ModelUri.parse(adapter.uri), f"adapter-{adapter.name}", f"{ADAPTER_ROOT}/{adapter.name}"
+        )
+        source.add(parts)
+        source.adapter_args.append(f"{adapter.name}={path}")
+    return source
+
+
+def auth(md: ModelDeployment) -> PodParts:
+    """The API-key Secret mounted read-only where the server reads it (nothing when auth is off)."""
+    secret = names.api_key_secret_name(md)
+    if secret is None:
+        return PodParts()
+    return PodParts(
+        volumes=[{"name": "api-keys", "secret": {"secretName": secret, "defaultMode": 0o440}}],
+        mounts=[{"name": "api-keys", "mountPath": API_KEY_DIR, "readOnly": True}],
     )
-    env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": "/tmp/hf"}, {"name": "HOME", "value": "/tmp"}]
-    ref = md.spec.model.hf_token_secret_ref
-    if ref is not None:
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
-    return {
-        "name": "download-model",
-        "image": image,
-        "imagePullPolicy": pull_policy,
-        "command": ["sh", "-c", script],
-        "env": env,
-        "volumeMounts": [{"name": vol, "mountPath": d["dir"]} for vol, d in downloads]
-        + [{"name": "tmp", "mountPath": "/tmp"}],
-        "securityContext": _container_security(),
-    }
 
 
 def cpu_threads(cpu: str) -> int:
@@ -155,7 +137,57 @@ def cpu_threads(cpu: str) -> int:
         return 1
 
 
-def _container_security() -> dict[str, Any]:
+def _cpu_memory(md: ModelDeployment, settings: OperatorSettings) -> dict[str, Any]:
+    return {
+        "cpu": md.spec.resources.cpu or settings.default_cpu,
+        "memory": md.spec.resources.memory or settings.default_memory,
+    }
+
+
+def server_resources(md: ModelDeployment, settings: OperatorSettings) -> dict[str, Any]:
+    """Requests = limits: CPU, memory and the GPUs of one instance."""
+    limits = _cpu_memory(md, settings)
+    if md.spec.resources.gpus > 0:
+        limits[md.spec.resources.gpu_resource_name] = md.spec.resources.gpus
+    # Requests name every limit (the API server would otherwise copy the GPU limit into requests, and the
+    # reconcile, which owns these maps whole, would see a key it did not ask for).
+    return {"requests": dict(limits), "limits": limits}
+
+
+def download_resources(md: ModelDeployment, settings: OperatorSettings) -> dict[str, Any]:
+    """The download init container's: an instance's CPU and memory, no GPU (a ResourceQuota on CPU or
+    memory refuses a pod with any container that names none; the pod's request stays the server's)."""
+    return {"requests": _cpu_memory(md, settings), "limits": _cpu_memory(md, settings)}
+
+
+def probes(settings: OperatorSettings) -> dict[str, Any]:
+    """Startup, liveness and readiness probes and the preStop hook of the server container."""
+    return {
+        # Started = the model is loaded and warmed up (so `started` tells a loading pod from one that
+        # served and then lost readiness); liveness and readiness probes wait for it.
+        "startupProbe": {
+            "httpGet": {"path": "/health/ready", "port": "http"},
+            "periodSeconds": 5,
+            "failureThreshold": max(settings.startup_seconds // 5, 1),
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/health/live", "port": "http"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/health/ready", "port": "http"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 2,
+        },
+        # Endpoints stop sending new requests before SIGTERM; then the server drains its in-flight streams.
+        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
+    }
+
+
+def container_security() -> dict[str, Any]:
     return {
         "runAsNonRoot": True,
         "runAsUser": USER_ID,
@@ -163,6 +195,19 @@ def _container_security() -> dict[str, Any]:
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
     }
+
+
+def pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": USER_ID,
+        "runAsGroup": USER_ID,
+        "fsGroup": USER_ID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+# ---------------------------------------------------------------- containers and the pod
 
 
 def server_args(
@@ -197,169 +242,129 @@ def server_args(
         args += ["--max-model-len", str(spec.model.max_model_len)]
     for adapter in adapters:
         args += ["--adapter", adapter]
-    if api_key_secret_name(md) is not None:
+    if names.api_key_secret_name(md) is not None:
         args += ["--api-key-dir", API_KEY_DIR]
     return args + list(spec.engine.extra_args)
+
+
+def server_image(md: ModelDeployment, settings: OperatorSettings) -> str:
+    if md.spec.image:
+        return md.spec.image
+    return settings.server_image if md.spec.resources.gpus > 0 else settings.server_cpu_image
+
+
+def _server_container(
+    md: ModelDeployment, settings: OperatorSettings, source: ModelSource, mounts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    env: list[dict[str, Any]] = [
+        {"name": "OMP_NUM_THREADS", "value": str(cpu_threads(_cpu_memory(md, settings)["cpu"]))},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": "/tmp/hf"},
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *md.spec.pod_template.env,
+    ]
+    return {
+        "name": "server",
+        "image": server_image(md, settings),
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": server_args(md, settings, source.model_path, source.adapter_args),
+        "ports": [{"name": "http", "containerPort": settings.server_port, "protocol": "TCP"}],
+        "env": env,
+        "resources": server_resources(md, settings),
+        "volumeMounts": mounts,
+        "securityContext": container_security(),
+        **probes(settings),
+    }
+
+
+def _download_container(
+    md: ModelDeployment, settings: OperatorSettings, downloads: list[tuple[str, dict[str, Any]]]
+) -> dict[str, Any]:
+    """One init container that downloads every hf:// source into its cache volume."""
+    script = " && ".join(
+        f"hf download {d['repo']} --revision {d['revision']} --local-dir {d['dir']}" for _, d in downloads
+    )
+    env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": "/tmp/hf"}, {"name": "HOME", "value": "/tmp"}]
+    ref = md.spec.model.hf_token_secret_ref
+    if ref is not None:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return {
+        "name": "download-model",
+        "image": server_image(md, settings),
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["sh", "-c", script],
+        "env": env,
+        "resources": download_resources(md, settings),
+        "volumeMounts": [{"name": vol, "mountPath": d["dir"]} for vol, d in downloads]
+        + [{"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": container_security(),
+    }
+
+
+def _tolerations(md: ModelDeployment) -> list[dict[str, Any]]:
+    """spec.podTemplate.tolerations, plus one for the GPU taint when the instance asks for GPUs."""
+    tolerations = list(md.spec.pod_template.tolerations)
+    gpu = md.spec.resources.gpu_resource_name
+    if md.spec.resources.gpus > 0 and not any(t.get("key") == gpu for t in tolerations):
+        tolerations.append({"key": gpu, "operator": "Exists", "effect": "NoSchedule"})
+    return tolerations
+
+
+def pod_spec(md: ModelDeployment, settings: OperatorSettings) -> dict[str, Any]:
+    """The instance pod: the server container and whatever the model source and auth need."""
+    source = model_source(md)
+    parts = scratch()
+    parts.add(source)
+    parts.add(auth(md))
+    overrides = md.spec.pod_template
+    init = [_download_container(md, settings, parts.downloads)] if parts.downloads else None
+    return {
+        "containers": [_server_container(md, settings, source, parts.mounts)],
+        "volumes": parts.volumes,
+        "terminationGracePeriodSeconds": settings.drain_seconds,
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "securityContext": pod_security(),
+        # Optional fields are None when unset (not left out), so that the merge patch removes them from an
+        # existing Deployment when the spec stops asking for them (e.g. hf:// -> pvc:// drops the download).
+        "initContainers": init,
+        "nodeSelector": dict(overrides.node_selector) or None,
+        "tolerations": _tolerations(md) or None,
+        "affinity": overrides.affinity or None,
+        "priorityClassName": overrides.priority_class_name or None,
+        "imagePullSecrets": [{"name": n} for n in overrides.image_pull_secrets] or None,
+    }
+
+
+def pod_metadata(md: ModelDeployment, settings: OperatorSettings) -> dict[str, Any]:
+    """The pod template's labels (ours win over spec.podTemplate's) and annotations (Prometheus scraping)."""
+    overrides = md.spec.pod_template
+    return {
+        "labels": {**overrides.labels, **names.labels(md)},
+        "annotations": {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(settings.server_port),
+            "prometheus.io/path": "/metrics",
+            **overrides.annotations,
+        },
+    }
 
 
 def build_deployment(md: ModelDeployment, settings: OperatorSettings) -> Manifest:
     """The Deployment running `capacity` server instances."""
     spec = md.spec
-    gpus = spec.resources.gpus
-    image = spec.image or (settings.server_image if gpus > 0 else settings.server_cpu_image)
-
-    volumes: list[dict[str, Any]] = [
-        {"name": "tmp", "emptyDir": {}},
-        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
-    ]
-    mounts: list[dict[str, Any]] = [
-        {"name": "tmp", "mountPath": "/tmp"},
-        {"name": "shm", "mountPath": "/dev/shm"},
-    ]
-    downloads: list[tuple[str, dict[str, Any]]] = []
-
-    uri = spec.model.parsed_uri
-    if uri.scheme == "builtin":
-        model_path = spec.model.uri
-    else:
-        vol, model_path, download = _source_volume(uri, "model", f"{MODEL_ROOT}/{uri.scheme}")
-        volumes.append(vol)
-        mounts.append(
-            {"name": "model", "mountPath": f"{MODEL_ROOT}/{uri.scheme}", "readOnly": download is None}
-        )
-        if download:
-            downloads.append(("model", download))
-
-    adapter_args: list[str] = []
-    for adapter in spec.model.adapters:
-        vol_name = f"adapter-{adapter.name}"
-        vol, path, download = _source_volume(
-            ModelUri.parse(adapter.uri), vol_name, f"{ADAPTER_ROOT}/{adapter.name}"
-        )
-        volumes.append(vol)
-        mounts.append(
-            {"name": vol_name, "mountPath": f"{ADAPTER_ROOT}/{adapter.name}", "readOnly": download is None}
-        )
-        if download:
-            downloads.append((vol_name, download))
-        adapter_args.append(f"{adapter.name}={path}")
-
-    secret = api_key_secret_name(md)
-    if secret is not None:
-        volumes.append({"name": "api-keys", "secret": {"secretName": secret, "defaultMode": 0o440}})
-        mounts.append({"name": "api-keys", "mountPath": API_KEY_DIR, "readOnly": True})
-
-    cpu = spec.resources.cpu or settings.default_cpu
-    memory = spec.resources.memory or settings.default_memory
-    cpu_memory: dict[str, Any] = {"cpu": cpu, "memory": memory}
-    limits: dict[str, Any] = dict(cpu_memory)
-    if gpus > 0:
-        limits[spec.resources.gpu_resource_name] = gpus
-    # Requests name every limit (the API server would otherwise copy the GPU limit into requests, and the
-    # reconcile, which owns these maps whole, would see a key it did not ask for).
-    requests: dict[str, Any] = dict(limits)
-
-    env: list[dict[str, Any]] = [
-        {"name": "OMP_NUM_THREADS", "value": str(cpu_threads(cpu))},
-        {"name": "HOME", "value": "/tmp"},
-        {"name": "HF_HOME", "value": "/tmp/hf"},
-        {"name": "HF_HUB_OFFLINE", "value": "1"},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
-        *spec.pod_template.env,
-    ]
-    port = settings.server_port
-    container: dict[str, Any] = {
-        "name": "server",
-        "image": image,
-        "imagePullPolicy": settings.image_pull_policy,
-        "args": server_args(md, settings, model_path, adapter_args),
-        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
-        "env": env,
-        "resources": {"requests": requests, "limits": limits},
-        "volumeMounts": mounts,
-        "securityContext": _container_security(),
-        # Started = the model is loaded and warmed up (so `started` tells a loading pod from one that
-        # served and then lost readiness); liveness and readiness probes wait for it.
-        "startupProbe": {
-            "httpGet": {"path": "/health/ready", "port": "http"},
-            "periodSeconds": 5,
-            "failureThreshold": max(settings.startup_seconds // 5, 1),
-        },
-        "livenessProbe": {
-            "httpGet": {"path": "/health/live", "port": "http"},
-            "periodSeconds": 10,
-            "timeoutSeconds": 5,
-            "failureThreshold": 3,
-        },
-        "readinessProbe": {
-            "httpGet": {"path": "/health/ready", "port": "http"},
-            "periodSeconds": 5,
-            "timeoutSeconds": 3,
-            "failureThreshold": 2,
-        },
-        # Endpoints stop sending new requests before SIGTERM; then the server drains its in-flight streams.
-        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
-    }
-
-    pod_spec: dict[str, Any] = {
-        "containers": [container],
-        "volumes": volumes,
-        "terminationGracePeriodSeconds": settings.drain_seconds,
-        "enableServiceLinks": False,
-        "automountServiceAccountToken": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": USER_ID,
-            "runAsGroup": USER_ID,
-            "fsGroup": USER_ID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-    }
     overrides = spec.pod_template
-    tolerations = list(overrides.tolerations)
-    if gpus > 0 and not any(t.get("key") == spec.resources.gpu_resource_name for t in tolerations):
-        tolerations.append(
-            {"key": spec.resources.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"}
-        )
-    init = [
-        _hf_init_container(
-            md, image, downloads, settings.image_pull_policy, {"requests": cpu_memory, "limits": cpu_memory}
-        )
-    ]
-    # Optional fields are None when unset (not left out), so that the merge patch removes them from an
-    # existing Deployment when the spec stops asking for them (e.g. hf:// -> pvc:// drops the download).
-    pod_spec.update(
-        {
-            "initContainers": init if downloads else None,
-            "nodeSelector": dict(overrides.node_selector) or None,
-            "tolerations": tolerations or None,
-            "affinity": overrides.affinity or None,
-            "priorityClassName": overrides.priority_class_name or None,
-            "imagePullSecrets": [{"name": n} for n in overrides.image_pull_secrets] or None,
-        }
-    )
-
-    pod_labels = {**overrides.labels, **labels(md)}
-    pod_annotations = {
-        "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(port),
-        "prometheus.io/path": "/metrics",
-        **overrides.annotations,
-    }
-    metadata = _metadata(md, deployment_name(md))
-    metadata["annotations"] = {
-        POD_METADATA_KEYS: json.dumps(
-            {"labels": sorted(overrides.labels), "annotations": sorted(overrides.annotations)},
-            separators=(",", ":"),
-        )
-    }
+    recorded = {"labels": sorted(overrides.labels), "annotations": sorted(overrides.annotations)}
+    metadata = _metadata(md, names.deployment_name(md))
+    metadata["annotations"] = {names.POD_METADATA_KEYS: json.dumps(recorded, separators=(",", ":"))}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": metadata,
         "spec": {
             "replicas": spec.capacity,
-            "selector": {"matchLabels": selector_labels(md)},
+            "selector": {"matchLabels": names.selector_labels(md)},
             "strategy": {
                 "type": "RollingUpdate",
                 "rollingUpdate": {
@@ -369,23 +374,23 @@ def build_deployment(md: ModelDeployment, settings: OperatorSettings) -> Manifes
             },
             "revisionHistoryLimit": 3,
             "progressDeadlineSeconds": settings.startup_seconds,
-            "template": {
-                "metadata": {"labels": pod_labels, "annotations": pod_annotations},
-                "spec": pod_spec,
-            },
+            "template": {"metadata": pod_metadata(md, settings), "spec": pod_spec(md, settings)},
         },
     }
 
 
-def build_service(md: ModelDeployment, settings: OperatorSettings) -> Manifest:
+# ---------------------------------------------------------------- the other children
+
+
+def build_service(md: ModelDeployment) -> Manifest:
     """The ClusterIP Service: port 80 (name http) to the server port."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(md, service_name(md)),
+        "metadata": _metadata(md, names.service_name(md)),
         "spec": {
             "type": "ClusterIP",
-            "selector": selector_labels(md),
+            "selector": names.selector_labels(md),
             "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
         },
     }
@@ -396,7 +401,7 @@ def build_api_key_secret(md: ModelDeployment, key: str) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": _metadata(md, f"{md.name}-api-keys"),
+        "metadata": _metadata(md, names.generated_api_key_secret_name(md)),
         "type": "Opaque",
         "data": {"default": base64.b64encode(key.encode()).decode()},
     }
@@ -421,9 +426,9 @@ def build_network_policy(md: ModelDeployment, settings: OperatorSettings) -> Man
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": _metadata(md, md.name),
+        "metadata": _metadata(md, names.network_policy_name(md)),
         "spec": {
-            "podSelector": {"matchLabels": selector_labels(md)},
+            "podSelector": {"matchLabels": names.selector_labels(md)},
             "policyTypes": ["Ingress"],
             "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": settings.server_port}]}],
         },
@@ -437,6 +442,6 @@ def build_pdb(md: ModelDeployment) -> Manifest | None:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": _metadata(md, md.name),
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(md)}},
+        "metadata": _metadata(md, names.pdb_name(md)),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": names.selector_labels(md)}},
     }

@@ -2,45 +2,30 @@
 
 One reconcile path serves create, update, resume, the resync timer and the watches on the owned
 Deployments and Pods (so status follows them within seconds). Reconciles of one ModelDeployment are
-serialised by a per-object lock; different objects run in parallel on kopf's thread pool.
+serialised by a per-object lock; different objects run in parallel on kopf's thread pool. The state
+they share (client, autoscaler, locks, loops) is one `OperatorContext` in kopf's memo.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 import pydantic
 
-from berth.api.models import GROUP, KIND, PLURAL, VERSION
-from berth.controller import builders, kube, metrics
-from berth.controller.autoscaler import Autoscaler
+from berth.api.models import GROUP, PLURAL, VERSION
+from berth.controller import kube, metrics, names
+from berth.controller.context import MEMO_KEY, OperatorContext, from_memo
+from berth.controller.events import EventSpec, emit
 from berth.controller.loops import Loop, is_leader
-from berth.controller.reconcile import managed_status, reconcile
+from berth.controller.reconcile import Result, reconcile
 from berth.controller.settings import get_settings
-from berth.controller.status import failed_status
+from berth.controller.status import failed_status, managed_status
 
-SETTINGS = get_settings()
-# Filled in by `berth operator` before kopf starts: watched namespaces and this process's peering priority.
-RUNTIME: dict[str, Any] = {}
 log = logging.getLogger(__name__)
-MANAGED = {"app.kubernetes.io/managed-by": builders.MANAGED_BY}
-
-_locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
-_client: kube.Kube | None = None
-_autoscaler: Autoscaler | None = None
-
-
-def client() -> kube.Kube:
-    global _client
-    if _client is None:
-        _client = kube.KubeClient()
-    return _client
 
 
 def spec_error_message(error: pydantic.ValidationError) -> str:
@@ -68,37 +53,55 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = 8
 
 
+def _api_failure(e: kube.ApiError, trigger: str, delay: float) -> kopf.TemporaryError:
+    metrics.RECONCILES.labels(trigger=trigger, result="error").inc()
+    return kopf.TemporaryError(f"Kubernetes API: {e}", delay=delay)
+
+
+def _reconcile_fresh(
+    ctx: OperatorContext, namespace: str, name: str, trigger: str, *, permanent_on_invalid: bool
+) -> Result | None:
+    """Read the ModelDeployment and reconcile it; None when it is gone or its spec is invalid."""
+    now = datetime.now(UTC)
+    try:
+        body = ctx.client.get(kube.MODEL_DEPLOYMENT, namespace, name)
+    except kube.ApiError as e:
+        raise _api_failure(e, trigger, delay=5) from None
+    if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    try:
+        return reconcile(body, ctx.client, ctx.settings, now)
+    except pydantic.ValidationError as e:
+        _record_failure(ctx, body, "InvalidSpec", spec_error_message(e), now)
+        metrics.RECONCILES.labels(trigger=trigger, result="invalid").inc()
+        if permanent_on_invalid:
+            raise kopf.PermanentError(spec_error_message(e)) from None
+        return None
+    except kube.Rejected as e:
+        # The API server refused a child built from this spec (e.g. a name that is no DNS label): say so
+        # on the resource; retry later, as a fix may come from an edit or an admission change.
+        failure = _api_failure(e, trigger, delay=60)
+        _record_failure(ctx, body, "ChildRejected", f"the API server refused a child: {e.message}", now)
+        raise failure from None
+    except kube.ApiError as e:
+        raise _api_failure(e, trigger, delay=5) from None
+
+
 def run_reconcile(
-    namespace: str, name: str, trigger: str, logger: Any, *, permanent_on_invalid: bool
+    ctx: OperatorContext, namespace: str, name: str, trigger: str, logger: Any, *, permanent_on_invalid: bool
 ) -> None:
     """Reconcile one ModelDeployment from a fresh read, under its lock (the caller's copy may be stale:
     acting on an old spec.capacity would undo a scale that just happened)."""
     started = time.monotonic()
-    with _locks[(namespace, name)]:
-        now = datetime.now(UTC)
-        body: dict[str, Any] | None = None
+    with ctx.lock(namespace, name):
         try:
-            body = client().get(kube.MODEL_DEPLOYMENT, namespace, name)
-            if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
-                return
-            result = reconcile(body, client(), SETTINGS, now)
-        except pydantic.ValidationError as e:
-            assert body is not None  # only reconcile() validates
-            _record_failure(body, "InvalidSpec", spec_error_message(e), now)
-            metrics.RECONCILES.labels(trigger=trigger, result="invalid").inc()
-            if permanent_on_invalid:
-                raise kopf.PermanentError(spec_error_message(e)) from None
-            return
-        except kube.ApiError as e:
-            metrics.RECONCILES.labels(trigger=trigger, result="error").inc()
-            if e.status in (400, 422) and body is not None:
-                # The API server refused a child built from this spec (e.g. a name that is no DNS label):
-                # say so on the resource; retry later, as a fix may come from an edit or an admission change.
-                _record_failure(body, "ChildRejected", f"the API server refused a child: {e.message}", now)
-                raise kopf.TemporaryError(f"Kubernetes API: {e}", delay=60) from None
-            raise kopf.TemporaryError(f"Kubernetes API: {e}", delay=5) from None
+            result = _reconcile_fresh(
+                ctx, namespace, name, trigger, permanent_on_invalid=permanent_on_invalid
+            )
         finally:
             metrics.RECONCILE_SECONDS.labels(trigger=trigger).observe(time.monotonic() - started)
+    if result is None:
+        return
     metrics.RECONCILES.labels(trigger=trigger, result="ok").inc()
     metrics.record_phase(namespace, name, result.status.get("phase"))
     if result.actions or result.status_written:
@@ -110,70 +113,69 @@ def run_reconcile(
         )
 
 
-def _record_failure(body: dict[str, Any], reason: str, message: str, now: datetime) -> None:
+def _record_failure(
+    ctx: OperatorContext, body: dict[str, Any], reason: str, message: str, now: datetime
+) -> None:
     """Phase Failed with a False Ready condition naming the cause; children of the last valid spec stay."""
     meta = body.get("metadata") or {}
     ns, name = str(meta.get("namespace")), str(meta.get("name"))
     status = failed_status(body, message, now, body.get("status"), reason=reason)
     metrics.record_phase(ns, name, "Failed")
     if managed_status(status) != managed_status(body.get("status") or {}):
-        client().patch_status(kube.MODEL_DEPLOYMENT, ns, name, status)
-        client().create(kube.EVENT, ns, _event(body, "Warning", reason, message, now))
-
-
-def _event(body: dict[str, Any], type_: str, reason: str, message: str, now: datetime) -> dict[str, Any]:
-    from berth.controller.reconcile import event_body
-    from berth.controller.status import EventSpec
-
-    return event_body(body, EventSpec(type_, reason, message), now)
+        ctx.client.patch_status(kube.MODEL_DEPLOYMENT, ns, name, status)
+        emit(ctx.client, body, [EventSpec("Warning", reason, message)], now)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-def on_spec(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+def on_spec(body: kopf.Body, logger: kopf.Logger, memo: kopf.Memo, **_: Any) -> None:
     run_reconcile(
-        str(body.metadata.namespace), str(body.metadata.name), "spec", logger, permanent_on_invalid=True
+        from_memo(memo),
+        str(body.metadata.namespace),
+        str(body.metadata.name),
+        "spec",
+        logger,
+        permanent_on_invalid=True,
     )
 
 
-def autoscaler() -> Autoscaler:
-    global _autoscaler
-    if _autoscaler is None:
-        _autoscaler = Autoscaler(client(), SETTINGS)
-    return _autoscaler
-
-
-def _resync(body: dict[str, Any]) -> None:
+def _resync(ctx: OperatorContext, body: dict[str, Any]) -> None:
     meta = body["metadata"]
-    run_reconcile(str(meta["namespace"]), str(meta["name"]), "timer", log, permanent_on_invalid=False)
+    run_reconcile(ctx, str(meta["namespace"]), str(meta["name"]), "timer", log, permanent_on_invalid=False)
 
 
-def _autoscale(listed: dict[str, Any]) -> None:
+def _autoscale(ctx: OperatorContext, listed: dict[str, Any]) -> None:
     ns, name = str(listed["metadata"]["namespace"]), str(listed["metadata"]["name"])
     if not ((listed.get("spec") or {}).get("autoscaling") or {}).get("enabled"):
-        autoscaler().forget(ns, name)
+        ctx.autoscaler.forget(ns, name)
         return
-    body = client().get(
-        kube.MODEL_DEPLOYMENT, ns, name
-    )  # the listed copy may be older than a scale just made
+    # the listed copy may be older than a scale just made
+    body = ctx.client.get(kube.MODEL_DEPLOYMENT, ns, name)
     if body is None:
         return
     try:
-        autoscaler().tick(body, datetime.now(UTC), time.monotonic())
+        ctx.autoscaler.tick(body, datetime.now(UTC), time.monotonic())
     except pydantic.ValidationError:
         return  # an invalid spec is reported by the reconcile path
 
 
-def start_loops(namespaces: list[str], priority: int) -> list[Loop]:
+def start_loops(ctx: OperatorContext) -> list[Loop]:
     """The resync and autoscaling loops (operator-wide: no per-object kopf timers, so no finalizers)."""
 
     def leader() -> bool:
-        return is_leader(client(), SETTINGS.peering, namespaces, priority, datetime.now(UTC))
+        return is_leader(ctx.client, ctx.settings.peering, ctx.namespaces, ctx.priority, datetime.now(UTC))
 
+    def resync(body: dict[str, Any]) -> None:
+        _resync(ctx, body)
+
+    def autoscale(body: dict[str, Any]) -> None:
+        _autoscale(ctx, body)
+
+    settings = ctx.settings
     loops = [
-        Loop("resync", SETTINGS.resync_seconds, client(), namespaces, _resync, leader),
-        Loop("autoscale", SETTINGS.autoscale_interval_seconds, client(), namespaces, _autoscale, leader),
+        Loop("resync", settings.resync_seconds, ctx.client, ctx.namespaces, resync, leader),
+        Loop("autoscale", settings.autoscale_interval_seconds, ctx.client, ctx.namespaces, autoscale, leader),
     ]
     for loop in loops:
         loop.start()
@@ -182,45 +184,44 @@ def start_loops(namespaces: list[str], priority: int) -> list[Loop]:
 
 @kopf.on.startup()
 def on_startup(memo: kopf.Memo, **_: Any) -> None:
-    memo["loops"] = start_loops(list(RUNTIME.get("namespaces", [])), int(RUNTIME.get("priority", 0)))
+    # `berth operator` passes the context to kopf.run; under a bare `kopf run` it is made here, before
+    # kopf copies this memo for each resource.
+    if MEMO_KEY not in memo:
+        memo[MEMO_KEY] = OperatorContext.create(get_settings())
+    ctx = from_memo(memo)
+    ctx.loops = start_loops(ctx)
 
 
 @kopf.on.cleanup()
 def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
-    for loop in memo.get("loops", []):
+    for loop in from_memo(memo).loops:
         loop.stop()
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-def on_delete(body: kopf.Body, **_: Any) -> None:
+def on_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Children go with their owner (garbage collector); only forget the metrics. No finalizer is added."""
     meta = body.get("metadata") or {}
     ns, name = str(meta.get("namespace")), str(meta.get("name"))
     metrics.record_phase(ns, name, None)
-    autoscaler().forget(ns, name)
-    _locks.pop((ns, name), None)
+    from_memo(memo).forget(ns, name)
 
 
-def _owner_name(body: kopf.Body) -> str | None:
-    for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("kind") == KIND and ref.get("controller"):
-            return str(ref.get("name"))
-    return None
+def _refresh_owner(memo: kopf.Memo, namespace: str, name: str, trigger: str, logger: kopf.Logger) -> None:
+    run_reconcile(from_memo(memo), namespace, name, trigger, logger, permanent_on_invalid=False)
 
 
-def _refresh_owner(namespace: str, name: str, trigger: str, logger: kopf.Logger) -> None:
-    run_reconcile(namespace, name, trigger, logger, permanent_on_invalid=False)
-
-
-@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
-def on_deployment_event(body: kopf.Body, type: str | None, logger: kopf.Logger, **_: Any) -> None:
-    owner = _owner_name(body)
+@kopf.on.event("apps", "v1", "deployments", labels=names.MANAGED_LABELS)
+def on_deployment_event(
+    body: kopf.Body, type: str | None, logger: kopf.Logger, memo: kopf.Memo, **_: Any
+) -> None:
+    owner = names.owner_name(body)
     if owner and type is not None:  # type None: the initial listing, covered by resume
-        _refresh_owner(str(body.metadata.namespace), owner, "deployment", logger)
+        _refresh_owner(memo, str(body.metadata.namespace), owner, "deployment", logger)
 
 
-@kopf.on.event("", "v1", "pods", labels=MANAGED)
-def on_pod_event(body: kopf.Body, type: str | None, logger: kopf.Logger, **_: Any) -> None:
-    owner = (body.get("metadata") or {}).get("labels", {}).get(builders.SELECTOR_LABEL)
+@kopf.on.event("", "v1", "pods", labels=names.MANAGED_LABELS)
+def on_pod_event(body: kopf.Body, type: str | None, logger: kopf.Logger, memo: kopf.Memo, **_: Any) -> None:
+    owner = (body.get("metadata") or {}).get("labels", {}).get(names.SELECTOR_LABEL)
     if owner and type is not None:
-        _refresh_owner(str(body.metadata.namespace), str(owner), "pod", logger)
+        _refresh_owner(memo, str(body.metadata.namespace), str(owner), "pod", logger)

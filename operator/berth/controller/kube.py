@@ -8,6 +8,7 @@ success here, not errors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -46,13 +47,35 @@ KINDS_BY_NAME = {
 
 
 class ApiError(Exception):
-    """A Kubernetes API error with its HTTP status and the server's message."""
+    """A Kubernetes API error with its HTTP status and the server's message.
+
+    `KubeClient` raises the subclass for the statuses callers act on (`for_status` picks it)."""
 
     def __init__(self, status: int, reason: str, message: str) -> None:
         super().__init__(f"{status} {reason}: {message}")
         self.status = status
         self.reason = reason
         self.message = message
+
+    @staticmethod
+    def for_status(status: int, reason: str, message: str) -> ApiError:
+        """The ApiError (subclass) for an HTTP status."""
+        return _BY_STATUS.get(status, ApiError)(status, reason, message)
+
+
+class Rejected(ApiError):
+    """400 / 422: the API server refused the object (validation, admission)."""
+
+
+class NotFound(ApiError):
+    """404: no such object."""
+
+
+class Conflict(ApiError):
+    """409: the object exists already, or a write raced another."""
+
+
+_BY_STATUS: dict[int, type[ApiError]] = {400: Rejected, 422: Rejected, 404: NotFound, 409: Conflict}
 
 
 class Kube(Protocol):
@@ -127,23 +150,23 @@ class KubeClient:
             data = response.read()
         except ApiException as e:  # transport errors (status 0)
             metrics.API_REQUESTS.labels(verb=method, code=str(e.status)).inc()
-            raise ApiError(int(e.status or 0), str(e.reason or ""), str(e.reason or "")) from None
+            raise ApiError.for_status(int(e.status or 0), str(e.reason or ""), str(e.reason or "")) from None
         metrics.API_REQUESTS.labels(verb=method, code=str(status)).inc()
         try:
             payload: dict[str, Any] = json.loads(data) if data else {}
         except ValueError:
             payload = {"message": data.decode(errors="replace") if isinstance(data, bytes) else str(data)}
         if not 200 <= status < 300:
-            raise ApiError(status, str(payload.get("reason", "")), str(payload.get("message", payload)))
+            raise ApiError.for_status(
+                status, str(payload.get("reason", "")), str(payload.get("message", payload))
+            )
         return payload
 
     def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return self._call("GET", _path(kind, namespace, name))
-        except ApiError as e:
-            if e.status == 404:
-                return None
-            raise
+        except NotFound:
+            return None
 
     def list(self, kind: Kind, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         query = [("labelSelector", label_selector)] if label_selector else []
@@ -155,11 +178,9 @@ class KubeClient:
         """Create; None when it already exists (409 is success for a level-triggered reconcile)."""
         try:
             return self._call("POST", _path(kind, namespace), body=body)
-        except ApiError as e:
-            if e.status == 409:
-                log.debug("%s %s/%s exists already", kind.kind, namespace, body["metadata"].get("name"))
-                return None
-            raise
+        except Conflict:
+            log.debug("%s %s/%s exists already", kind.kind, namespace, body["metadata"].get("name"))
+            return None
 
     def patch(self, kind: Kind, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._call(
@@ -167,11 +188,8 @@ class KubeClient:
         )
 
     def delete(self, kind: Kind, namespace: str, name: str) -> None:
-        try:
+        with contextlib.suppress(NotFound):  # gone already: success for a delete
             self._call("DELETE", _path(kind, namespace, name), body={"propagationPolicy": "Background"})
-        except ApiError as e:
-            if e.status != 404:
-                raise
 
     def patch_status(self, kind: Kind, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         return self._call(

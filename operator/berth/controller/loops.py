@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from berth.controller import kube
@@ -97,7 +97,3 @@ class Loop:
                     self.once()
             except Exception as e:  # the API server may be away for a while; try again next period
                 log.warning("%s pass failed: %s", self.name, e)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     import kopf
     from prometheus_client import start_http_server
 
-    from berth.controller import handlers  # registers the handlers
+    from berth.controller import handlers  # noqa: F401  (registers the handlers)
+    from berth.controller.context import MEMO_KEY, OperatorContext
 
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
@@ -42,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         settings.peering or "off (standalone)",
     )
     priority = settings.peering_priority or random.randint(1, 2**31 - 1)
-    handlers.RUNTIME.update(namespaces=list(namespaces), priority=priority)
+    context = OperatorContext.create(settings, namespaces=list(namespaces), priority=priority)
     kopf.run(
+        memo=kopf.Memo({MEMO_KEY: context}),
         clusterwide=not namespaces,
         namespaces=namespaces,
         standalone=not settings.peering,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from berth.api.models import PHASES
+
 RECONCILES = Counter(
     "berth_operator_reconciles_total",
     "Reconciles of ModelDeployments, by trigger and result.",
@@ -51,7 +53,5 @@ def record_phase(namespace: str, name: str, phase: str | None) -> None:
         _phases.pop(key, None)
     else:
         _phases[key] = phase
-    from berth.api.models import PHASES
-
     for p in PHASES:
         BY_PHASE.labels(phase=p).set(sum(1 for v in _phases.values() if v == p))

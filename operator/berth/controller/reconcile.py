@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from berth.api.models import API_VERSION, KIND, ModelDeployment
-from berth.controller import builders, kube
+from berth.api.models import KIND, ModelDeployment
+from berth.controller import builders, kube, names
+from berth.controller.events import EventSpec, emit, status_events
 from berth.controller.settings import OperatorSettings
-from berth.controller.status import EventSpec, Observed, compute_status, format_time, status_events
+from berth.controller.status import Observed, compute_status, managed_status
 
 log = logging.getLogger(__name__)
 
@@ -27,24 +28,6 @@ _SAME = object()
 # Maps the operator owns whole: a key the desired manifest does not name is removed (a GPU limit after
 # gpus: 0, a nodeSelector entry the spec dropped). Everything below them is owned too.
 OWNED_MAPS = frozenset({"limits", "requests", "nodeSelector", "affinity"})
-
-# Status fields the operator writes; anything else under status is left as it is.
-MANAGED_STATUS_KEYS = (
-    "phase",
-    "capacity",
-    "readyCapacity",
-    "replicas",
-    "selector",
-    "endpoint",
-    "servedModelName",
-    "apiKeySecret",
-    "conditions",
-    "observedGeneration",
-    "readyAt",
-    "timeToReadySeconds",
-    "computeUnitHours",
-    "meteredAt",
-)
 
 
 @dataclass(frozen=True)
@@ -125,8 +108,8 @@ def diff(desired: Any, observed: Any, quantities: bool = False, owned: bool = Fa
 
 def forget_dropped_pod_metadata(manifest: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
     """The Deployment manifest with None for each pod-template label or annotation that an earlier
-    spec.podTemplate set (recorded in builders.POD_METADATA_KEYS on `current`) and this one does not."""
-    recorded = ((current.get("metadata") or {}).get("annotations") or {}).get(builders.POD_METADATA_KEYS)
+    spec.podTemplate set (recorded in names.POD_METADATA_KEYS on `current`) and this one does not."""
+    recorded = ((current.get("metadata") or {}).get("annotations") or {}).get(names.POD_METADATA_KEYS)
     if not recorded:
         return manifest
     try:
@@ -193,13 +176,13 @@ def desired_children(
     md: ModelDeployment, settings: OperatorSettings, api_key: Callable[[], str]
 ) -> list[tuple[kube.Kind, str, dict[str, Any] | None]]:
     children: list[tuple[kube.Kind, str, dict[str, Any] | None]] = []
-    if md.spec.auth.mode == "apiKey" and not md.spec.auth.api_key_secret_ref:
-        children.append((kube.SECRET, f"{md.name}-api-keys", _LazySecret(md, api_key)))
+    if names.generates_api_key_secret(md):
+        children.append((kube.SECRET, names.generated_api_key_secret_name(md), _LazySecret(md, api_key)))
     children += [
-        (kube.DEPLOYMENT, builders.deployment_name(md), builders.build_deployment(md, settings)),
-        (kube.SERVICE, builders.service_name(md), builders.build_service(md, settings)),
-        (kube.NETWORK_POLICY, md.name, builders.build_network_policy(md, settings)),
-        (kube.PDB, md.name, builders.build_pdb(md)),
+        (kube.DEPLOYMENT, names.deployment_name(md), builders.build_deployment(md, settings)),
+        (kube.SERVICE, names.service_name(md), builders.build_service(md)),
+        (kube.NETWORK_POLICY, names.network_policy_name(md), builders.build_network_policy(md, settings)),
+        (kube.PDB, names.pdb_name(md), builders.build_pdb(md)),
     ]
     return children
 
@@ -216,44 +199,37 @@ class _LazySecret(dict[str, Any]):
         return builders.build_api_key_secret(self._md, self._api_key())
 
 
-def managed_status(status: dict[str, Any]) -> dict[str, Any]:
-    return {k: status.get(k) for k in MANAGED_STATUS_KEYS}
+def _missing_secret(md: ModelDeployment, client: kube.Kube) -> str | None:
+    """spec.auth.apiKeySecretRef when it names a Secret that does not exist."""
+    ref = md.spec.auth.api_key_secret_ref
+    if md.spec.auth.mode == "apiKey" and ref and client.get(kube.SECRET, md.namespace, ref) is None:
+        return ref
+    return None
 
 
-def event_body(md_body: dict[str, Any], event: EventSpec, now: datetime) -> dict[str, Any]:
-    meta = md_body.get("metadata") or {}
-    ts = format_time(now)
-    return {
-        "apiVersion": "v1",
-        "kind": "Event",
-        "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
-        "involvedObject": {
-            "apiVersion": API_VERSION,
-            "kind": KIND,
-            "name": meta.get("name"),
-            "namespace": meta.get("namespace"),
-            "uid": meta.get("uid"),
-            "resourceVersion": meta.get("resourceVersion"),
-        },
-        "type": event.type,
-        "reason": event.reason,
-        "message": event.message[:1024],
-        "source": {"component": "berth-operator"},
-        "reportingComponent": "berth.dev/operator",
-        "reportingInstance": "berth-operator",
-        "firstTimestamp": ts,
-        "lastTimestamp": ts,
-        "count": 1,
-    }
-
-
-def emit(client: kube.Kube, md_body: dict[str, Any], events: list[EventSpec], now: datetime) -> None:
-    ns = (md_body.get("metadata") or {}).get("namespace", "default")
-    for event in events:
-        try:
-            client.create(kube.EVENT, ns, event_body(md_body, event, now))
-        except kube.ApiError as e:  # an event is worth a log line, never a failed reconcile
-            log.warning("could not record event %s on %s: %s", event.reason, ns, e)
+def _apply(
+    action: Action, md: ModelDeployment, client: kube.Kube, deployment: dict[str, Any] | None, result: Result
+) -> dict[str, Any] | None:
+    """Make one write; returns the Deployment as it is after it (for the status)."""
+    ns = md.namespace
+    if action.verb == "create":
+        manifest = action.body.materialise() if isinstance(action.body, _LazySecret) else action.body
+        assert manifest is not None
+        created = client.create(action.kind, ns, prune(manifest))
+        if action.kind is kube.DEPLOYMENT:
+            if created is None:  # it appeared since the read (409): observe the one that is there
+                return client.get(kube.DEPLOYMENT, ns, action.name)
+            message = f"created Deployment {action.name} with {md.spec.capacity} instances"
+            result.events.append(EventSpec("Normal", "Deployed", message))
+            return created
+    elif action.verb == "patch":
+        assert action.body is not None
+        patched = client.patch(action.kind, ns, action.name, action.body)
+        if action.kind is kube.DEPLOYMENT:
+            return patched
+    else:
+        client.delete(action.kind, ns, action.name)
+    return deployment
 
 
 def reconcile(
@@ -277,40 +253,15 @@ def reconcile(
     observed: dict[tuple[str, str], dict[str, Any] | None] = {
         (kind.kind, name): client.get(kind, ns, name) for kind, name, _ in desired
     }
-    missing_secret = None
-    ref = md.spec.auth.api_key_secret_ref
-    if md.spec.auth.mode == "apiKey" and ref and client.get(kube.SECRET, ns, ref) is None:
-        missing_secret = ref
+    missing_secret = _missing_secret(md, client)
 
     result.actions = plan(desired, observed)
-    deployment = observed.get((kube.DEPLOYMENT.kind, builders.deployment_name(md)))
+    deployment = observed.get((kube.DEPLOYMENT.kind, names.deployment_name(md)))
     for action in result.actions:
-        if action.verb == "create":
-            manifest = action.body.materialise() if isinstance(action.body, _LazySecret) else action.body
-            assert manifest is not None
-            created = client.create(action.kind, ns, prune(manifest))
-            if action.kind is kube.DEPLOYMENT:
-                if created is not None:
-                    deployment = created
-                    result.events.append(
-                        EventSpec(
-                            "Normal",
-                            "Deployed",
-                            f"created Deployment {action.name} with {md.spec.capacity} instances",
-                        )
-                    )
-                else:
-                    deployment = client.get(kube.DEPLOYMENT, ns, action.name)
-        elif action.verb == "patch":
-            assert action.body is not None
-            patched = client.patch(action.kind, ns, action.name, action.body)
-            if action.kind is kube.DEPLOYMENT:
-                deployment = patched
-        else:
-            client.delete(action.kind, ns, action.name)
+        deployment = _apply(action, md, client, deployment, result)
         log.info("%s %s %s/%s", action.verb, action.kind.kind, ns, action.name)
 
-    pods = client.list(kube.POD, ns, builders.selector_string(md)) if deployment is not None else []
+    pods = client.list(kube.POD, ns, names.selector_string(md)) if deployment is not None else []
     previous = dict(body.get("status") or {})
     status = compute_status(md, Observed(deployment, pods, missing_secret), settings, now, previous)
     result.status = status

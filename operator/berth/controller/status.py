@@ -5,6 +5,9 @@ fewer instances than asked are ready after a grace (or some crash / cannot pull 
 Failed for an invalid spec or when no instance can run (crash loop, image pull, bad config); Idle at
 capacity 0. Conditions Ready / Progressing / Degraded carry the real cause: the scheduler's own
 message for an unschedulable pod, the container's reason for an image-pull failure or a crash loop.
+
+The status is a `berth.api.models.ModelDeploymentStatus`: the fields the reconcile writes, the keys it
+compares and the phases it may set all come from that one model.
 """
 
 from __future__ import annotations
@@ -13,12 +16,28 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from berth.api.models import ModelDeployment
-from berth.controller import builders
+from berth.api.models import (
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    ModelDeployment,
+    ModelDeploymentStatus,
+    Phase,
+)
+from berth.controller import names
 from berth.controller.settings import OperatorSettings
 
 IMAGE_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 CONFIG_REASONS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+
+# The status fields the reconcile writes (the autoscaler's are left to it), and their stored keys:
+# anything else under status is left as it is.
+RECONCILED_FIELDS = ModelDeploymentStatus.reconciled_fields()
+MANAGED_STATUS_KEYS = ModelDeploymentStatus.wire_names(RECONCILED_FIELDS)
+_FAILED_FIELDS = frozenset({"phase", "observed_generation", "conditions"})
+
+# (status, reason, message) of one condition
+_Cond = tuple[ConditionStatus, str, str]
 
 
 @dataclass
@@ -40,13 +59,6 @@ class Cause:
     fatal: bool  # nothing will get better without a change (image, config, crash loop)
 
 
-@dataclass(frozen=True)
-class EventSpec:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
-
-
 def format_time(t: datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -55,6 +67,11 @@ def parse_time(s: str | None) -> datetime | None:
     if not s:
         return None
     return datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+def managed_status(status: dict[str, Any]) -> dict[str, Any]:
+    """The part of a stored status the reconcile owns (what decides whether a write is needed)."""
+    return {k: status.get(k) for k in MANAGED_STATUS_KEYS}
 
 
 def _container_statuses(pod: dict[str, Any]) -> list[dict[str, Any]]:
@@ -84,66 +101,95 @@ def deployment_cause(deployment: dict[str, Any] | None) -> Cause | None:
     return None
 
 
+def _unschedulable(pod: dict[str, Any]) -> Cause | None:
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        not_scheduled = cond.get("type") == "PodScheduled" and cond.get("status") == "False"
+        if not_scheduled and cond.get("reason") == "Unschedulable":
+            return Cause("Unschedulable", cond.get("message") or "pod cannot be scheduled", False)
+    return None
+
+
+def _crash_loop(cs: dict[str, Any], crash_loop_restarts: int) -> Cause | None:
+    """A container in CrashLoopBackOff after enough restarts, with its last exit."""
+    reason = ((cs.get("state") or {}).get("waiting") or {}).get("reason") or ""
+    restarts = int(cs.get("restartCount") or 0)
+    if reason != "CrashLoopBackOff" or restarts < crash_loop_restarts:
+        return None
+    term = (cs.get("lastState") or {}).get("terminated") or {}
+    detail = f"exit code {term.get('exitCode')}" if term else "restarting"
+    if term.get("reason"):
+        detail += f" ({term['reason']})"
+    if term.get("message"):
+        detail += f": {str(term['message']).strip()[:300]}"
+    name = cs.get("name", "server")
+    return Cause(
+        "CrashLoopBackOff", f"container {name} crash-looping after {restarts} restarts, last {detail}", True
+    )
+
+
+def _waiting(cs: dict[str, Any], reasons: set[str]) -> tuple[str, dict[str, Any]] | None:
+    """(reason, waiting state) when the container waits for one of `reasons`."""
+    waiting = (cs.get("state") or {}).get("waiting") or {}
+    reason = waiting.get("reason") or ""
+    return (reason, waiting) if reason in reasons else None
+
+
+def _image_pull(cs: dict[str, Any]) -> Cause | None:
+    found = _waiting(cs, IMAGE_PULL_REASONS)
+    if found is None:
+        return None
+    reason, waiting = found
+    msg = waiting.get("message") or f"cannot pull image {cs.get('image', '')}"
+    return Cause(reason, f"container {cs.get('name', 'server')}: {reason}: {msg}", True)
+
+
+def _bad_config(cs: dict[str, Any]) -> Cause | None:
+    found = _waiting(cs, CONFIG_REASONS)
+    if found is None:
+        return None
+    reason, waiting = found
+    message = f"container {cs.get('name', 'server')}: {reason}: {waiting.get('message', '')}"
+    return Cause(reason, message.rstrip(": "), True)
+
+
+def _first(causes: Any) -> Cause | None:
+    return next((c for c in causes if c is not None), None)
+
+
 def diagnose(pods: list[dict[str, Any]], crash_loop_restarts: int) -> Cause | None:
-    """The most telling reason the pods are not all ready, or None."""
-    crash: Cause | None = None
-    pull: Cause | None = None
-    config: Cause | None = None
-    unschedulable: Cause | None = None
-    for pod in live(pods):
-        for cond in (pod.get("status") or {}).get("conditions") or []:
-            scheduled = cond.get("type") == "PodScheduled" and cond.get("status") == "False"
-            if scheduled and cond.get("reason") == "Unschedulable" and unschedulable is None:
-                unschedulable = Cause(
-                    "Unschedulable", cond.get("message") or "pod cannot be scheduled", False
-                )
-        for cs in _container_statuses(pod):
-            waiting = (cs.get("state") or {}).get("waiting") or {}
-            reason = waiting.get("reason") or ""
-            name = cs.get("name", "server")
-            if reason in IMAGE_PULL_REASONS and pull is None:
-                msg = waiting.get("message") or f"cannot pull image {cs.get('image', '')}"
-                pull = Cause(reason, f"container {name}: {reason}: {msg}", True)
-            elif reason in CONFIG_REASONS and config is None:
-                config = Cause(
-                    reason, f"container {name}: {reason}: {waiting.get('message', '')}".rstrip(": "), True
-                )
-            restarts = int(cs.get("restartCount") or 0)
-            looping = reason == "CrashLoopBackOff" and restarts >= crash_loop_restarts
-            if crash is None and looping:
-                term = (cs.get("lastState") or {}).get("terminated") or {}
-                detail = f"exit code {term.get('exitCode')}" if term else "restarting"
-                if term.get("reason"):
-                    detail += f" ({term['reason']})"
-                if term.get("message"):
-                    detail += f": {str(term['message']).strip()[:300]}"
-                crash = Cause(
-                    "CrashLoopBackOff",
-                    f"container {name} crash-looping after {restarts} restarts, last {detail}",
-                    True,
-                )
-    return crash or config or pull or unschedulable
+    """The most telling reason the pods are not all ready, or None.
+
+    A crash loop tells most, then a bad container config, then an image pull, then the scheduler."""
+    pods = live(pods)
+    containers = [cs for pod in pods for cs in _container_statuses(pod)]
+    return (
+        _first(_crash_loop(cs, crash_loop_restarts) for cs in containers)
+        or _first(_bad_config(cs) for cs in containers)
+        or _first(_image_pull(cs) for cs in containers)
+        or _first(_unschedulable(pod) for pod in pods)
+    )
 
 
 def _condition(
     previous: list[dict[str, Any]],
-    type_: str,
-    status: str,
+    type_: ConditionType,
+    status: ConditionStatus,
     reason: str,
     message: str,
     now: str,
     generation: int,
-) -> dict[str, Any]:
+) -> Condition:
+    """A condition; its lastTransitionTime stays while its status does."""
     last = next((c for c in previous if c.get("type") == type_), None)
     transition = last.get("lastTransitionTime") if last and last.get("status") == status else None
-    return {
-        "type": type_,
-        "status": status,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": transition or now,
-        "observedGeneration": generation,
-    }
+    return Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=transition or now,
+        observed_generation=generation,
+    )
 
 
 def _pod_ready(pod: dict[str, Any]) -> bool:
@@ -179,6 +225,170 @@ def _since_not_ready(previous: list[dict[str, Any]], now: datetime) -> datetime:
     return now
 
 
+@dataclass(frozen=True)
+class _Rollout:
+    """The Deployment's counts that the phase depends on."""
+
+    replicas: int = 0
+    ready: int = 0
+    updated: int = 0
+    spec_replicas: int = 0
+    current: bool = False  # the Deployment controller has acted on the Deployment's latest spec
+
+    @classmethod
+    def of(cls, deployment: dict[str, Any] | None) -> _Rollout:
+        if deployment is None:
+            return cls()
+        status = deployment.get("status") or {}
+        generation = int((deployment.get("metadata") or {}).get("generation") or 0)
+        return cls(
+            replicas=int(status.get("replicas") or 0),
+            ready=int(status.get("readyReplicas") or 0),
+            updated=int(status.get("updatedReplicas") or 0),
+            spec_replicas=int((deployment.get("spec") or {}).get("replicas") or 0),
+            current=int(status.get("observedGeneration") or 0) >= generation,
+        )
+
+    def rolled_out(self, capacity: int) -> bool:
+        return (
+            self.current
+            and self.spec_replicas == capacity
+            and self.updated >= capacity
+            and self.replicas == capacity
+        )
+
+    def progress_reason(self, capacity: int) -> str:
+        scaling = self.replicas != capacity or self.spec_replicas != capacity
+        return "Scaling" if scaling else "RollingOut"
+
+
+@dataclass(frozen=True)
+class _View:
+    """Everything the phase and the conditions are decided from."""
+
+    capacity: int
+    rollout: _Rollout
+    cause: Cause | None
+    ever_ready: bool
+    scheduled: int  # live pods bound to a node
+    starting: int  # of those, pods still loading their model within the startup budget
+    not_ready_seconds: float  # since Ready last turned False (0 while it is True)
+
+    @property
+    def fatal(self) -> bool:
+        return self.cause is not None and self.cause.fatal
+
+    @property
+    def ready_of(self) -> str:
+        return f"{self.rollout.ready}/{self.capacity} instances ready"
+
+
+def _cause(md: ModelDeployment, observed: Observed, crash_loop_restarts: int) -> Cause | None:
+    if observed.missing_secret:
+        return Cause(
+            "APIKeySecretNotFound",
+            f"spec.auth.apiKeySecretRef: Secret {observed.missing_secret!r} not found in namespace {md.namespace}",
+            True,
+        )
+    return diagnose(observed.pods, crash_loop_restarts) or deployment_cause(observed.deployment)
+
+
+def _observe(
+    md: ModelDeployment, observed: Observed, settings: OperatorSettings, now: datetime, prev: dict[str, Any]
+) -> _View:
+    scheduled = [p for p in live(observed.pods) if (p.get("spec") or {}).get("nodeName")]
+    since = _since_not_ready(list(prev.get("conditions") or []), now)
+    return _View(
+        capacity=md.spec.capacity,
+        rollout=_Rollout.of(observed.deployment),
+        cause=_cause(md, observed, settings.crash_loop_restarts),
+        ever_ready=bool(prev.get("readyAt")),
+        scheduled=len(scheduled),
+        # Scheduled pods still inside their startup budget (loading a model): not a reason for Degraded yet.
+        starting=sum(1 for p in scheduled if _starting(p, now, settings.startup_seconds)),
+        not_ready_seconds=(now - since).total_seconds(),
+    )
+
+
+def _phase(v: _View, degraded_grace_seconds: float) -> Phase:
+    ready = v.rollout.ready
+    if v.capacity == 0:
+        return "Idle" if v.rollout.replicas == 0 else "Updating"
+    if ready >= v.capacity and v.rollout.rolled_out(v.capacity):
+        return "Running"
+    if v.fatal and ready == 0:
+        return "Failed"
+    if not v.ever_ready:
+        return "Pending" if not v.scheduled or (v.cause is not None and ready == 0) else "Deploying"
+    losing = ready < v.capacity and not v.starting and v.not_ready_seconds >= degraded_grace_seconds
+    return "Degraded" if v.fatal or losing else "Updating"
+
+
+def _ready_condition(v: _View, phase: Phase) -> _Cond:
+    if v.capacity > 0 and v.rollout.ready >= v.capacity and phase in ("Running", "Updating"):
+        # all asked-for capacity serves, also while a rollout or a scale-down is still under way
+        return ("True", "AllInstancesReady", v.ready_of)
+    if phase == "Idle" or v.capacity == 0:
+        stopping = f"; {v.rollout.replicas} instances stopping" if v.rollout.replicas else ""
+        return ("False", "ScaledToZero", f"capacity is 0: no instance serves{stopping}; the endpoint stays")
+    if v.cause is not None:
+        return ("False", v.cause.reason, f"{v.ready_of}: {v.cause.message}")
+    detail = f"; {v.starting} starting (loading the model)" if v.starting else ""
+    return ("False", "InstancesNotReady", f"{v.ready_of}{detail}")
+
+
+def _progressing_condition(v: _View, phase: Phase, generation: int) -> _Cond:
+    r = v.rollout
+    if phase in ("Running", "Idle"):
+        return ("False", "Complete", f"{r.replicas} instances at generation {generation}")
+    if phase == "Failed":
+        return ("False", "Stalled", v.cause.message if v.cause else "instances cannot start")
+    if phase in ("Pending", "Deploying"):
+        return ("True", phase, v.ready_of)
+    return (
+        "True",
+        r.progress_reason(v.capacity),
+        f"{r.replicas} instances, {r.updated} updated, {r.ready} ready, {v.capacity} asked",
+    )
+
+
+def _degraded_condition(v: _View, phase: Phase) -> _Cond:
+    if phase not in ("Degraded", "Failed"):
+        return ("False", "AsExpected", "")
+    if v.cause is not None:
+        return ("True", v.cause.reason, v.cause.message)
+    return ("True", "InstancesNotReady", f"only {v.rollout.ready}/{v.capacity} instances ready")
+
+
+def _first_ready(
+    md: ModelDeployment, prev: dict[str, Any], phase: Phase, now: datetime
+) -> tuple[str | None, float | None]:
+    """(readyAt, timeToReadySeconds): recorded once, when the instance first becomes Running."""
+    ready_at, time_to_ready = prev.get("readyAt"), prev.get("timeToReadySeconds")
+    if phase != "Running" or ready_at:
+        return ready_at, time_to_ready
+    created = parse_time(md.metadata.get("creationTimestamp"))
+    if created is not None:
+        time_to_ready = round((now - created).total_seconds(), 3)
+    return format_time(now), time_to_ready
+
+
+def _meter(
+    md: ModelDeployment, prev: dict[str, Any], ready: int, now: datetime, interval: float
+) -> tuple[float, str]:
+    """(computeUnitHours, meteredAt): ready instances x compute units x hours, brought up to date when
+    readiness changes or every metering interval (so an unchanged resource is not written on every resync)."""
+    cu_hours = float(prev.get("computeUnitHours") or 0.0)
+    metered_at = parse_time(prev.get("meteredAt"))
+    if metered_at is None:
+        return cu_hours, format_time(now)
+    prev_ready = int(prev.get("readyCapacity") or 0)
+    if ready == prev_ready and (now - metered_at).total_seconds() < interval:
+        return cu_hours, str(prev["meteredAt"])
+    hours = max((now - metered_at).total_seconds(), 0.0) / 3600.0
+    return round(cu_hours + prev_ready * md.spec.compute_units_per_instance * hours, 6), format_time(now)
+
+
 def compute_status(
     md: ModelDeployment,
     observed: Observed,
@@ -186,137 +396,39 @@ def compute_status(
     now: datetime,
     previous: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The whole status the operator wants on the resource (camelCase, as stored)."""
+    """The status the reconcile wants on the resource: a merge patch of RECONCILED_FIELDS (camelCase).
+
+    desiredCapacity and lastScaleTime belong to the autoscaler: the patch leaves them."""
     prev = previous or {}
     prev_conditions: list[dict[str, Any]] = list(prev.get("conditions") or [])
     generation = int(md.metadata.get("generation") or 0)
-    capacity = md.spec.capacity
     now_s = format_time(now)
-
-    dep_status = (observed.deployment or {}).get("status") or {}
-    dep_meta = (observed.deployment or {}).get("metadata") or {}
-    replicas = int(dep_status.get("replicas") or 0)
-    ready = int(dep_status.get("readyReplicas") or 0)
-    updated = int(dep_status.get("updatedReplicas") or 0)
-    dep_current = observed.deployment is not None and int(dep_status.get("observedGeneration") or 0) >= int(
-        dep_meta.get("generation") or 0
-    )
-    dep_replicas_spec = int(((observed.deployment or {}).get("spec") or {}).get("replicas") or 0)
-    rolled_out = (
-        dep_current and dep_replicas_spec == capacity and updated >= capacity and replicas == capacity
-    )
-
-    cause = diagnose(observed.pods, settings.crash_loop_restarts) or deployment_cause(observed.deployment)
-    if observed.missing_secret:
-        cause = Cause(
-            "APIKeySecretNotFound",
-            f"spec.auth.apiKeySecretRef: Secret {observed.missing_secret!r} not found in namespace {md.namespace}",
-            True,
-        )
-    ever_ready = bool(prev.get("readyAt"))
-    scheduled = [p for p in live(observed.pods) if (p.get("spec") or {}).get("nodeName")]
-    # Scheduled pods still inside their startup budget (loading a model): not a reason for Degraded yet.
-    starting = [p for p in scheduled if _starting(p, now, settings.startup_seconds)]
-
-    progress_reason = "Scaling" if replicas != capacity or dep_replicas_spec != capacity else "RollingOut"
-    if capacity == 0:
-        phase = "Idle" if replicas == 0 else "Updating"
-    elif ready >= capacity and rolled_out:
-        phase = "Running"
-    elif cause is not None and cause.fatal and ready == 0:
-        phase = "Failed"
-    elif not ever_ready:
-        phase = "Pending" if not scheduled or (cause is not None and ready == 0) else "Deploying"
-    elif (cause is not None and cause.fatal) or (
-        ready < capacity
-        and not starting
-        and (now - _since_not_ready(prev_conditions, now)).total_seconds() >= settings.degraded_grace_seconds
-    ):
-        phase = "Degraded"
-    else:
-        phase = "Updating"
-
-    # Ready
-    if capacity > 0 and ready >= capacity and phase in ("Running", "Updating"):
-        # all asked-for capacity serves, also while a rollout or a scale-down is still under way
-        ready_cond = ("True", "AllInstancesReady", f"{ready}/{capacity} instances ready")
-    elif phase == "Idle" or capacity == 0:
-        stopping = f"; {replicas} instances stopping" if replicas else ""
-        ready_cond = (
-            "False",
-            "ScaledToZero",
-            f"capacity is 0: no instance serves{stopping}; the endpoint stays",
-        )
-    elif cause is not None:
-        ready_cond = ("False", cause.reason, f"{ready}/{capacity} instances ready: {cause.message}")
-    else:
-        detail = f"; {len(starting)} starting (loading the model)" if starting else ""
-        ready_cond = ("False", "InstancesNotReady", f"{ready}/{capacity} instances ready{detail}")
-    # Progressing
-    if phase in ("Running", "Idle"):
-        prog_cond = ("False", "Complete", f"{replicas} instances at generation {generation}")
-    elif phase == "Failed":
-        prog_cond = ("False", "Stalled", cause.message if cause else "instances cannot start")
-    elif phase in ("Pending", "Deploying"):
-        prog_cond = ("True", phase, f"{ready}/{capacity} instances ready")
-    else:
-        prog_cond = (
-            "True",
-            progress_reason,
-            f"{replicas} instances, {updated} updated, {ready} ready, {capacity} asked",
-        )
-    # Degraded
-    if phase in ("Degraded", "Failed"):
-        reason = cause.reason if cause else "InstancesNotReady"
-        message = cause.message if cause else f"only {ready}/{capacity} instances ready"
-        deg_cond = ("True", reason, message)
-    else:
-        deg_cond = ("False", "AsExpected", "")
-
-    conditions = [
-        _condition(prev_conditions, "Ready", *ready_cond, now_s, generation),
-        _condition(prev_conditions, "Progressing", *prog_cond, now_s, generation),
-        _condition(prev_conditions, "Degraded", *deg_cond, now_s, generation),
+    view = _observe(md, observed, settings, now, prev)
+    phase = _phase(view, settings.degraded_grace_seconds)
+    ready_at, time_to_ready = _first_ready(md, prev, phase, now)
+    cu_hours, metered_at = _meter(md, prev, view.rollout.ready, now, settings.metering_interval_seconds)
+    conditions: list[tuple[ConditionType, _Cond]] = [
+        ("Ready", _ready_condition(view, phase)),
+        ("Progressing", _progressing_condition(view, phase, generation)),
+        ("Degraded", _degraded_condition(view, phase)),
     ]
-
-    ready_at = prev.get("readyAt")
-    time_to_ready = prev.get("timeToReadySeconds")
-    if phase == "Running" and not ready_at:
-        ready_at = now_s
-        created = parse_time(md.metadata.get("creationTimestamp"))
-        if created is not None:
-            time_to_ready = round((now - created).total_seconds(), 3)
-
-    # Metering: ready instances x compute units x hours, brought up to date when readiness changes
-    # or every metering interval (so an unchanged resource is not written on every resync).
-    cu_hours = float(prev.get("computeUnitHours") or 0.0)
-    metered_at = parse_time(prev.get("meteredAt"))
-    prev_ready = int(prev.get("readyCapacity") or 0)
-    metered_s = prev.get("meteredAt")
-    if metered_at is None:
-        metered_s = now_s
-    elif ready != prev_ready or (now - metered_at).total_seconds() >= settings.metering_interval_seconds:
-        hours = max((now - metered_at).total_seconds(), 0.0) / 3600.0
-        cu_hours = round(cu_hours + prev_ready * md.spec.compute_units_per_instance * hours, 6)
-        metered_s = now_s
-
-    status: dict[str, Any] = {
-        "phase": phase,
-        "capacity": capacity,
-        "readyCapacity": ready,
-        "replicas": replicas,
-        "selector": builders.selector_string(md),
-        "endpoint": builders.endpoint(md, settings),
-        "servedModelName": md.served_name,
-        "apiKeySecret": builders.api_key_secret_name(md),
-        "conditions": conditions,
-        "observedGeneration": generation,
-        "readyAt": ready_at,
-        "timeToReadySeconds": time_to_ready,
-        "computeUnitHours": cu_hours,
-        "meteredAt": metered_s,
-    }
-    return status  # desiredCapacity and lastScaleTime belong to the autoscaler: a merge patch leaves them
+    status = ModelDeploymentStatus(
+        phase=phase,
+        capacity=view.capacity,
+        ready_capacity=view.rollout.ready,
+        replicas=view.rollout.replicas,
+        selector=names.selector_string(md),
+        endpoint=names.endpoint(md, settings),
+        served_model_name=md.served_name,
+        api_key_secret=names.api_key_secret_name(md),
+        conditions=[_condition(prev_conditions, t, *c, now_s, generation) for t, c in conditions],
+        observed_generation=generation,
+        ready_at=ready_at,
+        time_to_ready_seconds=time_to_ready,
+        compute_unit_hours=cu_hours,
+        metered_at=metered_at,
+    )
+    return status.patch(RECONCILED_FIELDS)
 
 
 def failed_status(
@@ -334,49 +446,14 @@ def failed_status(
     generation = int((md_body.get("metadata") or {}).get("generation") or 0)
     now_s = format_time(now)
     prev_conditions = list(prev.get("conditions") or [])
-    prev.update(
-        {
-            "phase": "Failed",
-            "observedGeneration": generation,
-            "conditions": [
-                _condition(prev_conditions, "Ready", "False", reason, message, now_s, generation),
-                _condition(prev_conditions, "Progressing", "False", reason, message, now_s, generation),
-                _condition(prev_conditions, "Degraded", "True", reason, message, now_s, generation),
-            ],
-        }
+    failed = ModelDeploymentStatus(
+        phase="Failed",
+        observed_generation=generation,
+        conditions=[
+            _condition(prev_conditions, "Ready", "False", reason, message, now_s, generation),
+            _condition(prev_conditions, "Progressing", "False", reason, message, now_s, generation),
+            _condition(prev_conditions, "Degraded", "True", reason, message, now_s, generation),
+        ],
     )
+    prev.update(failed.patch(_FAILED_FIELDS))
     return prev
-
-
-def status_events(previous: dict[str, Any], new: dict[str, Any]) -> list[EventSpec]:
-    """Events for what changed: ready, scaled, degraded, failed (deployed comes from reconcile)."""
-    events: list[EventSpec] = []
-    old_phase, phase = previous.get("phase"), new.get("phase")
-    conds = {c["type"]: c for c in new.get("conditions") or []}
-    old_ready: dict[str, Any] = next(
-        (c for c in previous.get("conditions") or [] if c.get("type") == "Ready"), {}
-    )
-    new_ready = conds.get("Ready", {})
-    if new_ready.get("reason") == "Unschedulable" and old_ready.get("reason") != "Unschedulable":
-        events.append(EventSpec("Warning", "Unschedulable", new_ready.get("message", "")))
-    if previous.get("capacity") is not None and previous.get("capacity") != new.get("capacity"):
-        events.append(
-            EventSpec("Normal", "Scaled", f"capacity {previous.get('capacity')} -> {new.get('capacity')}")
-        )
-    if phase == old_phase:
-        return events
-    if phase == "Running":
-        events.append(
-            EventSpec(
-                "Normal",
-                "Ready",
-                f"{new.get('readyCapacity')}/{new.get('capacity')} instances ready; endpoint {new.get('endpoint')}",
-            )
-        )
-    elif phase == "Degraded":
-        events.append(EventSpec("Warning", "Degraded", conds.get("Degraded", {}).get("message", "")))
-    elif phase == "Failed":
-        events.append(EventSpec("Warning", "Failed", conds.get("Ready", {}).get("message", "")))
-    elif phase == "Idle":
-        events.append(EventSpec("Normal", "Idle", "scaled to zero"))
-    return events
