@@ -25,7 +25,9 @@ def main() -> int:
         keys = Path(tmp) / "keys"
         keys.mkdir()
         (keys / "demo").write_text(key)
-        print("starting berth serve on builtin://smollm2-135m-instruct (CPU; the first load takes a minute) ...")
+        print(
+            "starting berth serve on builtin://smollm2-135m-instruct (CPU; the first load takes a minute) ..."
+        )
         started = time.monotonic()
         server = ServerProcess(["--api-key-dir", str(keys), "--served-model-name", "smollm2"], Path(tmp))
         server.start()

@@ -178,8 +178,17 @@ def make_pki(directory: Path, clients: Mapping[str, tuple[str, Sequence[str]]]) 
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "berth-test-ca")])
-    usages = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
-              "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only")
+    usages = (
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+        "encipher_only",
+        "decipher_only",
+    )
 
     def builder(subject: x509.Name, public_key: Any, ca: bool, *usage: str) -> x509.CertificateBuilder:
         """A certificate signed by the test CA: validity, basic constraints and the key usages named."""

@@ -69,14 +69,26 @@ class OperatorProcess:
         """CRD, operator namespace, and the chart's RBAC; then a token kubeconfig for its ServiceAccount."""
         k = self.cluster.kubectl
         k("apply", "--server-side", "-f", str(ROOT / "crds" / "modeldeployments.berth.dev.yaml"), check=True)
-        k("wait", "--for=condition=Established", "crd/modeldeployments.berth.dev", "--timeout=60s", check=True)
+        k(
+            "wait",
+            "--for=condition=Established",
+            "crd/modeldeployments.berth.dev",
+            "--timeout=60s",
+            check=True,
+        )
         if k("get", "namespace", OPERATOR_NAMESPACE).returncode != 0:
             k("create", "namespace", OPERATOR_NAMESPACE, check=True)
         rbac = [o for o in render_chart(self.cluster) if o.get("kind") in RBAC_KINDS]
         accounts = [o for o in rbac if o["kind"] == "ServiceAccount"]
         assert len(accounts) == 1, f"the chart should render one ServiceAccount, got {accounts}"
         self.service_account = accounts[0]["metadata"]["name"]
-        k("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": rbac}), check=True)
+        k(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": rbac}),
+            check=True,
+        )
         token = k(
             "create", "token", self.service_account, "-n", OPERATOR_NAMESPACE, "--duration=4h", check=True
         ).stdout.strip()
@@ -88,8 +100,12 @@ class OperatorProcess:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "test", "cluster": {"server": cluster_entry["server"],
-                                                      "certificate-authority-data": ca}}],
+            "clusters": [
+                {
+                    "name": "test",
+                    "cluster": {"server": cluster_entry["server"], "certificate-authority-data": ca},
+                }
+            ],
             "users": [{"name": "operator", "user": {"token": token}}],
             "contexts": [{"name": "test-operator", "context": {"cluster": "test", "user": "operator"}}],
             "current-context": "test-operator",

@@ -37,12 +37,30 @@ class PodServers:
     def sync(self, pods: list[dict[str, Any]]) -> None:
         ips = {p["status"].get("podIP") for p in pods if (p.get("status") or {}).get("podIP")}
         for ip in sorted(ips - set(self.procs)):
-            assert ip.startswith("127."), f"pod IP {ip} is not on loopback: the harness must give loopback pod IPs"
+            assert ip.startswith("127."), (
+                f"pod IP {ip} is not on loopback: the harness must give loopback pod IPs"
+            )
             log = (self.logdir / f"server-{ip}.log").open("wb")
             self.procs[ip] = subprocess.Popen(
-                [sys.executable, "-m", "berth.cli", "serve", "--host", ip, "--port", str(self.port),
-                 "--served-model-name", "scaled", "--max-num-seqs", "4", "--max-queue", "64"],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                [
+                    sys.executable,
+                    "-m",
+                    "berth.cli",
+                    "serve",
+                    "--host",
+                    ip,
+                    "--port",
+                    str(self.port),
+                    "--served-model-name",
+                    "scaled",
+                    "--max-num-seqs",
+                    "4",
+                    "--max-queue",
+                    "64",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
             )
         for ip in sorted(set(self.procs) - ips):
             self.procs.pop(ip).terminate()
@@ -69,21 +87,30 @@ def server_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def operator(cluster: Any, tmp_path_factory: pytest.TempPathFactory, server_port: int) -> Iterator[OperatorProcess]:
+def operator(
+    cluster: Any, tmp_path_factory: pytest.TempPathFactory, server_port: int
+) -> Iterator[OperatorProcess]:
     env = {"BERTH_SERVER_PORT": str(server_port)}
     with OperatorProcess.running(cluster, tmp_path_factory.mktemp("operator-autoscale"), env) as op:
         yield op
 
 
 def _pods(cluster: Any, ns: str, name: str) -> list[dict[str, Any]]:
-    out = cluster.kubectl("get", "pods", "-n", ns, "-l", f"berth.dev/model-deployment={name}", "-o", "json",
-                          check=True).stdout
+    out = cluster.kubectl(
+        "get", "pods", "-n", ns, "-l", f"berth.dev/model-deployment={name}", "-o", "json", check=True
+    ).stdout
     return [p for p in json.loads(out)["items"] if not p["metadata"].get("deletionTimestamp")]
 
 
 def _stream(url: str, stop: threading.Event, tokens: int) -> None:
-    body = {"model": "scaled", "prompt": "Count to one hundred:", "max_tokens": tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": "scaled",
+        "prompt": "Count to one hundred:",
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     while not stop.is_set():
         try:
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
@@ -97,11 +124,22 @@ def _stream(url: str, stop: threading.Event, tokens: int) -> None:
 def test_load_raises_capacity_and_idling_lowers_it(
     cluster: Any, operator: OperatorProcess, namespace: str, server_port: int, tmp_path: Path
 ) -> None:
-    apply(cluster, namespace, md(
-        "scaled", capacity=1, auth={"mode": "none"},
-        autoscaling={"enabled": True, "minCapacity": 1, "maxCapacity": 3, "targetInFlightPerInstance": 2,
-                     "scaleDownDelaySeconds": 8},
-    ))
+    apply(
+        cluster,
+        namespace,
+        md(
+            "scaled",
+            capacity=1,
+            auth={"mode": "none"},
+            autoscaling={
+                "enabled": True,
+                "minCapacity": 1,
+                "maxCapacity": 3,
+                "targetInFlightPerInstance": 2,
+                "scaleDownDelaySeconds": 8,
+            },
+        ),
+    )
     wait_md(cluster, operator, namespace, "scaled", running(1), "Running with 1")
     servers = PodServers(server_port, tmp_path)
     stop = threading.Event()
@@ -119,12 +157,30 @@ def test_load_raises_capacity_and_idling_lowers_it(
             t = threading.Thread(target=_stream, args=(f"http://{ip}:{server_port}", stop, 400), daemon=True)
             t.start()
             workers.append(t)
-        got = wait_md(cluster, operator, namespace, "scaled",
-                      lambda s: s.get("desiredCapacity") == 3, "desiredCapacity 3 under load", timeout=120)
+        got = wait_md(
+            cluster,
+            operator,
+            namespace,
+            "scaled",
+            lambda s: s.get("desiredCapacity") == 3,
+            "desiredCapacity 3 under load",
+            timeout=120,
+        )
         assert got["spec"]["capacity"] == 3
         assert got["status"].get("lastScaleTime")
-        events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
-                                            "involvedObject.name=scaled", "-o", "json", check=True).stdout)["items"]
+        events = json.loads(
+            cluster.kubectl(
+                "get",
+                "events",
+                "-n",
+                namespace,
+                "--field-selector",
+                "involvedObject.name=scaled",
+                "-o",
+                "json",
+                check=True,
+            ).stdout
+        )["items"]
         scaled = [e["message"] for e in events if e["reason"] == "Autoscaled"]
         assert any("over target 2 per instance -> capacity 3" in m for m in scaled), scaled
         servers.sync(_pods(cluster, namespace, "scaled"))
@@ -134,8 +190,15 @@ def test_load_raises_capacity_and_idling_lowers_it(
 
         # idle: after the scale-down delay, back to minCapacity
         stop.set()
-        got = wait_md(cluster, operator, namespace, "scaled",
-                      lambda s: s.get("desiredCapacity") == 1, "desiredCapacity back to 1 when idle", timeout=120)
+        got = wait_md(
+            cluster,
+            operator,
+            namespace,
+            "scaled",
+            lambda s: s.get("desiredCapacity") == 1,
+            "desiredCapacity back to 1 when idle",
+            timeout=120,
+        )
         assert got["spec"]["capacity"] == 1
         wait_md(cluster, operator, namespace, "scaled", running(1), "Running with 1 after scale-down")
     finally:
@@ -156,17 +219,30 @@ def test_load_raises_capacity_and_idling_lowers_it(
 def test_zero_is_idle_with_endpoint(
     cluster: Any, operator: OperatorProcess, namespace: str, server_port: int, tmp_path: Path
 ) -> None:
-    apply(cluster, namespace, md(
-        "sleepy", capacity=1, auth={"mode": "none"},
-        autoscaling={"enabled": True, "minCapacity": 0, "maxCapacity": 2, "scaleDownDelaySeconds": 2},
-    ))
+    apply(
+        cluster,
+        namespace,
+        md(
+            "sleepy",
+            capacity=1,
+            auth={"mode": "none"},
+            autoscaling={"enabled": True, "minCapacity": 0, "maxCapacity": 2, "scaleDownDelaySeconds": 2},
+        ),
+    )
     wait_md(cluster, operator, namespace, "sleepy", running(1), "Running with 1")
     servers = PodServers(server_port, tmp_path)
     try:
         # a ready pod that does not answer counts as loaded; with its server up and idle, it scales to 0
         servers.sync(_pods(cluster, namespace, "sleepy"))
-        got = wait_md(cluster, operator, namespace, "sleepy",
-                      lambda s: s.get("phase") == "Idle", "Idle at capacity 0 with no load", timeout=300)
+        got = wait_md(
+            cluster,
+            operator,
+            namespace,
+            "sleepy",
+            lambda s: s.get("phase") == "Idle",
+            "Idle at capacity 0 with no load",
+            timeout=300,
+        )
     finally:
         servers.stop()
     assert got["spec"]["capacity"] == 0

@@ -44,8 +44,14 @@ def test_readme_quickstart_runs_as_written(tmp_path: Path) -> None:
             if how.startswith("background"):
                 url = how.split()[1]
                 with log.open("wb") as out:
-                    proc = subprocess.Popen(["bash", "-c", code], cwd=ROOT, env=env, stdout=out,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+                    proc = subprocess.Popen(
+                        ["bash", "-c", code],
+                        cwd=ROOT,
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
                 background.append(proc)
                 deadline = time.monotonic() + 600
                 while True:
@@ -58,17 +64,32 @@ def test_readme_quickstart_runs_as_written(tmp_path: Path) -> None:
                         pass
                     time.sleep(1)
             elif how == "python":
-                r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                                   text=True, timeout=300)
+                r = subprocess.run(
+                    [sys.executable, "-c", code],
+                    cwd=ROOT,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
                 assert r.returncode == 0, r.stderr
                 assert "Paris" in r.stdout, r.stdout
             else:
-                proc = subprocess.Popen(["bash", "-e", "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                proc = subprocess.Popen(
+                    ["bash", "-e", "-c", code],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    start_new_session=True,
+                )
                 background.append(proc)  # its own background jobs (the operator) go with its process group
                 out, _ = proc.communicate(timeout=900)
                 assert proc.returncode == 0, out[-5000:]
-                assert re.search(r"NAME\s+MODEL\s+PHASE\s+CAPACITY\s+READY\s+ENDPOINT\s+AGE", out), out[-3000:]
+                assert re.search(r"NAME\s+MODEL\s+PHASE\s+CAPACITY\s+READY\s+ENDPOINT\s+AGE", out), out[
+                    -3000:
+                ]
                 assert "Scaled" in out and "AllInstancesReady" in out, out[-3000:]
     finally:
         for proc in background:

@@ -82,7 +82,9 @@ def test_400_names_the_bad_parameter(client: TestClient, body: dict, param: str)
 
 def test_unknown_route_and_method_in_openai_shape(client: TestClient) -> None:
     r = client.post("/v1/embeddings", json={"input": "x"})
-    assert r.status_code == 404 and _error(r)["code"] == "not_found" and "/v1/embeddings" in _error(r)["message"]
+    assert (
+        r.status_code == 404 and _error(r)["code"] == "not_found" and "/v1/embeddings" in _error(r)["message"]
+    )
     r = client.delete("/v1/chat/completions")
     assert r.status_code == 405 and _error(r)["code"] == "method_not_allowed" and "POST" in r.headers["allow"]
 

@@ -31,7 +31,9 @@ pytestmark = pytest.mark.slow
 
 
 class ScriptedEngine:
-    def __init__(self, tokenizer: Any, info: ModelInfo, ending: str, pieces: tuple[str, ...] = ("Hi",)) -> None:
+    def __init__(
+        self, tokenizer: Any, info: ModelInfo, ending: str, pieces: tuple[str, ...] = ("Hi",)
+    ) -> None:
         self._tokenizer = tokenizer
         self._info = info
         self.ending = ending
@@ -58,8 +60,13 @@ class ScriptedEngine:
                 raise RuntimeError("engine step failed: CUDA out of memory")
             finish = "abort" if self.ending == "abort" else "stop"
             k = len(self.pieces)
-            yield TokenEvent(token_id=504, text=self.pieces[-1], finish_reason=finish, num_prompt_tokens=n,
-                             num_generated_tokens=k)
+            yield TokenEvent(
+                token_id=504,
+                text=self.pieces[-1],
+                finish_reason=finish,
+                num_prompt_tokens=n,
+                num_generated_tokens=k,
+            )
 
         return events()
 
@@ -67,11 +74,22 @@ class ScriptedEngine:
         pass
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=0, waiting=0, kv_cache_usage=0.0, steps=0, num_prefill_tokens=0, num_decode_tokens=0)
+        return EngineStats(
+            running=0, waiting=0, kv_cache_usage=0.0, steps=0, num_prefill_tokens=0, num_decode_tokens=0
+        )
 
 
-INFO = ModelInfo(served_name="m", source="test", architecture="LlamaForCausalLM", max_model_len=2048,
-                 dtype="float32", device="cpu", has_chat_template=True, vocab_size=49152, eos_token_ids=(2,))
+INFO = ModelInfo(
+    served_name="m",
+    source="test",
+    architecture="LlamaForCausalLM",
+    max_model_len=2048,
+    dtype="float32",
+    device="cpu",
+    has_chat_template=True,
+    vocab_size=49152,
+    eos_token_ids=(2,),
+)
 
 
 def _app(engine: ScriptedEngine) -> TestClient:
@@ -89,15 +107,19 @@ def client(request: pytest.FixtureRequest, smollm2: LoadedModel) -> Iterator[tup
         yield c, request.param
 
 
-EXPECTED = {"fail": (500, "internal_error", "engine step failed: CUDA out of memory"),
-            "abort": (503, "aborted", "stopped before it finished")}
+EXPECTED = {
+    "fail": (500, "internal_error", "engine step failed: CUDA out of memory"),
+    "abort": (503, "aborted", "stopped before it finished"),
+}
 
 
 def test_non_streaming_errors_keep_the_openai_shape(client: tuple[TestClient, str]) -> None:
     c, ending = client
     status, code, text = EXPECTED[ending]
-    for path, body in (("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
-                       ("/v1/completions", {"model": "m", "prompt": "hi"})):
+    for path, body in (
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/completions", {"model": "m", "prompt": "hi"}),
+    ):
         r = c.post(path, json=body)
         assert r.status_code == status, r.text
         err = r.json()["error"]
@@ -132,10 +154,22 @@ TOOL_TEMPLATE = (
     "{% for tc in m.tool_calls or [] %}<tool_call>{{ tc.function | tojson }}</tool_call>{% endfor %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                            "parameters": {"type": "object",
-                                                           "properties": {"city": {"type": "string"}}}}}
-CALL_PIECES = ("<tool", "_call>\n", '{"name": "get_weather", ', '"arguments": {"city": ', '"Paris"}}', "\n</tool_call>")
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+CALL_PIECES = (
+    "<tool",
+    "_call>\n",
+    '{"name": "get_weather", ',
+    '"arguments": {"city": ',
+    '"Paris"}}',
+    "\n</tool_call>",
+)
 
 
 @pytest.fixture()
@@ -150,9 +184,17 @@ def test_tool_call_reaches_the_openai_sdk(tool_engine: ScriptedEngine) -> None:
         sdk = OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=c)
         history = [
             {"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}
-            ]},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": "call_0",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
+                    }
+                ],
+            },
             {"role": "tool", "tool_call_id": "call_0", "content": "sunny"},
             {"role": "user", "content": "And Paris?"},
         ]
@@ -160,7 +202,9 @@ def test_tool_call_reaches_the_openai_sdk(tool_engine: ScriptedEngine) -> None:
         choice = reply.choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
         (call,) = choice.message.tool_calls or []
-        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {
+            "city": "Paris"
+        }
         # the tools reached the template, and the earlier call's arguments went in as an object
         assert '"get_weather"' in tool_engine.prompts[-1].split("<|im_end|>")[0]
         assert '"arguments": {"city": "Rome"}' in tool_engine.prompts[-1]
@@ -169,11 +213,17 @@ def test_tool_call_reaches_the_openai_sdk(tool_engine: ScriptedEngine) -> None:
         chunks = list(stream)
         content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
         deltas = [tc for ch in chunks if ch.choices for tc in ch.choices[0].delta.tool_calls or []]
-        finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        finishes = [
+            ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason
+        ]
         assert content == "" and finishes == ["tool_calls"]
         assert [d.function.name for d in deltas if d.function] == ["get_weather"]
         assert json.loads(deltas[0].function.arguments or "") == {"city": "Paris"}  # type: ignore[union-attr]
 
         # tool_choice "none": the text is returned as it is
-        plain = sdk.chat.completions.create(model="m", messages=history[:1], tools=[WEATHER], tool_choice="none")  # type: ignore[arg-type]
-        assert plain.choices[0].message.tool_calls is None and "<tool_call>" in (plain.choices[0].message.content or "")
+        plain = sdk.chat.completions.create(
+            model="m", messages=history[:1], tools=[WEATHER], tool_choice="none"
+        )  # type: ignore[arg-type]
+        assert plain.choices[0].message.tool_calls is None and "<tool_call>" in (
+            plain.choices[0].message.content or ""
+        )

@@ -14,12 +14,12 @@ torch = pytest.importorskip("torch")
 from berth.server.engine import (  # noqa: E402
     Engine,
     EngineConfig,
+    EngineCore,
     GenerationRequest,
     QueueFullError,
     SamplingParams,
     TokenEvent,
 )
-from berth.server.engine import EngineCore  # noqa: E402
 
 if TYPE_CHECKING:
     from berth.server.engine.types import LoadedModel
@@ -101,7 +101,9 @@ def test_static_decode_path_matches_transformers(
     smollm2: LoadedModel, chat_ids: Callable[..., list[int]]
 ) -> None:
     """The padded, fixed-shape decode path that CUDA graphs capture, run eagerly on CPU: same tokens."""
-    c = core(smollm2, block_size=4, max_num_batched_tokens=16, num_blocks=256, max_num_seqs=6, cuda_graphs=True)
+    c = core(
+        smollm2, block_size=4, max_num_batched_tokens=16, num_blocks=256, max_num_seqs=6, cuda_graphs=True
+    )
     runner = c.runner
     static = runner.static
     assert static is not None and not static.use_cuda_graphs  # CPU: eager, nothing captured

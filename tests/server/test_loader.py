@@ -15,8 +15,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from berth.server.engine import EngineConfig, GenerationRequest, SamplingParams  # noqa: E402
-from berth.server.engine import EngineCore  # noqa: E402
+from berth.server.engine import (  # noqa: E402
+    EngineConfig,
+    EngineCore,
+    GenerationRequest,
+    SamplingParams,
+)
 from berth.server.loader import ModelLoadError, load_model, parse_adapter_specs, resolve_reference  # noqa: E402
 
 if TYPE_CHECKING:

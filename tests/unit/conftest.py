@@ -12,7 +12,9 @@ from berth.controller import kube
 from berth.controller.settings import OperatorSettings
 
 
-def md_body(name: str = "chat", namespace: str = "team-a", spec: dict[str, Any] | None = None, **meta: Any) -> dict[str, Any]:
+def md_body(
+    name: str = "chat", namespace: str = "team-a", spec: dict[str, Any] | None = None, **meta: Any
+) -> dict[str, Any]:
     return {
         "apiVersion": "berth.dev/v1alpha1",
         "kind": "ModelDeployment",
@@ -96,7 +98,9 @@ class RecordingKube:
         self.calls.append(("delete", kind.kind, name, None))
         self.objects.pop((kind.kind, namespace, name), None)
 
-    def patch_status(self, kind: kube.Kind, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+    def patch_status(
+        self, kind: kube.Kind, namespace: str, name: str, status: dict[str, Any]
+    ) -> dict[str, Any]:
         self.calls.append(("patch_status", kind.kind, name, copy.deepcopy(status)))
         obj = self.objects.setdefault((kind.kind, namespace, name), {"metadata": {"name": name}})
         obj.setdefault("status", {})

@@ -19,7 +19,9 @@ from .conftest import RecordingKube, md_body
 POLICY = Policy(min_capacity=1, max_capacity=8, target_per_instance=32, scale_down_delay=60, window=10)
 
 
-def run(loads: list[float], start: int = 1, policy: Policy = POLICY, busy: int = 0, dt: float = 5.0) -> list[int]:
+def run(
+    loads: list[float], start: int = 1, policy: Policy = POLICY, busy: int = 0, dt: float = 5.0
+) -> list[int]:
     """Feed one total-in-flight sample every dt seconds; apply each decision; return the capacities."""
     state, current, out = State(), start, []
     for i, load in enumerate(loads):
@@ -36,7 +38,9 @@ def test_spike_scales_up_at_once_with_a_bounded_step() -> None:
 
 
 def test_min_capacity_wins_over_the_step_limit() -> None:
-    high_floor = Policy(min_capacity=6, max_capacity=8, target_per_instance=32, scale_down_delay=60, window=10)
+    high_floor = Policy(
+        min_capacity=6, max_capacity=8, target_per_instance=32, scale_down_delay=60, window=10
+    )
     d = decide(1, 0, high_floor, State(), 0.0, 0)
     assert (d.desired, d.reason) == (6, "capacity below minCapacity -> 6")
     assert run([1000, 1000], start=1, policy=high_floor) == [6, 8]
@@ -135,8 +139,17 @@ class FixedLoad:
 def test_tick_writes_scale_event_and_status_only_when_enabled(
     recording: RecordingKube, settings: OperatorSettings, enabled: bool
 ) -> None:
-    body = md_body(spec={"capacity": 1, "autoscaling": {"enabled": enabled, "minCapacity": 1, "maxCapacity": 4,
-                                                         "targetInFlightPerInstance": 8}})
+    body = md_body(
+        spec={
+            "capacity": 1,
+            "autoscaling": {
+                "enabled": enabled,
+                "minCapacity": 1,
+                "maxCapacity": 4,
+                "targetInFlightPerInstance": 8,
+            },
+        }
+    )
     recording.objects[("ModelDeployment", "team-a", "chat")] = copy.deepcopy(body)
     scaler = Autoscaler(recording, settings, FixedLoad({"p1": 24.0}))
     decision = scaler.tick(body, datetime(2026, 11, 23, 10, 0, tzinfo=UTC), 0.0)
@@ -153,9 +166,21 @@ def test_tick_writes_scale_event_and_status_only_when_enabled(
     assert event["message"] == "in-flight 24 over target 8 per instance -> capacity 3"
 
 
-def test_manual_scale_while_enabled_is_corrected(recording: RecordingKube, settings: OperatorSettings) -> None:
-    body = md_body(spec={"capacity": 4, "autoscaling": {"enabled": True, "minCapacity": 1, "maxCapacity": 4,
-                                                         "targetInFlightPerInstance": 8, "scaleDownDelaySeconds": 0}})
+def test_manual_scale_while_enabled_is_corrected(
+    recording: RecordingKube, settings: OperatorSettings
+) -> None:
+    body = md_body(
+        spec={
+            "capacity": 4,
+            "autoscaling": {
+                "enabled": True,
+                "minCapacity": 1,
+                "maxCapacity": 4,
+                "targetInFlightPerInstance": 8,
+                "scaleDownDelaySeconds": 0,
+            },
+        }
+    )
     recording.objects[("ModelDeployment", "team-a", "chat")] = copy.deepcopy(body)
     scaler = Autoscaler(recording, settings, FixedLoad({"p1": 8.0}))
     decision = scaler.tick(body, datetime(2026, 11, 23, tzinfo=UTC), 0.0)
@@ -163,8 +188,18 @@ def test_manual_scale_while_enabled_is_corrected(recording: RecordingKube, setti
 
 
 def test_unanswering_ready_pods_count_as_loaded(recording: RecordingKube, settings: OperatorSettings) -> None:
-    body = md_body(spec={"capacity": 2, "autoscaling": {"enabled": True, "minCapacity": 1, "maxCapacity": 4,
-                                                         "targetInFlightPerInstance": 8, "scaleDownDelaySeconds": 0}})
+    body = md_body(
+        spec={
+            "capacity": 2,
+            "autoscaling": {
+                "enabled": True,
+                "minCapacity": 1,
+                "maxCapacity": 4,
+                "targetInFlightPerInstance": 8,
+                "scaleDownDelaySeconds": 0,
+            },
+        }
+    )
     recording.objects[("ModelDeployment", "team-a", "chat")] = copy.deepcopy(body)
     for name in ("p1", "p2"):
         recording.objects[("Pod", "team-a", name)] = {

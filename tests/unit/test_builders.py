@@ -24,7 +24,11 @@ GOLDEN = Path(__file__).parent / "golden"
 CASES: dict[str, dict[str, Any]] = {
     "cpu-builtin": {},
     "gpu-pvc": {
-        "model": {"uri": "pvc://model-store/qwen2.5-7b-instruct", "servedName": "qwen-7b", "maxModelLen": 8192},
+        "model": {
+            "uri": "pvc://model-store/qwen2.5-7b-instruct",
+            "servedName": "qwen-7b",
+            "maxModelLen": 8192,
+        },
         "capacity": 3,
         "resources": {"gpus": 2, "cpu": "8", "memory": "64Gi"},
         "engine": {"maxNumSeqs": 128, "extraArgs": ["--log-content"]},
@@ -120,7 +124,9 @@ def test_gpu_deployment(settings: OperatorSettings) -> None:
     assert args[args.index("--device") + 1] == "cuda"
     assert args[-1] == "--log-content"
     pod = dep["spec"]["template"]["spec"]
-    assert {"name": "model", "persistentVolumeClaim": {"claimName": "model-store", "readOnly": True}} in pod["volumes"]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "model-store", "readOnly": True}} in pod[
+        "volumes"
+    ]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": "25%"}
 
@@ -139,7 +145,9 @@ def test_cpu_deployment_defaults_and_hardening(settings: OperatorSettings) -> No
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert c["startupProbe"]["httpGet"]["path"] == "/health/ready"  # started = model loaded
     # the startup budget covers settings.startup_seconds of model download and load
-    assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= settings.startup_seconds
+    assert (
+        c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= settings.startup_seconds
+    )
     assert c["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert c["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
     assert pod["terminationGracePeriodSeconds"] == settings.drain_seconds
@@ -160,11 +168,16 @@ def test_hf_and_adapters(settings: OperatorSettings) -> None:
     assert "hf download acme/qwen-sql-lora --revision main --local-dir /adapters/sql" in script
     token = next(e for e in init["env"] if e["name"] == "HF_TOKEN")
     # the download counts against a namespace's CPU/memory quota like the server (no GPU)
-    assert init["resources"] == {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}}
+    assert init["resources"] == {
+        "requests": {"cpu": "2", "memory": "8Gi"},
+        "limits": {"cpu": "2", "memory": "8Gi"},
+    }
     assert token["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
     args = _container(dep)["args"]
     assert args[args.index("--adapter") : args.index("--adapter") + 2] == ["--adapter", "sql=/adapters/sql"]
-    assert "support=/adapters/support/support" in args  # claim "adapters" at /adapters/support, path "support"
+    assert (
+        "support=/adapters/support/support" in args
+    )  # claim "adapters" at /adapters/support, path "support"
 
 
 def test_service_network_policy_pdb(settings: OperatorSettings) -> None:
@@ -175,7 +188,11 @@ def test_service_network_policy_pdb(settings: OperatorSettings) -> None:
     np = builders.build_network_policy(md, settings)
     assert np is not None
     peers = np["spec"]["ingress"][0]["from"]
-    assert peers[0]["namespaceSelector"]["matchExpressions"][0]["values"] == ["apps", "berth-system", "team-a"]
+    assert peers[0]["namespaceSelector"]["matchExpressions"][0]["values"] == [
+        "apps",
+        "berth-system",
+        "team-a",
+    ]
     assert peers[1] == {"ipBlock": {"cidr": "10.20.0.0/16"}}
     pdb = builders.build_pdb(md)
     assert pdb is not None and pdb["spec"]["maxUnavailable"] == 1

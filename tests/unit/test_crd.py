@@ -63,8 +63,10 @@ def test_schema_is_structural() -> None:
     for forbidden in ("$ref", "anyOf", "allOf", "oneOf", "$defs", "title:"):
         assert forbidden not in text, forbidden
     for path, node in _walk(schema):
-        typed = "type" in node or node.get("x-kubernetes-int-or-string") or node.get(
-            "x-kubernetes-preserve-unknown-fields"
+        typed = (
+            "type" in node
+            or node.get("x-kubernetes-int-or-string")
+            or node.get("x-kubernetes-preserve-unknown-fields")
         )
         assert typed, f"{path} has no type"
         if path.startswith(".spec") and path.count(".") <= 3 and not path.endswith(("[]", "}")):

@@ -103,7 +103,9 @@ def _status_reasons() -> set[str]:
     handlers = ast.parse((Path(status.__file__).parent / "handlers.py").read_text())
     for node in ast.walk(handlers):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_record_failure":
-            reasons.update(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str))
+            reasons.update(
+                a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
+            )
     reasons.discard("")
     return reasons
 

@@ -36,10 +36,20 @@ def test_leader_is_the_highest_live_priority(recording: RecordingKube) -> None:
     assert is_leader(recording, "", [], 5, NOW)  # standalone
     fresh = (NOW - timedelta(seconds=10)).isoformat()
     stale = (NOW - timedelta(seconds=600)).isoformat()
-    _peering(recording, {"me": {"priority": 5, "lastseen": fresh, "lifetime": 60},
-                         "other": {"priority": 9, "lastseen": fresh, "lifetime": 60}})
+    _peering(
+        recording,
+        {
+            "me": {"priority": 5, "lastseen": fresh, "lifetime": 60},
+            "other": {"priority": 9, "lastseen": fresh, "lifetime": 60},
+        },
+    )
     assert not is_leader(recording, "berth", [], 5, NOW)
     assert is_leader(recording, "berth", [], 9, NOW)
-    _peering(recording, {"me": {"priority": 5, "lastseen": fresh, "lifetime": 60},
-                         "other": {"priority": 9, "lastseen": stale, "lifetime": 60}})
+    _peering(
+        recording,
+        {
+            "me": {"priority": 5, "lastseen": fresh, "lifetime": 60},
+            "other": {"priority": 9, "lastseen": stale, "lifetime": 60},
+        },
+    )
     assert is_leader(recording, "berth", [], 5, NOW)  # the higher one is dead

@@ -57,7 +57,11 @@ def test_model_uri_parse(uri: str, expected: ModelUri) -> None:
             "model",
             "adapter names must be unique; repeated: a",
         ),
-        ({"autoscaling": {"minCapacity": 3, "maxCapacity": 1}}, "autoscaling", "must not exceed maxCapacity (1)"),
+        (
+            {"autoscaling": {"minCapacity": 3, "maxCapacity": 1}},
+            "autoscaling",
+            "must not exceed maxCapacity (1)",
+        ),
         (
             {"capacity": 9, "autoscaling": {"enabled": True, "minCapacity": 1, "maxCapacity": 4}},
             "",

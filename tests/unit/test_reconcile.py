@@ -22,7 +22,9 @@ NOW = datetime(2026, 11, 23, 10, 5, 0, tzinfo=UTC)
 
 
 def _store_md(client: RecordingKube, body: dict[str, Any]) -> None:
-    client.objects[("ModelDeployment", body["metadata"]["namespace"], body["metadata"]["name"])] = copy.deepcopy(body)
+    client.objects[("ModelDeployment", body["metadata"]["namespace"], body["metadata"]["name"])] = (
+        copy.deepcopy(body)
+    )
 
 
 def _current(client: RecordingKube, name: str = "chat", ns: str = "team-a") -> dict[str, Any]:
@@ -37,7 +39,9 @@ def _edit_spec(client: RecordingKube, **spec: Any) -> dict[str, Any]:
     return body
 
 
-def test_first_reconcile_creates_children_and_status(recording: RecordingKube, settings: OperatorSettings) -> None:
+def test_first_reconcile_creates_children_and_status(
+    recording: RecordingKube, settings: OperatorSettings
+) -> None:
     body = md_body(spec={"capacity": 2})
     _store_md(recording, body)
     result = reconcile(body, recording, settings, NOW, api_key=lambda: "sk-test")
@@ -90,7 +94,9 @@ def test_generated_key_is_never_rotated(recording: RecordingKube, settings: Oper
     assert recording.objects[("Secret", "team-a", "chat-api-keys")]["data"] == secret["data"]
 
 
-def test_removing_access_deletes_the_network_policy(recording: RecordingKube, settings: OperatorSettings) -> None:
+def test_removing_access_deletes_the_network_policy(
+    recording: RecordingKube, settings: OperatorSettings
+) -> None:
     body = md_body(spec={"access": {"allowedCIDRs": ["10.0.0.0/8"]}, "capacity": 2})
     _store_md(recording, body)
     reconcile(body, recording, settings, NOW)
@@ -105,7 +111,9 @@ def test_removing_access_deletes_the_network_policy(recording: RecordingKube, se
     assert deletes == [("NetworkPolicy", "chat"), ("PodDisruptionBudget", "chat")]
 
 
-def test_invalid_edit_raises_and_deletes_nothing(recording: RecordingKube, settings: OperatorSettings) -> None:
+def test_invalid_edit_raises_and_deletes_nothing(
+    recording: RecordingKube, settings: OperatorSettings
+) -> None:
     body = md_body(spec={"capacity": 2})
     _store_md(recording, body)
     reconcile(body, recording, settings, NOW)
@@ -143,12 +151,36 @@ def test_existing_child_409_is_success(recording: RecordingKube, settings: Opera
 
 
 def test_diff_tolerates_server_defaults_and_quantities() -> None:
-    desired = {"spec": {"replicas": 2, "template": {"spec": {"containers": [
-        {"name": "s", "resources": {"limits": {"cpu": "0.5", "nvidia.com/gpu": 1}}, "env": []}]}}}}
-    observed = {"spec": {"replicas": 2, "progressDeadlineSeconds": 600, "template": {"spec": {
-        "dnsPolicy": "ClusterFirst",
-        "containers": [{"name": "s", "imagePullPolicy": "IfNotPresent",
-                        "resources": {"limits": {"cpu": "500m", "nvidia.com/gpu": "1"}}}]}}}}
+    desired = {
+        "spec": {
+            "replicas": 2,
+            "template": {
+                "spec": {
+                    "containers": [
+                        {"name": "s", "resources": {"limits": {"cpu": "0.5", "nvidia.com/gpu": 1}}, "env": []}
+                    ]
+                }
+            },
+        }
+    }
+    observed = {
+        "spec": {
+            "replicas": 2,
+            "progressDeadlineSeconds": 600,
+            "template": {
+                "spec": {
+                    "dnsPolicy": "ClusterFirst",
+                    "containers": [
+                        {
+                            "name": "s",
+                            "imagePullPolicy": "IfNotPresent",
+                            "resources": {"limits": {"cpu": "500m", "nvidia.com/gpu": "1"}},
+                        }
+                    ],
+                }
+            },
+        }
+    }
     assert diff(desired, observed) is diff({}, {})  # the same sentinel: nothing to patch
     observed["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] = "1"
     patch = diff(desired, observed)
@@ -156,8 +188,12 @@ def test_diff_tolerates_server_defaults_and_quantities() -> None:
 
 
 def test_dropping_an_optional_field_removes_it(recording: RecordingKube, settings: OperatorSettings) -> None:
-    body = md_body(spec={"model": {"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
-                         "podTemplate": {"nodeSelector": {"pool": "a"}}})
+    body = md_body(
+        spec={
+            "model": {"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
+            "podTemplate": {"nodeSelector": {"pool": "a"}},
+        }
+    )
     _store_md(recording, body)
     reconcile(body, recording, settings, NOW)
     created = recording.objects[("Deployment", "team-a", "chat")]["spec"]["template"]["spec"]
@@ -177,16 +213,22 @@ def test_dropping_an_optional_field_removes_it(recording: RecordingKube, setting
 
 
 def test_diff_treats_dropped_false_and_empty_as_same_and_quantities_only_in_resources() -> None:
-    desired = {"volumeMounts": [{"name": "m", "mountPath": "/m", "readOnly": False}],
-               "env": [{"name": "A", "value": ""}]}
+    desired = {
+        "volumeMounts": [{"name": "m", "mountPath": "/m", "readOnly": False}],
+        "env": [{"name": "A", "value": ""}],
+    }
     observed = {"volumeMounts": [{"name": "m", "mountPath": "/m"}], "env": [{"name": "A"}]}
     assert diff(desired, observed) is diff({}, {})
-    assert diff({"env": [{"name": "N", "value": "1k"}]}, {"env": [{"name": "N", "value": "1000"}]}) != diff({}, {})
+    assert diff({"env": [{"name": "N", "value": "1k"}]}, {"env": [{"name": "N", "value": "1000"}]}) != diff(
+        {}, {}
+    )
     same = diff({"resources": {"limits": {"memory": "1k"}}}, {"resources": {"limits": {"memory": "1000"}}})
     assert same is diff({}, {})
 
 
-def test_reconcile_keeps_the_autoscalers_status_fields(recording: RecordingKube, settings: OperatorSettings) -> None:
+def test_reconcile_keeps_the_autoscalers_status_fields(
+    recording: RecordingKube, settings: OperatorSettings
+) -> None:
     body = md_body()
     body["status"] = {"desiredCapacity": 3, "lastScaleTime": "2026-11-23T10:00:00Z"}
     _store_md(recording, body)
@@ -201,7 +243,9 @@ def _server(recording: RecordingKube) -> dict[str, Any]:
     return container
 
 
-def test_gpus_to_zero_removes_the_gpu_limit_and_request(recording: RecordingKube, settings: OperatorSettings) -> None:
+def test_gpus_to_zero_removes_the_gpu_limit_and_request(
+    recording: RecordingKube, settings: OperatorSettings
+) -> None:
     body = md_body(spec={"model": {"uri": "pvc://models/qwen"}, "resources": {"gpus": 2}})
     _store_md(recording, body)
     reconcile(body, recording, settings, NOW)
@@ -222,9 +266,16 @@ def test_gpus_to_zero_removes_the_gpu_limit_and_request(recording: RecordingKube
 
 def test_diff_removes_keys_only_inside_owned_maps() -> None:
     desired = {"spec": {"nodeSelector": {"pool": "a"}, "affinity": {"x": {"y": 1}}, "template": {"k": 1}}}
-    observed = {"spec": {"nodeSelector": {"pool": "a", "zone": "z1"}, "affinity": {"x": {"y": 1, "z": 2}},
-                         "template": {"k": 1, "defaulted": True}}}
-    assert diff(desired, observed) == {"spec": {"nodeSelector": {"zone": None}, "affinity": {"x": {"z": None}}}}
+    observed = {
+        "spec": {
+            "nodeSelector": {"pool": "a", "zone": "z1"},
+            "affinity": {"x": {"y": 1, "z": 2}},
+            "template": {"k": 1, "defaulted": True},
+        }
+    }
+    assert diff(desired, observed) == {
+        "spec": {"nodeSelector": {"zone": None}, "affinity": {"x": {"z": None}}}
+    }
 
 
 def test_dropped_pod_template_labels_and_annotations_are_removed_and_others_kept(
@@ -234,7 +285,9 @@ def test_dropped_pod_template_labels_and_annotations_are_removed_and_others_kept
     _store_md(recording, body)
     reconcile(body, recording, settings, NOW)
     dep = recording.objects[("Deployment", "team-a", "chat")]
-    dep["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"] = "2026-11-23T10:01:00Z"
+    dep["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"] = (
+        "2026-11-23T10:01:00Z"
+    )
     recording.clear()
 
     body = _current(recording)
@@ -260,10 +313,16 @@ def test_api_errors_are_typed_by_status() -> None:
     assert type(kube.ApiError.for_status(404, "NotFound", "x")) is kube.NotFound
     assert type(kube.ApiError.for_status(409, "AlreadyExists", "x")) is kube.Conflict
     other = kube.ApiError.for_status(503, "ServiceUnavailable", "etcd away")
-    assert type(other) is kube.ApiError and other.status == 503 and str(other) == "503 ServiceUnavailable: etcd away"
+    assert (
+        type(other) is kube.ApiError
+        and other.status == 503
+        and str(other) == "503 ServiceUnavailable: etcd away"
+    )
 
 
-def test_handlers_share_one_context_through_kopfs_memo(recording: RecordingKube, settings: OperatorSettings) -> None:
+def test_handlers_share_one_context_through_kopfs_memo(
+    recording: RecordingKube, settings: OperatorSettings
+) -> None:
     ctx = OperatorContext.create(settings, namespaces=["team-a"], priority=7, client=recording)
     memo = kopf.Memo({MEMO_KEY: ctx})
     assert from_memo(copy.copy(memo)) is ctx  # kopf hands each object a shallow copy of the operator's memo
@@ -273,7 +332,9 @@ def test_handlers_share_one_context_through_kopfs_memo(recording: RecordingKube,
         from_memo(kopf.Memo())
 
 
-def test_a_refused_child_is_recorded_and_retried_later(recording: RecordingKube, settings: OperatorSettings) -> None:
+def test_a_refused_child_is_recorded_and_retried_later(
+    recording: RecordingKube, settings: OperatorSettings
+) -> None:
     _store_md(recording, md_body())
 
     class Refusing(RecordingKube):
@@ -286,7 +347,9 @@ def test_a_refused_child_is_recorded_and_retried_later(recording: RecordingKube,
     refusing.objects = recording.objects
     ctx = OperatorContext.create(settings, client=refusing)
     with pytest.raises(kopf.TemporaryError) as raised:
-        handlers.run_reconcile(ctx, "team-a", "chat", "spec", logging.getLogger(__name__), permanent_on_invalid=True)
+        handlers.run_reconcile(
+            ctx, "team-a", "chat", "spec", logging.getLogger(__name__), permanent_on_invalid=True
+        )
     assert raised.value.delay == 60
     status = refusing.objects[("ModelDeployment", "team-a", "chat")]["status"]
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")

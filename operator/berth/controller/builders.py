@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from berth.api.models import ModelDeployment, ModelUri
+from berth.api.quantity import parse_quantity
 from berth.controller import names
 from berth.controller.settings import OperatorSettings
 
@@ -128,11 +129,8 @@ def cpu_threads(cpu: str) -> int:
     torch sizes its thread pool from the node's cores, not the pod's limit; on a big node a small pod
     would oversubscribe its quota and stall every decode step.
     """
-    from kubernetes.utils import parse_quantity
-
     try:
-        threads: int = math.ceil(parse_quantity(cpu))  # type: ignore[no-untyped-call]
-        return max(1, threads)
+        return max(1, math.ceil(parse_quantity(cpu)))
     except (ValueError, ArithmeticError):
         return 1
 

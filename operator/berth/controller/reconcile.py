@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from berth.api.models import KIND, ModelDeployment
+from berth.api.quantity import parse_quantity
 from berth.controller import builders, kube, names
 from berth.controller.events import EventSpec, emit, status_events
 from berth.controller.settings import OperatorSettings
@@ -61,9 +62,7 @@ def _scalar_equal(desired: Any, observed: Any, quantities: bool = False) -> bool
         if not quantities:
             return False
         try:  # resource quantities come back canonicalised ("0.5" -> "500m")
-            from kubernetes.utils import parse_quantity
-
-            return bool(parse_quantity(desired) == parse_quantity(observed))  # type: ignore[no-untyped-call]
+            return parse_quantity(desired) == parse_quantity(observed)
         except (ValueError, TypeError, ArithmeticError):
             return False
     return False

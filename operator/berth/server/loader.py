@@ -166,22 +166,58 @@ def _save_converted(gguf: Path, tokenizer: Any, model: Any) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_tokenizer_and_model(kind: str, path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+def _check_remote_code(path: Path, trust_remote_code: bool) -> None:
+    """A model whose config asks for its repository's own code (``auto_map``) and whose type transformers
+    does not know runs only with --trust-remote-code: executing a repository's code is the platform's call."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {path / 'config.json'}: {e}") from e
+    model_type = str(cfg.get("model_type", ""))
+    if trust_remote_code or not cfg.get("auto_map") or model_type in CONFIG_MAPPING:
+        return
+    raise ModelLoadError(
+        f"model_type {model_type!r} needs the code in its own repository (auto_map in config.json), which Berth "
+        "runs only with --trust-remote-code (in a ModelDeployment: model.trustRemoteCode, allowed by the "
+        "operator setting BERTH_ALLOW_REMOTE_CODE)"
+    )
+
+
+def _device_map(device: torch.device) -> str | None:
+    """ "balanced" when the pod sees several GPUs: the model's layers (and their KV cache) are split over them."""
+    import torch
+
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        return "balanced"
+    return None
+
+
+def _load_tokenizer_and_model(
+    kind: str, path: Path, dtype: torch.dtype, trust_remote_code: bool = False, device_map: str | None = None
+) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if kind == "gguf":
         converted = models_builtin.converted_dir(path)
         if (converted / "BERTH_SOURCE").is_file():
             logger.info("using the converted copy of %s at %s", path.name, converted)
-            return _load_tokenizer_and_model("hf", converted, dtype)
+            return _load_tokenizer_and_model("hf", converted, dtype, device_map=device_map)
         kwargs: dict[str, Any] = {"gguf_file": path.name}
         where = str(path.parent)
     else:
-        kwargs = {}
+        _check_remote_code(path, trust_remote_code)
+        kwargs = {"trust_remote_code": True} if trust_remote_code else {}
         where = str(path)
+    placement = {"device_map": device_map} if device_map is not None else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, low_cpu_mem_usage=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype, low_cpu_mem_usage=True, **kwargs, **placement
+        )
     except Exception as e:  # transformers/gguf/safetensors raise many kinds for unreadable files
         raise ModelLoadError(f"cannot load model from {path}: {type(e).__name__}: {e}") from e
     if kind == "gguf" and os.environ.get("BERTH_NO_CONVERT_CACHE") != "1":
@@ -274,12 +310,14 @@ def _load_adapters(
     return model, [], side
 
 
-def _context_limit(model: Any, max_model_len: int | None) -> int:
+def _context_limit(model: Any, max_model_len: int | None, backend: str) -> int:
     """``--max-model-len`` checked against the model's context (its default: the model's, capped)."""
-    max_pos = int(getattr(model.config, "max_position_embeddings", 0) or DEFAULT_MAX_MODEL_LEN_CAP)
-    window = getattr(model.config, "sliding_window", None)
-    if isinstance(window, int) and window > 0 and getattr(model.config, "use_sliding_window", True):
-        max_pos = min(max_pos, window)  # attention is full within the window: stay inside it
+    text = model.config.get_text_config()
+    max_pos = int(getattr(text, "max_position_embeddings", 0) or DEFAULT_MAX_MODEL_LEN_CAP)
+    window = getattr(text, "sliding_window", None)
+    native_window = isinstance(window, int) and window > 0 and getattr(text, "use_sliding_window", True)
+    if backend == "native" and native_window:
+        max_pos = min(max_pos, window)  # the native forward attends fully: stay inside the window
     if max_model_len is None:
         return min(max_pos, DEFAULT_MAX_MODEL_LEN_CAP)
     if max_model_len < 2:
@@ -306,30 +344,48 @@ def load_model(
     max_model_len: int | None = None,
     adapters: Mapping[str, str] | None = None,
     merge_single_adapter: bool = True,
+    backend: str = "auto",
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load ``ref`` (see the module docstring); raises ModelLoadError with a clear message."""
-    from berth.server.engine.runner import UnsupportedModelError, check_supported
+    from berth.server.engine.runner import UnsupportedModelError, choose_backend
 
     t0 = time.monotonic()
     kind, path = resolve_reference(ref)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    device_map = _device_map(dev)
     logger.info(
-        "loading model %s (%s at %s) dtype=%s device=%s", ref, kind, path, str(dt).removeprefix("torch."), dev
+        "loading model %s (%s at %s) dtype=%s device=%s%s",
+        ref,
+        kind,
+        path,
+        str(dt).removeprefix("torch."),
+        dev,
+        f" (layers split over {device_map} GPUs)" if device_map else "",
     )
-    tokenizer, model = _load_tokenizer_and_model(kind, path, dt)
-    try:
-        arch = check_supported(model)
-    except UnsupportedModelError as e:
-        raise ModelLoadError(str(e)) from e
-    logger.info("loaded weights in %.1fs; moving to %s", time.monotonic() - t0, dev)
-    model.to(dev)
+    tokenizer, model = _load_tokenizer_and_model(kind, path, dt, trust_remote_code, device_map)
+    logger.info("loaded weights in %.1fs", time.monotonic() - t0)
+    if device_map is None:
+        model.to(dev)
     model.eval()
     if model.dtype != dt:
         model.to(dt)
 
     model, merged, side = _load_adapters(model, dict(adapters or {}), merge_single_adapter, dev, dt)
-    mml = _context_limit(model, max_model_len)
+    arch = str(getattr(model.config, "model_type", "unknown"))
+    if device_map is not None and backend == "auto":
+        backend = "transformers"  # the native forward runs on one device
+    try:
+        chosen, why = choose_backend(model, backend)
+    except UnsupportedModelError as e:
+        raise ModelLoadError(str(e)) from e
+    if chosen == "native" and device_map is not None:
+        raise ModelLoadError(
+            "the native backend runs on one GPU; use --backend transformers (or auto) to split"
+        )
+    logger.info("backend %s: %s", chosen, why)
+    mml = _context_limit(model, max_model_len, chosen)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if served_name is None:
@@ -345,13 +401,16 @@ def load_model(
         device=dev,
         adapters=side,
         merged_adapters=merged,
+        backend=chosen,
     )
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
-        "model %s ready in %.1fs: %s, %.0fM parameters, max_model_len=%d, dtype=%s, device=%s, adapters=%s",
+        "model %s ready in %.1fs: %s on the %s backend, %.0fM parameters, max_model_len=%d, dtype=%s, "
+        "device=%s, adapters=%s",
         served_name,
         time.monotonic() - t0,
         arch,
+        chosen,
         n_params / 1e6,
         mml,
         str(dt).removeprefix("torch."),

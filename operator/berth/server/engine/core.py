@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 from berth.server.engine.detokenizer import Detokenizer
 from berth.server.engine.kv_cache import BlockManager
-from berth.server.engine.runner import ModelRunner
+from berth.server.engine.runner import RUNNERS
 from berth.server.engine.sampler import Sampler
 from berth.server.engine.scheduler import Scheduler
 from berth.server.engine.sequence import Sequence
@@ -30,10 +30,11 @@ def size_cache(model: LoadedModel, config: EngineConfig) -> int:
     """KV blocks: ``config.num_blocks``, else what the memory budget holds, never more than useful."""
     if config.num_blocks is not None:
         return config.num_blocks
-    per_block = ModelRunner.bytes_per_block(model.model, config.block_size)
+    runner = RUNNERS[model.backend]
+    per_block = runner.bytes_per_block(model.model, config.block_size)
     useful = config.max_num_seqs * -(-model.max_model_len // config.block_size)
     if model.device.type == "cuda":
-        budget = int(ModelRunner.free_device_memory(model.device) * config.kv_cache_memory_fraction)
+        budget = int(runner.free_device_memory(model.device) * config.kv_cache_memory_fraction)
     else:
         budget = int(config.kv_cache_cpu_gib * 2**30)
     return max(1, min(budget // per_block, useful))
@@ -49,7 +50,7 @@ class EngineCore:
         num_blocks = size_cache(model, config)
         self.bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.bm, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(
+        self.runner = RUNNERS[model.backend](
             model.model,
             num_blocks=num_blocks,
             block_size=config.block_size,

@@ -69,6 +69,7 @@ class Engine:
             eos_token_ids=tuple(model.eos_token_ids),
             adapters=tuple(model.merged_adapters) + tuple(model.adapter_names),
             merged_adapters=tuple(model.merged_adapters),
+            backend=model.backend,
             extra={
                 "block_size": str(config.block_size),
                 "num_blocks": str(self._core.bm.num_blocks),

@@ -173,6 +173,7 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...] = ()
     adapters: tuple[str, ...] = ()  # served side by side as "<served_name>:<adapter>"
     merged_adapters: tuple[str, ...] = ()  # merged into the base weights at load
+    backend: str = "native"  # the model runner's backend: native | transformers
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -199,6 +200,7 @@ class LoadedModel:
     device: torch.device
     adapters: list[LoraWeights] = field(default_factory=list)  # served side by side
     merged_adapters: list[str] = field(default_factory=list)  # merged into the weights at load
+    backend: str = "native"  # the model runner: "native" (Berth's own forward) or "transformers"
 
     @property
     def has_chat_template(self) -> bool:

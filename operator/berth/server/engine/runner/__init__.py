@@ -1,12 +1,22 @@
 """The model runner: the only part of the engine that runs the model (tensors live here).
 
-- ``model_runner``: ``ModelRunner`` (the KV cache tensors, the forward pass, the step -> sampler);
-- ``attention``: a step's flat inputs over the paged cache and the attention over it;
-- ``static_decode``: pure decode steps through static shapes, as CUDA graphs on CUDA.
+Two backends with one interface (``step``, ``execute``, ``bytes_per_block``, ``free_device_memory``,
+``vocab_size``, ``k_cache``/``v_cache``):
+- ``native`` (``model_runner.ModelRunner``): Berth's own Llama-family forward, the fast path, with the
+  static-shape decode path and CUDA graphs (``static_decode``);
+- ``transformers`` (``hf.TransformersRunner``): any decoder transformers can build, its own modeling
+  code, Berth's paged attention registered through transformers' attention interface (``hf_attention``).
+``attention`` holds a step's flat inputs over the paged cache, shared by both.
+
+``choose_backend`` picks one for a model: ``auto`` takes the native forward where it covers the model
+type and the transformers backend for everything else.
 """
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
+from berth.server.engine.runner.hf import TransformersRunner, TransformersUnsupported, probe
 from berth.server.engine.runner.model_runner import (
     LORA_TARGETS,
     SUPPORTED_MODEL_TYPES,
@@ -15,4 +25,46 @@ from berth.server.engine.runner.model_runner import (
     check_supported,
 )
 
-__all__ = ["LORA_TARGETS", "SUPPORTED_MODEL_TYPES", "ModelRunner", "UnsupportedModelError", "check_supported"]
+Backend = Literal["auto", "native", "transformers"]
+BACKENDS: tuple[str, ...] = ("native", "transformers")
+RUNNERS: dict[str, type[ModelRunner] | type[TransformersRunner]] = {
+    "native": ModelRunner,
+    "transformers": TransformersRunner,
+}
+
+__all__ = [
+    "BACKENDS",
+    "LORA_TARGETS",
+    "RUNNERS",
+    "SUPPORTED_MODEL_TYPES",
+    "Backend",
+    "ModelRunner",
+    "TransformersRunner",
+    "UnsupportedModelError",
+    "check_supported",
+    "choose_backend",
+]
+
+
+def choose_backend(model: Any, requested: str) -> tuple[str, str]:
+    """(backend, why) for ``model``; raises UnsupportedModelError naming the model and what to do."""
+    if requested not in ("auto", *BACKENDS):
+        raise UnsupportedModelError(f"unknown backend {requested!r}: use auto, native or transformers")
+    native_problem: str | None = None
+    try:
+        check_supported(model)
+    except UnsupportedModelError as e:
+        native_problem = str(e)
+    if requested == "native":
+        if native_problem is not None:
+            raise UnsupportedModelError(f"{native_problem}; use --backend transformers (or auto)")
+        return "native", "asked for (--backend native)"
+    if requested == "auto" and native_problem is None:
+        return "native", f"model_type {model.config.model_type!r} is covered by the native forward"
+    try:
+        probe(model)
+    except TransformersUnsupported as e:
+        raise UnsupportedModelError(str(e)) from e
+    if requested == "transformers":
+        return "transformers", "asked for (--backend transformers)"
+    return "transformers", f"the native forward does not cover it ({native_problem})"
