@@ -311,12 +311,13 @@ def _load_adapters(
 
 
 def _context_limit(model: Any, max_model_len: int | None, backend: str) -> int:
+    from berth.server.engine.runner import sliding_window
+
     """``--max-model-len`` checked against the model's context (its default: the model's, capped)."""
     text = model.config.get_text_config()
     max_pos = int(getattr(text, "max_position_embeddings", 0) or DEFAULT_MAX_MODEL_LEN_CAP)
-    window = getattr(text, "sliding_window", None)
-    native_window = isinstance(window, int) and window > 0 and getattr(text, "use_sliding_window", True)
-    if backend == "native" and native_window:
+    window = sliding_window(model) if backend == "native" else None
+    if window is not None:
         max_pos = min(max_pos, window)  # the native forward attends fully: stay inside the window
     if max_model_len is None:
         return min(max_pos, DEFAULT_MAX_MODEL_LEN_CAP)

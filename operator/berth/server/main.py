@@ -121,6 +121,8 @@ class Runtime:
             device=s.device,
             max_model_len=s.max_model_len,
             adapters=s.adapter_map(),
+            backend=s.backend,
+            trust_remote_code=s.trust_remote_code,
         )
         config = EngineConfig(
             max_num_seqs=s.max_num_seqs,
@@ -150,7 +152,7 @@ class Runtime:
         try:
             self.engine = await asyncio.to_thread(self._build_engine)
             serving = Serving(self.engine, self.settings, self.state.metrics)
-            self.state.metrics.bind_engine(self.engine)
+            self.state.metrics.bind_engine(self.engine, self.engine.model_info)
             if self.settings.warmup:
                 text = await serving.warm_up()
                 log.info("warm-up generation done (%r)", text)
@@ -166,9 +168,10 @@ class Runtime:
         if self._drain_requested_at is None:
             self.state.set_phase(self._phase.READY)
         log.info(
-            "ready in %.1f s: serving %s (%s on %s, max_model_len %d%s) at http://%s:%d",
+            "ready in %.1f s: serving %s (%s backend, %s on %s, max_model_len %d%s) at http://%s:%d",
             time.monotonic() - started,
             info.served_name,
+            info.backend,
             info.dtype,
             info.device,
             info.max_model_len,

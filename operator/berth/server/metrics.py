@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from berth.server.engine.types import EngineStats
+from berth.server.engine.types import EngineStats, ModelInfo
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -99,11 +99,19 @@ class ServerMetrics:
             "berth_ready", "1 when the model is loaded, warmed up and not draining", registry=r
         )
         self.draining = Gauge("berth_draining", "1 after SIGTERM while in-flight requests finish", registry=r)
+        self.model_info = Gauge(
+            "berth_model_info",
+            "1 for the served model, labelled with its backend (native | transformers), dtype and device",
+            ["model", "backend", "dtype", "device"],
+            registry=r,
+        )
         self._stats_source: _StatsSource | None = None
         self.registry.register(_EngineCollector(self._engine_stats))
 
-    def bind_engine(self, engine: _StatsSource) -> None:
+    def bind_engine(self, engine: _StatsSource, info: ModelInfo | None = None) -> None:
         self._stats_source = engine
+        if info is not None:
+            self.model_info.labels(info.served_name, info.backend, info.dtype, info.device).set(1)
 
     def _engine_stats(self) -> EngineStats | None:
         return self._stats_source.stats() if self._stats_source is not None else None

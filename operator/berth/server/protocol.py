@@ -219,6 +219,7 @@ class ModelCard(BaseModel):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
+    backend: str | None = None  # Berth: the model runner serving it (native | transformers)
 
 
 class ModelList(BaseModel):
@@ -320,6 +321,7 @@ class TGIInfo(BaseModel):
     validation_workers: int = 1
     max_client_batch_size: int = 1
     router: str = "berth"
+    backend: str | None = None  # Berth: the model runner (native | transformers)
     version: str
     sha: str | None = None
     docker_label: str | None = None

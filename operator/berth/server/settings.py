@@ -43,6 +43,14 @@ class ServerSettings(BaseSettings):
     )
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    backend: Literal["auto", "native", "transformers"] = Field(
+        "auto",
+        description="model runner: native (Berth's Llama-family forward), transformers (any decoder transformers "
+        "can build, over Berth's paged KV cache) or auto (native where it covers the model)",
+    )
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own code when its config asks for it (auto_map)"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype (auto: bf16 on CUDA, fp32 on CPU)"
     )

@@ -151,10 +151,6 @@ class BlockManager:
         self.blocks[bid].ref_count = 1
         return bid
 
-    def can_allocate(self, seq: CacheSequence, num_tokens: int) -> bool:
-        need = self.blocks_needed(num_tokens) - len(seq.block_table)
-        return need <= self.num_free_blocks
-
     def allocate(self, seq: CacheSequence, num_tokens: int) -> bool:
         """Make the block table cover ``num_tokens`` tokens; all or nothing."""
         need = self.blocks_needed(num_tokens) - len(seq.block_table)
@@ -178,12 +174,3 @@ class BlockManager:
                 else:
                     self._free.append(bid)
         seq.block_table.clear()
-
-    def reset_prefix_cache(self) -> None:
-        for bid in list(self._evictable):
-            block = self.blocks[bid]
-            if block.hash is not None:
-                self._cached.pop(block.hash, None)
-                block.hash = None
-            self._free.append(bid)
-        self._evictable.clear()

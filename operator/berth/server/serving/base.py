@@ -47,6 +47,7 @@ class ServedModel:
                 created=self.created,
                 root=self.info.source,
                 max_model_len=self.info.max_model_len,
+                backend=self.info.backend,
             )
         ]
         cards += [
@@ -56,6 +57,7 @@ class ServedModel:
                 root=adapter,
                 parent=self.served_name,
                 max_model_len=self.info.max_model_len,
+                backend=self.info.backend,
             )
             for adapter in self.info.adapters
         ]

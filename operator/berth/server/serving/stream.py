@@ -12,7 +12,7 @@ import contextlib
 import inspect
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -154,7 +154,7 @@ class Generations:
         except Exception as exc:
             raise errors.internal(exc) from exc
 
-    async def _merged(self) -> AsyncIterator[tuple[Generation, TokenEvent]]:
+    async def _merged(self) -> AsyncGenerator[tuple[Generation, TokenEvent]]:
         last_at: dict[int, float] = {}
 
         def account(g: Generation, event: TokenEvent) -> None:
@@ -172,7 +172,7 @@ class Generations:
                 account(g, event)
                 yield g, event
 
-    async def _single(self) -> AsyncIterator[tuple[Generation, TokenEvent]]:
+    async def _single(self) -> AsyncGenerator[tuple[Generation, TokenEvent]]:
         g = self.gens[0]
         try:
             async for event in g.events_from_engine():
@@ -180,7 +180,7 @@ class Generations:
         finally:
             await g.close()
 
-    async def _interleaved(self) -> AsyncIterator[tuple[Generation, TokenEvent]]:
+    async def _interleaved(self) -> AsyncGenerator[tuple[Generation, TokenEvent]]:
         """The events of several engine requests in arrival order (one pump task each)."""
         queue: asyncio.Queue[tuple[Generation, TokenEvent | None, BaseException | None]] = asyncio.Queue()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import uuid
 from collections.abc import AsyncIterator
+from typing import Literal
 
 from berth.server.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from berth.server.protocol import (
@@ -56,6 +57,7 @@ class TGIServing:
             max_stop_sequences=m.settings.max_stop_sequences,
             max_input_tokens=max(1, m.info.max_model_len - 1),
             max_total_tokens=m.info.max_model_len,
+            backend=m.info.backend,
             version=version,
         )
 
@@ -104,7 +106,7 @@ class TGIServing:
         ctx.request_id = rid
         return GenerationRequest(rid, ids, params, adapter)
 
-    def _finish_reason(self, g: Generation) -> str:
+    def _finish_reason(self, g: Generation) -> Literal["length", "eos_token", "stop_sequence"]:
         if g.finish_reason == "length":
             return "length"
         if g.last_token_id is not None and g.last_token_id in self.model.info.eos_token_ids:
@@ -128,7 +130,7 @@ class TGIServing:
         m = self.model
         prefill = [TGIPrefillToken(id=t, text=m.token_text(t)) for t in greq.prompt_token_ids]
         details = TGIDetails(
-            finish_reason=self._finish_reason(g),  # type: ignore[arg-type]
+            finish_reason=self._finish_reason(g),
             generated_tokens=g.num_tokens,
             seed=greq.params.seed,
             prefill=prefill if p.decoder_input_details else [],
@@ -158,7 +160,7 @@ class TGIServing:
                 if event.finish_reason is not None:
                     out.generated_text = (req.inputs + g.text) if req.parameters.return_full_text else g.text
                     out.details = TGIStreamDetails(
-                        finish_reason=self._finish_reason(g),  # type: ignore[arg-type]
+                        finish_reason=self._finish_reason(g),
                         generated_tokens=g.num_tokens,
                         seed=greq.params.seed,
                         input_length=len(greq.prompt_token_ids),

@@ -23,6 +23,7 @@ from berth.server.engine.runner.model_runner import (
     ModelRunner,
     UnsupportedModelError,
     check_supported,
+    sliding_window,
 )
 
 Backend = Literal["auto", "native", "transformers"]
@@ -43,23 +44,29 @@ __all__ = [
     "UnsupportedModelError",
     "check_supported",
     "choose_backend",
+    "sliding_window",
 ]
+
+
+def _native_problem(model: Any) -> str | None:
+    try:
+        check_supported(model)
+    except UnsupportedModelError as e:
+        return str(e)
+    return None
 
 
 def choose_backend(model: Any, requested: str) -> tuple[str, str]:
     """(backend, why) for ``model``; raises UnsupportedModelError naming the model and what to do."""
     if requested not in ("auto", *BACKENDS):
         raise UnsupportedModelError(f"unknown backend {requested!r}: use auto, native or transformers")
-    native_problem: str | None = None
-    try:
-        check_supported(model)
-    except UnsupportedModelError as e:
-        native_problem = str(e)
+    problem = _native_problem(model)
     if requested == "native":
-        if native_problem is not None:
-            raise UnsupportedModelError(f"{native_problem}; use --backend transformers (or auto)")
+        if problem is not None:
+            raise UnsupportedModelError(f"{problem}; use --backend transformers (or auto)")
         return "native", "asked for (--backend native)"
-    if requested == "auto" and native_problem is None:
+    window = sliding_window(model)
+    if requested == "auto" and problem is None and window is None:
         return "native", f"model_type {model.config.model_type!r} is covered by the native forward"
     try:
         probe(model)
@@ -67,4 +74,5 @@ def choose_backend(model: Any, requested: str) -> tuple[str, str]:
         raise UnsupportedModelError(str(e)) from e
     if requested == "transformers":
         return "transformers", "asked for (--backend transformers)"
-    return "transformers", f"the native forward does not cover it ({native_problem})"
+    why = problem or f"a sliding window of {window} tokens (the native forward would cap the context at it)"
+    return "transformers", f"not the native forward: {why}"

@@ -203,8 +203,8 @@ def berth_attention(
         raise RuntimeError("the berth attention runs only inside an engine step")
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     if isinstance(step, ProbeStep):
-        out = _probe(step, module, query, key, value, scale, sliding_window, softcap, s_aux)
-        return out.transpose(1, 2), None
+        probed = _probe(step, module, query, key, value, scale, sliding_window, softcap, s_aux)
+        return probed.transpose(1, 2), None
     step = step.on(query.device)
     kc, vc = step.caches[int(module.layer_idx)]
     k = key[0].transpose(0, 1)  # [T, KVH, Dk]

@@ -55,9 +55,18 @@ def check_supported(model: Any) -> str:
             f"architecture {arch} (model_type {mt!r}) is not supported by Berth's engine; "
             f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    if getattr(cfg, "use_sliding_window", False):
-        raise UnsupportedModelError(f"architecture {arch}: sliding-window attention is not supported")
     return mt
+
+
+def sliding_window(model: Any) -> int | None:
+    """The attention window when it is shorter than the model's context (the native forward then serves
+    only up to the window; the transformers backend attends within it past it)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(cfg, "sliding_window", None)
+    context = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+    if not isinstance(window, int) or window <= 0 or not getattr(cfg, "use_sliding_window", True):
+        return None
+    return window if context == 0 or window < context else None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

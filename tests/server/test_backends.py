@@ -1,0 +1,135 @@
+"""The transformers modeling backend, and the choice of backend.
+
+For tiny random-weight models of many architectures (``tiny_models.py``: GQA and MQA, partial rotary,
+sliding windows shorter than the prompts, soft-capping, attention sinks, latent attention, MoE), the
+greedy tokens of Berth's engine equal transformers ``generate`` on the same weights: single requests, a
+batch of mixed lengths with chunked prefill under a cache small enough to preempt, and prefix-cache hits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.server import tiny_models
+
+torch = pytest.importorskip("torch")
+
+from berth.server.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams  # noqa: E402
+from berth.server.loader import ModelLoadError, load_model  # noqa: E402
+
+if TYPE_CHECKING:
+    from berth.server.engine.types import LoadedModel
+
+pytestmark = pytest.mark.slow
+NEW = 10  # tokens generated per request
+LENGTHS = (5, 13, 27, 41)  # prompt lengths: longer than the sliding window (8), and chunked (budget 16)
+
+
+def prompts() -> list[list[int]]:
+    return [[1000 + 37 * i + j for j in range(n)] for i, n in enumerate(LENGTHS)]
+
+
+def greedy(reference: Any, ids: list[int]) -> list[int]:
+    with torch.inference_mode():
+        out = reference.generate(
+            torch.tensor([ids]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0
+        )
+    return [int(t) for t in out[0, len(ids) :]]
+
+
+def request(rid: str, ids: list[int]) -> GenerationRequest:
+    return GenerationRequest(rid, ids, SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory, smollm2: LoadedModel) -> Callable[..., Path]:
+    made: dict[tuple[str, str], Path] = {}
+
+    def make(model_type: str, variant: str = "") -> Path:
+        key = (model_type, variant)
+        if key not in made:
+            overrides = tiny_models.SLIDING[model_type] if variant == "sliding" else None
+            where = tmp_path_factory.mktemp(f"{model_type}{variant}")
+            made[key] = tiny_models.build(model_type, where, smollm2.tokenizer, overrides)
+        return made[key]
+
+    return make
+
+
+def check_engine(directory: Path, backend: str, expect_backend: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_model(str(directory), dtype="float32", device="cpu", backend=backend)
+    assert loaded.backend == expect_backend
+    reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ps = prompts()
+    expected = [greedy(reference, p) for p in ps]
+    # 24 blocks of 4 tokens hold fewer than the 4 requests at once: the newest is preempted and recomputed.
+    core = EngineCore(
+        loaded,
+        EngineConfig(num_blocks=24, block_size=4, max_num_batched_tokens=16, prebuild_json_vocab=False),
+    )
+    for i, p in enumerate(ps[:2]):  # alone
+        got = core.run([request(f"solo{i}", p)])[f"solo{i}"]
+        assert [e.token_id for e in got] == expected[i], f"single request {i}"
+    batch = core.run([request(f"b{i}", p) for i, p in enumerate(ps)])
+    for i in range(len(ps)):
+        assert [e.token_id for e in batch[f"b{i}"]] == expected[i], f"batched request {i}"
+    assert core.stats().num_preemptions > 0
+    # the same long prompt again: its full blocks come from the prefix cache
+    again = core.run([request("again", ps[-1])])["again"]
+    assert [e.token_id for e in again] == expected[-1]
+    assert again[-1].num_cached_prompt_tokens >= 32
+    assert core.stats().kv_cache_usage == 0.0
+
+
+@pytest.mark.parametrize("model_type", sorted(set(tiny_models.ARCHITECTURES) - set(tiny_models.NATIVE)))
+def test_transformers_backend_equals_generate(model_type: str, tiny_dir: Callable[..., Path]) -> None:
+    check_engine(tiny_dir(model_type), "auto", "transformers")
+
+
+@pytest.mark.parametrize("backend", ["native", "transformers"])
+@pytest.mark.parametrize("model_type", tiny_models.NATIVE)
+def test_native_families_on_both_backends(
+    model_type: str, backend: str, tiny_dir: Callable[..., Path]
+) -> None:
+    check_engine(tiny_dir(model_type), backend, backend)
+
+
+@pytest.mark.parametrize("model_type", sorted(tiny_models.SLIDING))
+def test_sliding_window_prompts_longer_than_the_window(
+    model_type: str, tiny_dir: Callable[..., Path]
+) -> None:
+    """Mistral/Qwen2 with a window: auto takes the transformers backend, correct past the window."""
+    check_engine(tiny_dir(model_type, "sliding"), "auto", "transformers")
+
+
+def test_native_refuses_what_it_does_not_cover(tiny_dir: Callable[..., Path]) -> None:
+    with pytest.raises(ModelLoadError, match=r"model_type 'glm4'.*--backend transformers"):
+        load_model(str(tiny_dir("glm4")), device="cpu", backend="native")
+
+
+def test_smollm2_answers_the_same_on_both_backends(
+    smollm2: LoadedModel, chat_ids: Callable[..., list[int]]
+) -> None:
+    from tests.server.test_engine import PROMPTS
+
+    hf = load_model("builtin://smollm2-135m-instruct", dtype="float32", device="cpu", backend="transformers")
+    assert hf.backend == "transformers"
+    config = EngineConfig(num_blocks=256, block_size=16, prebuild_json_vocab=False)
+    texts = {}
+    for name, model in (("native", smollm2), ("transformers", hf)):
+        core = EngineCore(model, config)
+        out = core.run(
+            [
+                GenerationRequest(f"q{i}", chat_ids(p), SamplingParams(max_tokens=24, temperature=0.0))
+                for i, p in enumerate(PROMPTS)
+            ]
+        )
+        texts[name] = ["".join(e.text for e in out[f"q{i}"]) for i in range(len(PROMPTS))]
+    assert texts["transformers"] == texts["native"]
+    assert any("Paris" in t for t in texts["native"])
