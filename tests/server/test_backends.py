@@ -133,3 +133,61 @@ def test_smollm2_answers_the_same_on_both_backends(
         texts[name] = ["".join(e.text for e in out[f"q{i}"]) for i in range(len(PROMPTS))]
     assert texts["transformers"] == texts["native"]
     assert any("Paris" in t for t in texts["native"])
+
+
+def _serve_fails(model_dir: Path) -> str:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "berth.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"berth serve: cannot load model {model_dir}: ModelLoadError: ")
+    return last
+
+
+def test_an_encoder_is_refused_in_one_line(tmp_path: Path, smollm2: LoadedModel) -> None:
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    tok = smollm2.tokenizer
+    config = AutoConfig.for_model(
+        "bert",
+        vocab_size=len(tok),
+        **{
+            k: tiny_models.BASE[k]
+            for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        },
+    )
+    AutoModelForMaskedLM.from_config(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    line = _serve_fails(tmp_path)
+    assert "model_type 'bert'" in line and "decoder-only" in line
+
+
+def test_remote_code_is_refused_without_the_flag(tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {"model_type": "chatglm", "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig"}}
+        )
+    )
+    (tmp_path / "configuration_chatglm.py").write_text("raise SystemExit('remote code ran')\n")
+    line = _serve_fails(tmp_path)
+    assert "model_type 'chatglm'" in line and "--trust-remote-code" in line

@@ -152,6 +152,14 @@ class ModelSpec(_Base):
     hf_token_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret holding a Hugging Face token, for hf:// models that need one."
     )
+    trust_remote_code: bool = Field(
+        False,
+        description=(
+            "Run the model repository's own Python code (transformers' trust_remote_code), for models "
+            "whose config asks for it (e.g. ChatGLM3). Accepted only when the operator allows it "
+            "(BERTH_ALLOW_REMOTE_CODE); otherwise the ModelDeployment is Failed with reason PolicyViolation."
+        ),
+    )
 
     @field_validator("uri")
     @classmethod
@@ -263,6 +271,14 @@ class Access(_Base):
 class EngineSpec(_Base):
     """Inference engine tuning, passed to every instance's server."""
 
+    backend: Literal["auto", "native", "transformers"] = Field(
+        "auto",
+        description=(
+            "Model runner: native (Berth's own Llama-family forward, the fast path), transformers (any "
+            "decoder transformers can build, over Berth's paged KV cache) or auto (native where it covers "
+            "the model type, transformers for everything else). See docs/models.md."
+        ),
+    )
     max_num_seqs: int = Field(32, description="Requests decoded together per instance.", ge=1, le=4096)
     max_queue: int = Field(
         256,

@@ -227,6 +227,8 @@ def server_args(
         spec.model.dtype,
         "--device",
         "cuda" if spec.resources.gpus > 0 else "cpu",
+        "--backend",
+        spec.engine.backend,
         "--max-num-seqs",
         str(spec.engine.max_num_seqs),
         "--max-queue",
@@ -238,6 +240,8 @@ def server_args(
     ]
     if spec.model.max_model_len is not None:
         args += ["--max-model-len", str(spec.model.max_model_len)]
+    if spec.model.trust_remote_code:
+        args.append("--trust-remote-code")
     for adapter in adapters:
         args += ["--adapter", adapter]
     if names.api_key_secret_name(md) is not None:

@@ -21,6 +21,7 @@ from berth.controller import kube, metrics, names
 from berth.controller.context import MEMO_KEY, OperatorContext, from_memo
 from berth.controller.events import EventSpec, emit
 from berth.controller.loops import Loop, is_leader
+from berth.controller.policy import PolicyViolation
 from berth.controller.reconcile import Result, reconcile
 from berth.controller.settings import get_settings
 from berth.controller.status import failed_status, managed_status
@@ -76,6 +77,12 @@ def _reconcile_fresh(
         metrics.RECONCILES.labels(trigger=trigger, result="invalid").inc()
         if permanent_on_invalid:
             raise kopf.PermanentError(spec_error_message(e)) from None
+        return None
+    except PolicyViolation as e:
+        _record_failure(ctx, body, "PolicyViolation", str(e), now)
+        metrics.RECONCILES.labels(trigger=trigger, result="invalid").inc()
+        if permanent_on_invalid:
+            raise kopf.PermanentError(str(e)) from None
         return None
     except kube.Rejected as e:
         # The API server refused a child built from this spec (e.g. a name that is no DNS label): say so

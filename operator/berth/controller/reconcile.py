@@ -17,7 +17,7 @@ from typing import Any
 
 from berth.api.models import KIND, ModelDeployment
 from berth.api.quantity import parse_quantity
-from berth.controller import builders, kube, names
+from berth.controller import builders, kube, names, policy
 from berth.controller.events import EventSpec, emit, status_events
 from berth.controller.settings import OperatorSettings
 from berth.controller.status import Observed, compute_status, managed_status
@@ -245,6 +245,7 @@ def reconcile(
     md = ModelDeployment.model_validate(
         {k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec") if body.get(k) is not None}
     )
+    policy.check(md, settings)
     ns = md.namespace
     result = Result()
 

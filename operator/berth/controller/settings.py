@@ -79,6 +79,13 @@ class OperatorSettings(BaseSettings):
     autoscale_interval_seconds: float = Field(
         15.0, description="How often the autoscaler samples load.", gt=0
     )
+    allow_remote_code: bool = Field(
+        False,
+        description=(
+            "Allow ModelDeployments with model.trustRemoteCode: true (their instances run the model "
+            "repository's own code). Off: such a ModelDeployment is Failed with reason PolicyViolation."
+        ),
+    )
     log_level: str = Field("INFO", description="Operator log level.")
 
     @field_validator("namespaces", mode="before")
