@@ -227,3 +227,89 @@ def test_tool_call_reaches_the_openai_sdk(tool_engine: ScriptedEngine) -> None:
         assert plain.choices[0].message.tool_calls is None and "<tool_call>" in (
             plain.choices[0].message.content or ""
         )
+
+
+# ------------------------------------------- the other families' tool formats, and reasoning
+
+FAMILY_TEMPLATES = {
+    # what selects each format is the marker its chat template teaches the model
+    "glm45": TOOL_TEMPLATE.replace(
+        "<tool_call>{{ tc.function | tojson }}</tool_call>", "<arg_key>k</arg_key>"
+    ),
+    "llama3_json": TOOL_TEMPLATE.replace(
+        "<tool_call>{{ tc.function | tojson }}</tool_call>", '{"name": function name, "parameters": dict}'
+    ),
+    "mistral": TOOL_TEMPLATE.replace("<tool_call>{{ tc.function | tojson }}</tool_call>", "[TOOL_CALLS]"),
+}
+FAMILY_PIECES = {
+    "glm45": (
+        "I will look.",
+        "<tool_",
+        "call>get_weather\n<arg_key>city</arg_",
+        "key>\n<arg_value>Paris</arg_value>\n",
+        "</tool_call>",
+    ),
+    "llama3_json": ('{"name": "get_', 'weather", "parameters": ', '{"city": "Paris"}}'),
+    "mistral": (
+        "I will look.",
+        " [TOOL_",
+        'CALLS][{"name": "get_weather", ',
+        '"arguments": {"city": "Paris"}}]',
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_TEMPLATES))
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_family_format_reaches_the_sdk_as_tool_calls(
+    smollm2: LoadedModel, family: str, stream: bool
+) -> None:
+    tokenizer = copy.deepcopy(smollm2.tokenizer)
+    tokenizer.chat_template = FAMILY_TEMPLATES[family]
+    engine = ScriptedEngine(tokenizer, INFO, "stop", FAMILY_PIECES[family])
+    with _app(engine) as c:
+        sdk = OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=c)
+        messages: Any = [{"role": "user", "content": "Weather in Paris?"}]
+        if stream:
+            chunks = list(
+                sdk.chat.completions.create(model="m", messages=messages, tools=[WEATHER], stream=True)
+            )
+            content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+            calls = [tc for ch in chunks if ch.choices for tc in ch.choices[0].delta.tool_calls or []]
+            finish = [
+                ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason
+            ]
+            assert finish == ["tool_calls"]
+        else:
+            reply = sdk.chat.completions.create(model="m", messages=messages, tools=[WEATHER])
+            content = reply.choices[0].message.content or ""
+            calls = reply.choices[0].message.tool_calls or []
+            assert reply.choices[0].finish_reason == "tool_calls"
+    assert [(tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [  # type: ignore[union-attr]
+        ("get_weather", {"city": "Paris"})
+    ]
+    assert content.strip() == ("" if family == "llama3_json" else "I will look.")
+
+
+THINK_TEMPLATE = TOOL_TEMPLATE + "{# the model thinks in <think>...</think> first #}"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_reasoning_comes_back_as_reasoning_content(smollm2: LoadedModel, stream: bool) -> None:
+    tokenizer = copy.deepcopy(smollm2.tokenizer)
+    tokenizer.chat_template = THINK_TEMPLATE
+    pieces = ("<thi", "nk>\nFrance's capital", " is Paris.\n</th", "ink>\n\nParis.")
+    engine = ScriptedEngine(tokenizer, INFO, "stop", pieces)
+    with _app(engine) as c:
+        sdk = OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=c)
+        messages: Any = [{"role": "user", "content": "Capital of France?"}]
+        if stream:
+            chunks = list(sdk.chat.completions.create(model="m", messages=messages, stream=True))
+            deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+            thought = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+            content = "".join(d.content or "" for d in deltas)
+        else:
+            msg = sdk.chat.completions.create(model="m", messages=messages).choices[0].message
+            thought, content = getattr(msg, "reasoning_content", None) or "", msg.content or ""
+    assert thought.strip() == "France's capital is Paris."
+    assert content.strip() == "Paris."

@@ -45,7 +45,7 @@ def test_the_handler_records_failed_policy_violation(settings: OperatorSettings)
     body = md_body(spec=REMOTE)
     client.objects[("ModelDeployment", "team-a", "chat")] = copy.deepcopy(body)
     ctx = OperatorContext.create(settings, client=client)
-    with pytest.raises(kopf.PermanentError, match="spec.model.trustRemoteCode"):
+    with pytest.raises(kopf.PermanentError, match=r"spec\.model\.trustRemoteCode"):
         handlers.run_reconcile(ctx, "team-a", "chat", "spec", logging.getLogger(), permanent_on_invalid=True)
     status = client.objects[("ModelDeployment", "team-a", "chat")]["status"]
     assert status["phase"] == "Failed"

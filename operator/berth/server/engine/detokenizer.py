@@ -32,8 +32,10 @@ class Detokenizer:
         self._piece_cache: dict[int, str] = {}
 
     # ------------------------------------------------------------------ vocabulary
-    def decode(self, ids: list[int]) -> str:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        text = self.tokenizer.decode(
+            ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+        )
         return str(text)
 
     def token_piece(self, token_id: int) -> str:
@@ -89,8 +91,9 @@ class Detokenizer:
     # --------------------------------------------------------------------- outputs
     def _incremental(self, seq: Sequence, flush: bool) -> str:
         ids = seq.all_token_ids
-        prefix = self.decode(ids[seq.prefix_offset : seq.read_offset])
-        new = self.decode(ids[seq.prefix_offset :])
+        skip = seq.params.skip_special_tokens
+        prefix = self.decode(ids[seq.prefix_offset : seq.read_offset], skip)
+        new = self.decode(ids[seq.prefix_offset :], skip)
         if len(new) > len(prefix) and (flush or not new.endswith("\ufffd")):
             seq.prefix_offset = seq.read_offset
             seq.read_offset = len(ids)

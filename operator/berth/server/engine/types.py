@@ -42,6 +42,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # TGI's (CTRL-style, divides positive logits)
     logprobs: int | None = None  # None: none; 0: chosen token's logprob only; k: plus top-k alternatives
     json_mode: bool = False  # constrain output to one valid JSON object
+    skip_special_tokens: bool = True  # False: special tokens stay in the text (tool-call markers)
 
     def __post_init__(self) -> None:
         """Validated once, when made: raises ParamError naming the offending field."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from berth.server import tool_calls
+from berth.server import reasoning, tool_calls, tool_parsers
 from berth.server.engine.types import GenerationRequest
 from berth.server.protocol import (
     AssistantMessage,
@@ -33,10 +34,38 @@ def _template_of(tokenizer: Any) -> str | None:
     return template if isinstance(template, str) else None
 
 
+class _AnswerStream:
+    """One streamed choice's text: reasoning apart, then what may be tool calls held back."""
+
+    def __init__(
+        self, thinker: reasoning.ReasoningSplitter | None, splitter: tool_parsers.Splitter | None
+    ) -> None:
+        self.thinker = thinker
+        self.splitter = splitter
+
+    def feed(self, text: str, last: bool) -> tuple[str, str, list[tool_calls.ToolCall]]:
+        """(reasoning, content, calls) to send for this delta (``last``: the choice ends with it)."""
+        thought = ""
+        if self.thinker is not None:
+            thought, text = self.thinker.feed(text)
+            if last:
+                more_thought, more_text = self.thinker.finish()
+                thought, text = thought + more_thought, text + more_text
+        calls: list[tool_calls.ToolCall] = []
+        if self.splitter is not None:
+            text = self.splitter.feed(text)
+            if last:
+                rest, calls = self.splitter.finish()
+                text += rest
+        return thought, text, calls
+
+
 class OpenAIServingChat:
     def __init__(self, model: ServedModel) -> None:
         self.model = model
         self.template = _template_of(model.tokenizer)
+        self.tool_format = tool_parsers.for_template(self.template)
+        self.thinking = reasoning.teaches_thinking(self.template)
 
     @property
     def supports_tools(self) -> bool:
@@ -120,29 +149,46 @@ class OpenAIServingChat:
         max_tokens = model.max_tokens(requested, len(prompt_ids), "messages")
         k = req.top_logprobs or 0
         params = openai_params(req, stops, max_tokens, k if req.logprobs else None)
+        find_calls = bool(req.tools) and req.tool_choice != "none"
+        if find_calls and self.tool_format.keeps_special_tokens:
+            params = dataclasses.replace(
+                params, skip_special_tokens=False
+            )  # the call markers are special tokens
+        opened = self.thinking and reasoning.starts_open(prompt_text)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         ctx.request_id = rid
         greqs = [
             GenerationRequest(f"{rid}-{i}", prompt_ids, for_choice(params, i), adapter) for i in range(req.n)
         ]
         gens = await model.open(greqs, ctx, "messages")
-        find_calls = bool(req.tools) and req.tool_choice != "none"
+        tools = req.tools if find_calls else None
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
-            return self._stream(gens, rid, ctx.model, include_usage, req.logprobs, k, find_calls)
+            return self._stream(gens, rid, ctx.model, include_usage, req.logprobs, k, tools, opened)
         await gens.collect(keep_events=req.logprobs)
         choices = []
         for g in gens:
-            content, calls = tool_calls.parse(g.text) if find_calls else (g.text, [])
+            thought, answer = reasoning.split(g.text, opened) if self.thinking else (None, g.text)
+            content, calls = self.tool_format.parse(answer, tools) if tools else (answer, [])
             choices.append(
                 ChatChoice(
                     index=g.index,
-                    message=AssistantMessage(content=content, tool_calls=[c.openai() for c in calls] or None),
+                    message=AssistantMessage(
+                        content=content,
+                        reasoning_content=thought,
+                        tool_calls=[c.openai() for c in calls] or None,
+                    ),
                     logprobs=chat_logprobs(model, g.events, k) if req.logprobs else None,
                     finish_reason="tool_calls" if calls else openai_finish(g.finish_reason),
                 )
             )
         return ChatCompletionResponse(id=rid, model=ctx.model, choices=choices, usage=usage(ctx))
+
+    def _answer_stream(self, tools: tool_parsers.Tools, opened: bool) -> _AnswerStream:
+        return _AnswerStream(
+            reasoning.ReasoningSplitter(opened) if self.thinking else None,
+            self.tool_format.splitter(tools) if tools else None,
+        )
 
     async def _stream(
         self,
@@ -152,11 +198,12 @@ class OpenAIServingChat:
         include_usage: bool,
         logprobs: bool,
         k: int,
-        find_calls: bool,
+        tools: tool_parsers.Tools,
+        opened: bool,
     ) -> AsyncIterator[str]:
         created = int(time.time())
         exclude = None if include_usage else {"usage"}
-        splitters = {g.index: tool_calls.StreamSplitter() for g in gens} if find_calls else {}
+        answers = {g.index: self._answer_stream(tools, opened) for g in gens}
 
         def chunk(choices: list[ChatChunkChoice]) -> str:
             body = ChatCompletionChunk(id=rid, created=created, model=model, choices=choices)
@@ -166,14 +213,10 @@ class OpenAIServingChat:
             for g in gens:
                 yield chunk([ChatChunkChoice(index=g.index, delta=ChatDelta(role="assistant", content=""))])
             async for g, event in gens.events():
-                text, finish = event.text, openai_finish(event.finish_reason)
-                calls: list[tool_calls.ToolCall] = []
-                splitter = splitters.get(g.index)
-                if splitter is not None:
-                    text = splitter.feed(text)
-                    if finish is not None:
-                        rest, calls = splitter.finish()
-                        text += rest
+                finish = openai_finish(event.finish_reason)
+                thought, text, calls = answers[g.index].feed(event.text, finish is not None)
+                if thought:
+                    yield chunk([ChatChunkChoice(index=g.index, delta=ChatDelta(reasoning_content=thought))])
                 if not text and finish is None and not logprobs:
                     continue
                 lp = (
