@@ -42,13 +42,15 @@ crds: install ## regenerate crds/ and the chart's CRD template from the pydantic
 	$(BERTH) crd -o crds/modeldeployments.berth.dev.yaml
 	$(PY) tools/render_chart_crd.py
 
-docs: install ## regenerate docs/api.md from the pydantic models
+docs: install ## regenerate docs/api.md (pydantic models) and docs/models.md (the engine's model registry)
 	$(PY) tools/render_api_docs.py -o docs/api.md
+	$(PY) tools/render_models_doc.py
 
 verify: install ## fail when generated files (CRD, chart CRD, API docs) drift, or lint/layers/type/helm checks fail
 	@$(BERTH) crd | diff -u crds/modeldeployments.berth.dev.yaml - || (echo "crds/ is stale: run make crds" && exit 1)
 	@$(PY) tools/render_chart_crd.py --check || (echo "the chart's CRD is stale: run make crds" && exit 1)
 	@$(PY) tools/render_api_docs.py --check || (echo "docs/api.md is stale: run make docs" && exit 1)
+	@$(PY) tools/render_models_doc.py --check || (echo "docs/models.md is stale: run make docs" && exit 1)
 	$(MAKE) --no-print-directory lint lint-imports typecheck helm-lint
 
 helm-lint: cluster-bin ## helm lint the chart

@@ -215,3 +215,25 @@ def test_relative_links_resolve(doc: Path) -> None:
         if re.match(r"^[a-z]+://", target):
             continue
         assert (doc.parent / target).exists(), f"{doc.name}: broken link {target}"
+
+
+# -------------------------------------------------------------- docs/models.md
+
+
+def test_models_md_is_generated_from_the_registry_and_current() -> None:
+    tool = ROOT / "tools" / "render_models_doc.py"
+    spec = importlib.util.spec_from_file_location("render_models_doc", tool)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (ROOT / "docs" / "models.md").read_text() == module.render(), (
+        "run python tools/render_models_doc.py"
+    )
+
+
+def test_every_family_in_the_registry_is_tested() -> None:
+    from berth.server.engine import families
+    from tests.server import tiny_models
+
+    assert set(tiny_models.ARCHITECTURES) == set(families.BY_TYPE)
+    assert set(tiny_models.NATIVE) == set(families.NATIVE_MODEL_TYPES)

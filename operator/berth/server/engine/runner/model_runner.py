@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from berth.server.engine.families import NATIVE_MODEL_TYPES
 from berth.server.engine.runner import attention
 from berth.server.engine.runner.attention import AttnGroup
 from berth.server.engine.runner.static_decode import StaticDecode
@@ -38,7 +39,7 @@ from berth.server.engine.types import LoraWeights, SampleResult
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = NATIVE_MODEL_TYPES
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
