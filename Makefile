@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-unit test-server test-cluster verify crds docs lint lint-imports typecheck demo serve \
-        cluster-bin cluster-up cluster-down cluster-env helm-lint images bench-cpu bench-gpu bench-gpu-smoke bench-operator clean
+        cluster-bin cluster-up cluster-down cluster-env helm-lint images bench-cpu bench-backends bench-gpu bench-gpu-smoke bench-operator clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -91,6 +91,9 @@ cluster-down: install ## stop the local control plane
 
 bench-cpu: install ## CPU throughput: engine vs transformers generate (writes bench/results/)
 	$(PY) bench/cpu_throughput.py
+
+bench-backends: install ## CPU throughput: the native vs the transformers backend vs generate, one run (bench/results/)
+	$(PY) bench/cpu_throughput.py --backends native transformers --tag backends
 
 bench-gpu: install ## GPU: engine, berth serve under berth bench, transformers generate_batch/generate (writes bench/results/)
 	$(PY) bench/gpu_engine.py

@@ -6,11 +6,13 @@ tokens each, EOS ignored) it measures output tokens/s of
       thread + asyncio front the server uses), continuous batching over the paged KV cache;
   (b) transformers ``model.generate``, one request at a time;
   (c) transformers ``model.generate``, all requests in one left-padded batch;
-and checks that the engine's greedy tokens equal (b)'s for every request. Results go to
-bench/results/cpu-<tag>.json and .md with the machine (CPU, cores, load, torch/transformers).
+and checks that the engine's greedy tokens equal (b)'s for every request. With ``--backends native
+transformers`` (a) runs once per model-runner backend, on the same prompts, in the same run. Results go
+to bench/results/cpu-<tag>.json and .md with the machine (CPU, cores, load, torch/transformers).
 
     python bench/cpu_throughput.py                      (make bench-cpu)
     python bench/cpu_throughput.py --max-tokens 16 --concurrency 1 8
+    python bench/cpu_throughput.py --backends native transformers --tag backends   (make bench-backends)
 """
 
 from __future__ import annotations
@@ -184,37 +186,53 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         "--sequential-max", type=int, default=8, help="at most this many requests for one-at-a-time generate"
     )
+    ap.add_argument(
+        "--backends",
+        nargs="+",
+        default=["native"],
+        choices=["native", "transformers"],
+        help="engine backends",
+    )
     ap.add_argument("--out", default=str(RESULTS_DIR))
     ap.add_argument("--tag", default="smollm2")
     return ap.parse_args()
 
 
-def measure(loaded: Any, concurrency: int, args: argparse.Namespace) -> dict[str, Any]:
-    """One row: ``concurrency`` requests through the engine and through generate (one at a time, batched)."""
-    tok = loaded.tokenizer
-    eos = set(loaded.eos_token_ids)
+def measure(
+    engines: dict[str, Any], reference: Any, concurrency: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One row: ``concurrency`` requests through each engine backend and through generate (one at a time,
+    batched). ``engines``: backend -> loaded model; ``reference``: a model with transformers' own attention."""
+    tok = reference.tokenizer
+    eos = set(reference.eos_token_ids)
     reqs = prompts(tok, concurrency)
-    eng = run_engine(loaded, reqs, args.max_tokens, args.block_size)
+    runs = {b: run_engine(loaded, reqs, args.max_tokens, args.block_size) for b, loaded in engines.items()}
     seq_reqs = reqs[: args.sequential_max]
-    seq = run_generate_sequential(loaded.model, seq_reqs, args.max_tokens)
-    bat = run_generate_batched(loaded.model, tok, reqs, args.max_tokens)
+    seq = run_generate_sequential(reference.model, seq_reqs, args.max_tokens)
+    bat = run_generate_batched(reference.model, tok, reqs, args.max_tokens)
     # generate's min_new_tokens masks EOS while the engine's ignore_eos samples it and goes on:
     # compare up to the engine's first EOS.
-    same = sum(
-        cut(a, eos) == b[: len(cut(a, eos))] for a, b in zip(eng["tokens"], seq["tokens"], strict=False)
+    same = {
+        b: sum(cut(a, eos) == g[: len(cut(a, eos))] for a, g in zip(e["tokens"], seq["tokens"], strict=False))
+        for b, e in runs.items()
+    }
+    engines_s = "  ".join(
+        f"{b} {e['output_tokens_per_s']:7.1f} tok/s ({e['steps']} steps)" for b, e in runs.items()
     )
     print(
-        f"c={concurrency:>3}  engine {eng['output_tokens_per_s']:7.1f} tok/s ({eng['steps']} steps)  "
-        f"generate 1-at-a-time {seq['output_tokens_per_s']:7.1f}  batched {bat['output_tokens_per_s']:7.1f}  "
-        f"greedy equal {same}/{len(seq_reqs)}",
+        f"c={concurrency:>3}  {engines_s}  generate 1-at-a-time {seq['output_tokens_per_s']:7.1f}  "
+        f"batched {bat['output_tokens_per_s']:7.1f}  greedy equal {same}/{len(seq_reqs)}",
         flush=True,
     )
+    first = next(iter(runs))
     return {
         "concurrency": concurrency,
-        "engine": {k: v for k, v in eng.items() if k != "tokens"},
+        "engine": {k: v for k, v in runs[first].items() if k != "tokens"} | {"backend": first},
+        "engines": {b: {k: v for k, v in e.items() if k != "tokens"} for b, e in runs.items()},
         "generate_sequential": {k: v for k, v in seq.items() if k != "tokens"} | {"requests": len(seq_reqs)},
         "generate_batched": bat,
-        "greedy_equal": f"{same}/{len(seq_reqs)}",
+        "greedy_equal": f"{same[first]}/{len(seq_reqs)}",
+        "greedy_equal_by_backend": {b: f"{n}/{len(seq_reqs)}" for b, n in same.items()},
         "prompt_tokens": [len(r) for r in reqs],
     }
 
@@ -243,6 +261,28 @@ def markdown(result: dict[str, Any], sequential_max: int) -> str:
             f"{s['output_tokens_per_s']:.1f} tok/s | {b['output_tokens_per_s']:.1f} tok/s | "
             f"{e['output_tokens_per_s'] / b['output_tokens_per_s']:.2f}x | {r['greedy_equal']} |"
         )
+    backends = list(rows[0].get("engines", {}))
+    if len(backends) > 1:
+        lines += [
+            "",
+            "## Backends, same prompts, same run",
+            "",
+            "| concurrent requests | "
+            + " | ".join(backends)
+            + " | "
+            + " / ".join(backends[::-1])
+            + " | generate, batched | greedy == generate |",
+            "|---|" + "---|" * (len(backends) + 3),
+        ]
+        for r in rows:
+            tps = [r["engines"][b]["output_tokens_per_s"] for b in backends]
+            lines.append(
+                f"| {r['concurrency']} | "
+                + " | ".join(f"{t:.1f} tok/s" for t in tps)
+                + f" | {tps[-1] / tps[0]:.2f}x | {r['generate_batched']['output_tokens_per_s']:.1f} tok/s | "
+                + ", ".join(f"{b} {n}" for b, n in r["greedy_equal_by_backend"].items())
+                + " |"
+            )
     lines += [
         "",
         f"One-at-a-time generate runs at most {sequential_max} requests of a row (its rate does not depend "
@@ -265,20 +305,27 @@ def main() -> None:
 
     info = machine(args.threads)
     t0 = time.perf_counter()
-    loaded = load_model(args.model, dtype="float32", device="cpu")
+    # one model per backend (the transformers backend plugs its attention into its model); the reference
+    # for generate keeps transformers' own attention
+    engines = {b: load_model(args.model, dtype="float32", device="cpu", backend=b) for b in args.backends}
+    reference = engines.get("native") or load_model(
+        args.model, dtype="float32", device="cpu", backend="native"
+    )
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; machine: {info}", flush=True)
-    # warm-up (first-call allocations) for both paths
-    warm = prompts(loaded.tokenizer, 1)
-    run_engine(loaded, warm, 2, args.block_size)
-    run_generate_sequential(loaded.model, warm, 2)
+    # warm-up (first-call allocations) for every path
+    warm = prompts(reference.tokenizer, 1)
+    for loaded in engines.values():
+        run_engine(loaded, warm, 2, args.block_size)
+    run_generate_sequential(reference.model, warm, 2)
 
-    rows = [measure(loaded, c, args) for c in args.concurrency]
+    rows = [measure(engines, reference, c, args) for c in args.concurrency]
     result = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model": args.model,
         "dtype": "float32",
         "max_tokens": args.max_tokens,
         "block_size": args.block_size,
+        "backends": args.backends,
         "machine": info,
         "results": rows,
     }
