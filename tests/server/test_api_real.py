@@ -213,6 +213,7 @@ def test_models_lists_the_served_name_and_adapters(client: openai.OpenAI) -> Non
     models = client.models.list().data
     assert [m.id for m in models] == [SERVED, f"{SERVED}:alpha", f"{SERVED}:beta"]
     assert [getattr(m, "parent", None) for m in models] == [None, SERVED, SERVED]
+    assert [getattr(m, "backend", None) for m in models] == ["native"] * 3  # SmolLM2 is a Llama
 
 
 def test_adapters_change_the_output(client: openai.OpenAI) -> None:
@@ -343,6 +344,13 @@ def test_tgi_info_and_generate_route(server: ServerProcess) -> None:
     headers = {"Authorization": f"Bearer {KEYS['bob']}"}
     info = httpx.get(f"{server.base_url}/info", headers=headers).json()
     assert info["model_id"] == SERVED and info["max_total_tokens"] > info["max_input_tokens"] > 0
+    assert info["backend"] == "native"
+    assert (
+        server.metrics()[
+            f'berth_model_info{{backend="native",device="cpu",dtype="float32",model="{SERVED}"}}'
+        ]
+        == 1
+    )
     r = httpx.post(
         f"{server.base_url}/generate",
         json={"inputs": "Hello", "parameters": {"max_new_tokens": 3, "details": True}},

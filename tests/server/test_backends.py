@@ -191,3 +191,37 @@ def test_remote_code_is_refused_without_the_flag(tmp_path: Path) -> None:
     (tmp_path / "configuration_chatglm.py").write_text("raise SystemExit('remote code ran')\n")
     line = _serve_fails(tmp_path)
     assert "model_type 'chatglm'" in line and "--trust-remote-code" in line
+
+
+def test_berth_serve_on_the_transformers_backend(
+    tmp_path: Path, smollm2: LoadedModel, chat_ids: Callable[..., list[int]]
+) -> None:
+    """A real `berth serve --backend transformers` answers as the native engine does, and says which it is."""
+    import httpx
+    from openai import OpenAI
+
+    from berth.server.testing import ServerProcess
+
+    native = EngineCore(smollm2, EngineConfig(num_blocks=128, block_size=16, prebuild_json_vocab=False))
+    ids = chat_ids("What is the capital of France?")
+    want = "".join(
+        e.text
+        for e in native.run([GenerationRequest("n", ids, SamplingParams(max_tokens=20, temperature=0.0))])[
+            "n"
+        ]
+    )
+    with ServerProcess(
+        ["--backend", "transformers", "--device", "cpu", "--dtype", "float32", "--served-model-name", "smol"],
+        tmp_path,
+    ) as server:
+        sdk = OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+        reply = sdk.chat.completions.create(
+            model="smol",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=20,
+            temperature=0,
+        )
+        assert reply.choices[0].message.content == want and "Paris" in want
+        assert httpx.get(f"{server.base_url}/info").json()["backend"] == "transformers"
+        assert getattr(sdk.models.list().data[0], "backend", None) == "transformers"
+    assert "backend transformers: asked for" in server.stderr()

@@ -196,7 +196,9 @@ def test_single_adapter_is_merged(models_root: Path, tok: Any) -> None:
 @pytest.mark.parametrize(
     ("kind", "backend"), [("llama", "native"), ("llama", "transformers"), ("olmo2", "transformers")]
 )
-def test_several_adapters_side_by_side_in_one_batch(models_root: Path, tok: Any, kind: str, backend: str) -> None:
+def test_several_adapters_side_by_side_in_one_batch(
+    models_root: Path, tok: Any, kind: str, backend: str
+) -> None:
     if kind == "olmo2":  # not a native family: its adapters run as hooks in transformers' own modules
         from tests.server import tiny_models
 
