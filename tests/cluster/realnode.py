@@ -74,8 +74,20 @@ log = logging.getLogger(__name__)
 
 NODE_BUILD_SCRIPT = REPO_ROOT / "tools" / "node" / "build.sh"
 NODE_BINARIES = (
-    "kubelet", "kube-proxy", "containerd", "containerd-shim-runc-v2", "ctr", "runc", "crictl",
-    "coredns", "kube-router", "pause", "cni/bridge", "cni/host-local", "cni/loopback", "cni/portmap",
+    "kubelet",
+    "kube-proxy",
+    "containerd",
+    "containerd-shim-runc-v2",
+    "ctr",
+    "runc",
+    "crictl",
+    "coredns",
+    "kube-router",
+    "pause",
+    "cni/bridge",
+    "cni/host-local",
+    "cni/loopback",
+    "cni/portmap",
 )
 CONTAINERD_VERSION = "v2.4.2"  # keep in step with tools/node/build.sh
 COREDNS_VERSION = "v1.15.0"
@@ -112,7 +124,9 @@ def node_bin_dir() -> Path:
     override = os.environ.get("BERTH_NODE_BIN")
     if override:
         return Path(override)
-    out = subprocess.run(["bash", str(NODE_BUILD_SCRIPT), "--dir"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["bash", str(NODE_BUILD_SCRIPT), "--dir"], capture_output=True, text=True, check=True
+    )
     return Path(out.stdout.strip())
 
 
@@ -148,11 +162,14 @@ def node_prerequisites() -> list[str]:
     return missing
 
 
-def _run(argv: Sequence[str], check: bool = True, input: str | bytes | None = None,
-         timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+def _run(
+    argv: Sequence[str], check: bool = True, input: str | bytes | None = None, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(list(argv), capture_output=True, text=True, input=input, timeout=timeout)
     if check and r.returncode != 0:
-        raise ClusterStartError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
+        raise ClusterStartError(
+            f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}"
+        )
     return r
 
 
@@ -222,7 +239,9 @@ def kill_cgroup(root: str = CGROUP_ROOT) -> None:
     for base in Path("/sys/fs/cgroup").iterdir():
         top = base / root.lstrip("/")
         if top.is_dir():
-            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            for d in sorted(
+                (p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+            ):
                 with contextlib.suppress(OSError):
                     d.rmdir()
             with contextlib.suppress(OSError):
@@ -342,10 +361,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
-        BinaryName = "{bin_dir / 'runc'}"
+        BinaryName = "{bin_dir / "runc"}"
         SystemdCgroup = false
   [plugins."io.containerd.cri.v1.runtime".cni]
-    bin_dirs = ["{bin_dir / 'cni'}"]
+    bin_dirs = ["{bin_dir / "cni"}"]
     conf_dir = "{cni_conf}"
     max_conf_num = 1
 
@@ -411,8 +430,12 @@ def kubelet_config(ca: Path, sock: Path, pod_logs: Path) -> dict[str, Any]:
         "maxPods": 40,
         "serializeImagePulls": False,
         # a busy shared disk must not evict the test's pods or collect its preloaded images
-        "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%",
-                         "nodefs.inodesFree": "1%"},
+        "evictionHard": {
+            "memory.available": "100Mi",
+            "nodefs.available": "1%",
+            "imagefs.available": "1%",
+            "nodefs.inodesFree": "1%",
+        },
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
         "shutdownGracePeriod": "0s",
@@ -465,8 +488,18 @@ def bootstrap_manifests() -> list[dict[str, Any]]:
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRoleBinding",
             "metadata": {"name": "berth:kube-apiserver-kubelet-client"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:kubelet-api-admin"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "kube-apiserver-kubelet-client"}],
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "system:kubelet-api-admin",
+            },
+            "subjects": [
+                {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "User",
+                    "name": "kube-apiserver-kubelet-client",
+                }
+            ],
         },
         # kube-router's NetworkPolicy controller: reads pods, namespaces, policies, nodes
         {
@@ -474,34 +507,65 @@ def bootstrap_manifests() -> list[dict[str, Any]]:
             "kind": "ClusterRole",
             "metadata": {"name": "berth:kube-router"},
             "rules": [
-                {"apiGroups": [""], "resources": ["namespaces", "pods", "services", "nodes", "endpoints"],
-                 "verbs": ["get", "list", "watch"]},
-                {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "list", "watch"]},
-                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+                {
+                    "apiGroups": [""],
+                    "resources": ["namespaces", "pods", "services", "nodes", "endpoints"],
+                    "verbs": ["get", "list", "watch"],
+                },
+                {
+                    "apiGroups": ["networking.k8s.io"],
+                    "resources": ["networkpolicies"],
+                    "verbs": ["get", "list", "watch"],
+                },
+                {
+                    "apiGroups": ["discovery.k8s.io"],
+                    "resources": ["endpointslices"],
+                    "verbs": ["get", "list", "watch"],
+                },
             ],
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRoleBinding",
             "metadata": {"name": "berth:kube-router"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "berth:kube-router"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "berth:kube-router",
+            },
             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "kube-router"}],
         },
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "coredns", "namespace": "kube-system"}},
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "coredns", "namespace": "kube-system"},
+        },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
             "metadata": {"name": "berth:coredns"},
             "rules": [
-                {"apiGroups": [""], "resources": ["endpoints", "services", "pods", "namespaces"], "verbs": ["list", "watch"]},
-                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+                {
+                    "apiGroups": [""],
+                    "resources": ["endpoints", "services", "pods", "namespaces"],
+                    "verbs": ["list", "watch"],
+                },
+                {
+                    "apiGroups": ["discovery.k8s.io"],
+                    "resources": ["endpointslices"],
+                    "verbs": ["list", "watch"],
+                },
             ],
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRoleBinding",
             "metadata": {"name": "berth:coredns"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "berth:coredns"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "berth:coredns",
+            },
             "subjects": [{"kind": "ServiceAccount", "name": "coredns", "namespace": "kube-system"}],
         },
         {
@@ -533,15 +597,26 @@ def bootstrap_manifests() -> list[dict[str, Any]]:
                                     {"name": "dns", "containerPort": 53, "protocol": "UDP"},
                                     {"name": "dns-tcp", "containerPort": 53, "protocol": "TCP"},
                                 ],
-                                "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
+                                "resources": {
+                                    "requests": {"cpu": "50m", "memory": "32Mi"},
+                                    "limits": {"memory": "128Mi"},
+                                },
                                 "securityContext": {
                                     "allowPrivilegeEscalation": False,
                                     "readOnlyRootFilesystem": True,
                                     "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]},
                                 },
-                                "volumeMounts": [{"name": "config", "mountPath": "/etc/coredns", "readOnly": True}],
-                                "readinessProbe": {"httpGet": {"path": "/ready", "port": 8181}, "periodSeconds": 2},
-                                "livenessProbe": {"httpGet": {"path": "/health", "port": 8080}, "periodSeconds": 10},
+                                "volumeMounts": [
+                                    {"name": "config", "mountPath": "/etc/coredns", "readOnly": True}
+                                ],
+                                "readinessProbe": {
+                                    "httpGet": {"path": "/ready", "port": 8181},
+                                    "periodSeconds": 2,
+                                },
+                                "livenessProbe": {
+                                    "httpGet": {"path": "/health", "port": 8080},
+                                    "periodSeconds": 10,
+                                },
                             }
                         ],
                         "volumes": [{"name": "config", "configMap": {"name": "coredns"}}],
@@ -582,8 +657,10 @@ def ensure_binary_image(ref: str, binary: Path, entrypoint: str) -> None:
     import tempfile
 
     digest = hashlib.sha256(binary.read_bytes()).hexdigest()
-    r = _run(["docker", "image", "inspect", "--format", '{{index .Config.Labels "berth.binary.sha256"}}', ref],
-             check=False)
+    r = _run(
+        ["docker", "image", "inspect", "--format", '{{index .Config.Labels "berth.binary.sha256"}}', ref],
+        check=False,
+    )
     if r.returncode == 0 and r.stdout.strip() == digest:
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -595,8 +672,18 @@ def ensure_binary_image(ref: str, binary: Path, entrypoint: str) -> None:
             info.mode = 0o755
             with binary.open("rb") as f:
                 tar.addfile(info, f)
-        _run(["docker", "import", "--change", f'ENTRYPOINT ["{entrypoint}"]',
-              "--change", f"LABEL berth.binary.sha256={digest}", str(tarball), ref])
+        _run(
+            [
+                "docker",
+                "import",
+                "--change",
+                f'ENTRYPOINT ["{entrypoint}"]',
+                "--change",
+                f"LABEL berth.binary.sha256={digest}",
+                str(tarball),
+                ref,
+            ]
+        )
 
 
 class ImageLoader:
@@ -629,8 +716,12 @@ class ImageLoader:
             t0 = time.monotonic()
             save = subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE)
             assert save.stdout is not None
-            imp = subprocess.run([*self.ctr, "images", "import", "--local", "-"], stdin=save.stdout,
-                                 capture_output=True, text=True)
+            imp = subprocess.run(
+                [*self.ctr, "images", "import", "--local", "-"],
+                stdin=save.stdout,
+                capture_output=True,
+                text=True,
+            )
             save.stdout.close()
             if save.wait() != 0 or imp.returncode != 0:
                 raise ClusterStartError(f"loading {ref} into containerd failed: {imp.stderr.strip()}")
@@ -645,9 +736,7 @@ class ImageLoader:
 # the cluster
 
 
-DEFAULT_KWOK_NODES: tuple[NodeSpec, ...] = (
-    NodeSpec("kwok-gpu-0", gpus=4, taints=(SIMULATED_TAINT,)),
-)
+DEFAULT_KWOK_NODES: tuple[NodeSpec, ...] = (NodeSpec("kwok-gpu-0", gpus=4, taints=(SIMULATED_TAINT,)),)
 
 
 class RealNodeCluster(LocalCluster):
@@ -689,12 +778,28 @@ class RealNodeCluster(LocalCluster):
 
     @property
     def ctr(self) -> list[str]:
-        return [str(self.node_bin / "ctr"), "--address", str(self.containerd_sock), "--namespace", K8S_NAMESPACE]
+        return [
+            str(self.node_bin / "ctr"),
+            "--address",
+            str(self.containerd_sock),
+            "--namespace",
+            K8S_NAMESPACE,
+        ]
 
-    def crictl(self, *args: str, check: bool = False, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def crictl(
+        self, *args: str, check: bool = False, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
         """crictl against the node's containerd (e.g. `crictl("ps", "-o", "json")`)."""
-        cmd = [str(self.node_bin / "crictl"), "--runtime-endpoint", f"unix://{self.containerd_sock}",
-               "--image-endpoint", f"unix://{self.containerd_sock}", "--timeout", "30s", *args]
+        cmd = [
+            str(self.node_bin / "crictl"),
+            "--runtime-endpoint",
+            f"unix://{self.containerd_sock}",
+            "--image-endpoint",
+            f"unix://{self.containerd_sock}",
+            "--timeout",
+            "30s",
+            *args,
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
             raise subprocess.CalledProcessError(r.returncode, cmd, r.stdout, r.stderr)
@@ -747,14 +852,16 @@ class RealNodeCluster(LocalCluster):
             self._record_owner()
 
     def _record_owner(self) -> None:
-        _Owner.write({
-            "pid": os.getpid() if not self.detach else 0,
-            "workdir": str(self.workdir),
-            "remove_workdir": self._own_workdir or self.detach,
-            "pids": {n: c.pid for n, c in self.components.items() if c.pid},
-            "cgroup_root": CGROUP_ROOT,
-            "mount_roots": [str(self.node_dir), str(self.containerd_root)],
-        })
+        _Owner.write(
+            {
+                "pid": os.getpid() if not self.detach else 0,
+                "workdir": str(self.workdir),
+                "remove_workdir": self._own_workdir or self.detach,
+                "pids": {n: c.pid for n, c in self.components.items() if c.pid},
+                "cgroup_root": CGROUP_ROOT,
+                "mount_roots": [str(self.node_dir), str(self.containerd_root)],
+            }
+        )
 
     def start(self) -> RealNodeCluster:
         super().start()
@@ -777,8 +884,13 @@ class RealNodeCluster(LocalCluster):
             (d / sub).mkdir(parents=True, exist_ok=True)
         self.containerd_root.mkdir(parents=True, exist_ok=True)
         (d / "containerd.toml").write_text(
-            containerd_config(self.node_bin, self.containerd_root, self.containerd_state, self.containerd_sock,
-                              d / "cni-conf")
+            containerd_config(
+                self.node_bin,
+                self.containerd_root,
+                self.containerd_state,
+                self.containerd_sock,
+                d / "cni-conf",
+            )
         )
         (d / "cni-conf" / "10-berth.conflist").write_text(json.dumps(cni_config(d / "cni-ipam"), indent=2))
         (d / "kubelet-config.json").write_text(
@@ -787,7 +899,9 @@ class RealNodeCluster(LocalCluster):
         for name in ("kubelet", "kube-proxy", "kube-router"):
             crt, key = self.pki.clients[name]
             write_kubeconfig(d / f"{name}.kubeconfig", self.server, self.pki.ca_cert, crt, key, user=name)
-        (d / "kube-proxy.json").write_text(json.dumps(kube_proxy_config(d / "kube-proxy.kubeconfig"), indent=2))
+        (d / "kube-proxy.json").write_text(
+            json.dumps(kube_proxy_config(d / "kube-proxy.kubeconfig"), indent=2)
+        )
 
     def _node_argv(self) -> dict[str, list[str]]:
         b, d = self.node_bin, self.node_dir
@@ -804,7 +918,11 @@ class RealNodeCluster(LocalCluster):
                 f"--node-labels={REAL_NODE_LABEL}=true",
                 f"--v={max(self.verbosity, 1)}",
             ],
-            "kube-proxy": [str(b / "kube-proxy"), f"--config={d / 'kube-proxy.json'}", f"--v={self.verbosity}"],
+            "kube-proxy": [
+                str(b / "kube-proxy"),
+                f"--config={d / 'kube-proxy.json'}",
+                f"--v={self.verbosity}",
+            ],
             "kube-router": [
                 str(b / "kube-router"),
                 f"--kubeconfig={d / 'kube-router.kubeconfig'}",
@@ -835,8 +953,11 @@ class RealNodeCluster(LocalCluster):
                 cwd=self.node_dir,
                 start_new_session=True,
                 preexec_fn=_die_with_parent if attach else None,
-                env={**os.environ, "PATH": f"{self.node_bin}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
-                     "HOME": str(self.node_dir)},
+                env={
+                    **os.environ,
+                    "PATH": f"{self.node_bin}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
+                    "HOME": str(self.node_dir),
+                },
             )
         self._record_owner()
         return comp
@@ -847,7 +968,9 @@ class RealNodeCluster(LocalCluster):
             for n in names:
                 c = self.components[n]
                 if c.proc is not None and c.proc.poll() is not None:
-                    raise ClusterStartError(f"{n} exited with {c.proc.returncode} while waiting for {what}:\n{c.log_tail()}")
+                    raise ClusterStartError(
+                        f"{n} exited with {c.proc.returncode} while waiting for {what}:\n{c.log_tail()}"
+                    )
             last = predicate()
             if last:
                 return last
@@ -858,11 +981,20 @@ class RealNodeCluster(LocalCluster):
     def _start_node(self) -> None:
         deadline = time.monotonic() + self.node_timeout
         self._write_node_files()
-        self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
-                                                           "items": bootstrap_manifests()[:3]}), check=True)
+        self.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": bootstrap_manifests()[:3]}),
+            check=True,
+        )
         self._spawn_node("containerd", self._node_argv()["containerd"])
-        self._wait("containerd", lambda: _run([*self.ctr, "version"], check=False).returncode == 0, deadline,
-                   ["containerd"])
+        self._wait(
+            "containerd",
+            lambda: _run([*self.ctr, "version"], check=False).returncode == 0,
+            deadline,
+            ["containerd"],
+        )
         # Leftovers of an earlier run in the kept image store: no sandbox survives a node restart.
         self.crictl("rmp", "--all", "--force")
         ensure_binary_image(PAUSE_IMAGE, self.node_bin / "pause", "/pause")
@@ -870,20 +1002,44 @@ class RealNodeCluster(LocalCluster):
         self.load_images([PAUSE_IMAGE, COREDNS_IMAGE, *self.images])
         ensure_cgroup_root(CGROUP_ROOT)
         self._spawn_node("kubelet", self._node_argv()["kubelet"])
-        self._wait("node registration", lambda: self.kubectl("get", "node", NODE_NAME).returncode == 0, deadline,
-                   ["containerd", "kubelet"])
-        self.kubectl("patch", "node", NODE_NAME, "--type=merge",
-                     "-p", json.dumps({"spec": {"podCIDR": POD_CIDR, "podCIDRs": [POD_CIDR]}}), check=True)
+        self._wait(
+            "node registration",
+            lambda: self.kubectl("get", "node", NODE_NAME).returncode == 0,
+            deadline,
+            ["containerd", "kubelet"],
+        )
+        self.kubectl(
+            "patch",
+            "node",
+            NODE_NAME,
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": {"podCIDR": POD_CIDR, "podCIDRs": [POD_CIDR]}}),
+            check=True,
+        )
         self._spawn_node("kube-proxy", self._node_argv()["kube-proxy"])
         self._spawn_node("kube-router", self._node_argv()["kube-router"])
-        self._wait("node Ready", lambda: not self._not_ready_nodes([NODE_NAME]), deadline,
-                   ["containerd", "kubelet", "kube-proxy", "kube-router"])
-        self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
-                                                           "items": bootstrap_manifests()[3:]}), check=True)
+        self._wait(
+            "node Ready",
+            lambda: not self._not_ready_nodes([NODE_NAME]),
+            deadline,
+            ["containerd", "kubelet", "kube-proxy", "kube-router"],
+        )
+        self.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": bootstrap_manifests()[3:]}),
+            check=True,
+        )
         self._wait(
             "CoreDNS available",
-            lambda: self.kubectl("rollout", "status", "deployment/coredns", "-n", "kube-system",
-                                 "--timeout=5s").returncode == 0,
+            lambda: (
+                self.kubectl(
+                    "rollout", "status", "deployment/coredns", "-n", "kube-system", "--timeout=5s"
+                ).returncode
+                == 0
+            ),
             deadline,
             ["containerd", "kubelet", "kube-proxy", "kube-router"],
         )
@@ -916,8 +1072,16 @@ class RealNodeCluster(LocalCluster):
 
 
 __all__ = [
-    "CLUSTER_CIDR", "DNS_IP", "NODE_IP", "NODE_NAME", "POD_CIDR", "SIMULATED_TAINT",
-    "NodeUnavailable", "RealNodeCluster", "ensure_node_binaries", "node_prerequisites",
+    "CLUSTER_CIDR",
+    "DNS_IP",
+    "NODE_IP",
+    "NODE_NAME",
+    "POD_CIDR",
+    "SIMULATED_TAINT",
+    "NodeUnavailable",
+    "RealNodeCluster",
+    "ensure_node_binaries",
+    "node_prerequisites",
 ]
 
 
@@ -941,11 +1105,16 @@ def _default_images() -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="realnode.py", description="the local control plane plus a real node")
+    parser = argparse.ArgumentParser(
+        prog="realnode.py", description="the local control plane plus a real node"
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start it detached (state in $BERTH_CACHE/real-node-cluster), print env")
-    up.add_argument("--image", action="append", help="Docker image to load (default: the chart's operator and "
-                    "server-cpu images); repeatable")
+    up.add_argument(
+        "--image",
+        action="append",
+        help="Docker image to load (default: the chart's operator and server-cpu images); repeatable",
+    )
     sub.add_parser("down", help="stop it and remove its directory")
     sub.add_parser("env", help="print export lines for KUBECONFIG and PATH (kubectl, helm, crictl)")
     args = parser.parse_args(argv)
@@ -965,14 +1134,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         cluster = RealNodeCluster(images=args.image or _default_images(), workdir=_state_dir(), detach=True)
         cluster.start()
-        print(f"up: {cluster.server}, node {NODE_NAME} ({NODE_IP}), logs in {cluster.logs_dir}", file=sys.stderr)
+        print(
+            f"up: {cluster.server}, node {NODE_NAME} ({NODE_IP}), logs in {cluster.logs_dir}", file=sys.stderr
+        )
     if not state.exists():
         print("no real-node cluster running; `up` starts one", file=sys.stderr)
         return 1
     data = json.loads(state.read_text())
     print(f"export KUBECONFIG={data['kubeconfig']}")
     print(f"export PATH={data['bin_dir']}:{node_bin_dir()}:$PATH")
-    print(f"export CONTAINER_RUNTIME_ENDPOINT=unix://{Path(data['workdir']) / 'node' / 'run' / 'containerd.sock'}")
+    print(
+        f"export CONTAINER_RUNTIME_ENDPOINT=unix://{Path(data['workdir']) / 'node' / 'run' / 'containerd.sock'}"
+    )
     return 0
 
 
