@@ -117,7 +117,10 @@ def test_server_images_carry_the_builtin_model_without_llama_cpp() -> None:
     cpu = " ".join(rest for w, rest in instructions(IMAGES / "server-cpu" / "Dockerfile") if w == "RUN")
     assert '--index-url "${TORCH_INDEX_URL}" "torch>=2.6"' in cpu
     # CPU-only torch by default; images/build.sh overrides it only for a base that already has one
-    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in (IMAGES / "server-cpu" / "Dockerfile").read_text()
+    assert (
+        "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"
+        in (IMAGES / "server-cpu" / "Dockerfile").read_text()
+    )
     gpu = (IMAGES / "server" / "Dockerfile").read_text()
     base = re.search(r"ARG BASE_IMAGE=pytorch/pytorch:([0-9]+)\.([0-9]+)[0-9.]*-cuda", gpu)
     assert base and (int(base[1]), int(base[2])) >= (2, 6)  # transformers 5 disables torch < 2.6
