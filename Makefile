@@ -7,8 +7,9 @@ BERTH := $(VENV)/bin/berth
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-unit test-server test-cluster verify crds docs lint lint-imports typecheck demo serve \
-        cluster-bin cluster-up cluster-down cluster-env helm-lint images bench-cpu bench-backends bench-gpu bench-gpu-smoke bench-operator clean
+.PHONY: help install test test-unit test-server test-cluster test-node verify crds docs lint lint-imports typecheck demo serve \
+        cluster-bin node-bin cluster-up cluster-down cluster-env helm-lint images docker-up docker-down \
+        bench-cpu bench-backends bench-gpu bench-gpu-smoke bench-operator clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -26,7 +27,7 @@ $(VENV)/.installed-%: pyproject.toml
 INSTALL_KEY := $(shell (cat pyproject.toml; echo $(CURDIR)) | sha256sum | cut -c1-12)
 install: $(VENV)/.installed-$(INSTALL_KEY) ## create the cached venv and install berth with all extras
 
-test: install cluster-bin ## the whole suite: unit, server (real SmolLM2) and cluster (real control plane)
+test: install cluster-bin ## the whole suite: unit, server, cluster and, where a real node can start (root, Docker, images), node
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: install ## unit tests only (fast)
@@ -37,6 +38,9 @@ test-server: install ## server tests: real `berth serve` on SmolLM2 (CPU)
 
 test-cluster: install cluster-bin ## cluster tests against the local control plane
 	$(PY) -m pytest tests/cluster $(PYTEST_ARGS)
+
+test-node: install cluster-bin node-bin images ## end to end on a real node (kubelet, containerd): helm install, real pods, DNS, NetworkPolicy
+	$(PY) -m pytest tests/node $(PYTEST_ARGS)
 
 crds: install ## regenerate crds/ and the chart's CRD template from the pydantic models
 	$(BERTH) crd -o crds/modeldeployments.berth.dev.yaml
@@ -57,9 +61,15 @@ helm-lint: cluster-bin ## helm lint the chart
 	$$(tools/cluster/build.sh --dir)/helm lint --strict charts/berth
 
 REGISTRY ?= ghcr.io/berth-dev
-images: ## build the operator, server (CUDA) and server-cpu images (needs Docker)
-	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make images needs a Docker engine"; exit 1; }
-	for i in operator server server-cpu; do docker build -f images/$$i/Dockerfile -t $(REGISTRY)/berth-$$i:0.1.0 . || exit 1; done
+IMAGES ?= operator server server-cpu
+images: docker-up ## build the operator, server (CUDA) and server-cpu images (IMAGES= to pick; Debian-made bases without a registry)
+	REGISTRY=$(REGISTRY) images/build.sh $(IMAGES)
+
+docker-up: ## use the running Docker engine, or start dockerd (data in ~/.cache/berth/docker)
+	@tools/docker/engine.sh start
+
+docker-down: ## stop the dockerd that docker-up started (an engine it found running stays)
+	@tools/docker/engine.sh stop
 
 lint: install ## ruff (lint and format) over operator, tests, bench and tools
 	$(VENV)/bin/ruff check operator tests bench tools
@@ -79,6 +89,9 @@ serve: install ## run the inference server on the built-in SmolLM2 model (http:/
 
 cluster-bin: ## build kube-apiserver, controller-manager, scheduler, kubectl, etcd, kwok, helm once (cached)
 	@tools/cluster/build.sh >/dev/null && echo "cluster binaries: $$(tools/cluster/build.sh --dir)"
+
+node-bin: ## build kubelet, kube-proxy, containerd, runc, CNI plugins, crictl, CoreDNS, kube-router once (cached)
+	@tools/node/build.sh >/dev/null && echo "node binaries: $$(tools/node/build.sh --dir)"
 
 cluster-up: install cluster-bin ## start the local control plane (kwok nodes) and print KUBECONFIG
 	$(PY) tests/cluster/harness.py up

@@ -157,9 +157,13 @@ def _write_private(path: Path, data: bytes) -> None:
     path.chmod(0o600)
 
 
-def make_pki(directory: Path, clients: Mapping[str, tuple[str, Sequence[str]]]) -> Pki:
-    """A CA, a serving cert for kube-apiserver (loopback + in-cluster names), client certs
-    (name -> (CN, groups)) and an RSA service-account signing key pair."""
+def make_pki(
+    directory: Path,
+    clients: Mapping[str, tuple[str, Sequence[str]]],
+    serving_ips: Sequence[str] = (),
+) -> Pki:
+    """A CA, a serving cert for kube-apiserver (loopback + in-cluster names + `serving_ips`), client
+    certs (name -> (CN, groups)) and an RSA service-account signing key pair."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -238,6 +242,7 @@ def make_pki(directory: Path, clients: Mapping[str, tuple[str, Sequence[str]]]) 
                         x509.DNSName("kubernetes.default.svc.cluster.local"),
                         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                         x509.IPAddress(service_ip),
+                        *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in serving_ips),
                     ]
                 ),
                 critical=False,
@@ -418,6 +423,10 @@ class LocalCluster:
     """
 
     kind = "local"
+    # Where kube-apiserver listens and what it advertises (the `kubernetes` Service's endpoint).
+    # A subclass with real nodes (tests/cluster/realnode.py) moves both to an address its pods reach.
+    bind_address = "127.0.0.1"
+    advertise_address = ADVERTISE_ADDRESS
 
     def __init__(
         self,
@@ -454,7 +463,7 @@ class LocalCluster:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.ports['apiserver']}"
+        return f"https://{self.bind_address}:{self.ports['apiserver']}"
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -513,21 +522,30 @@ class LocalCluster:
         self.logs_dir.mkdir(exist_ok=True)
         for name in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok"):
             self.ports[name] = free_port()
+        clients = self._pki_clients()
         self.pki = make_pki(
             self.workdir / "pki",
-            {
-                "admin": (ADMIN_USER, ["system:masters"]),
-                "kcm": ("system:kube-controller-manager", []),
-                "scheduler": ("system:kube-scheduler", []),
-                "kwok": ("kwok-controller", ["system:masters"]),
-            },
+            clients,
+            serving_ips=[self.bind_address] if self.bind_address != "127.0.0.1" else [],
         )
-        for name in ("admin", "kcm", "scheduler", "kwok"):
+        for name in clients:
             crt, key = self.pki.clients[name]
             path = self.kubeconfig if name == "admin" else self.workdir / f"{name}.kubeconfig"
             write_kubeconfig(path, self.server, self.pki.ca_cert, crt, key, user=name)
         (self.workdir / "audit-policy.yaml").write_text(AUDIT_POLICY)
         self._define_components()
+
+    def _pki_clients(self) -> dict[str, tuple[str, list[str]]]:
+        """Client certificates to make: name -> (CN, groups); each gets <name>.kubeconfig (admin: kubeconfig)."""
+        return {
+            "admin": (ADMIN_USER, ["system:masters"]),
+            "kcm": ("system:kube-controller-manager", []),
+            "scheduler": ("system:kube-scheduler", []),
+            "kwok": ("kwok-controller", ["system:masters"]),
+        }
+
+    def _apiserver_extra_args(self) -> list[str]:
+        return []
 
     def _define_components(self) -> None:
         assert self.pki is not None
@@ -550,10 +568,10 @@ class LocalCluster:
             "kube-apiserver": [
                 str(b / "kube-apiserver"),
                 f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1",
+                f"--bind-address={self.bind_address}",
                 # a loopback address is refused by the endpoint reconciler; advertise a documentation
                 # address (TEST-NET-1) so the `kubernetes` Service still gets its EndpointSlice
-                f"--advertise-address={ADVERTISE_ADDRESS}",
+                f"--advertise-address={self.advertise_address}",
                 f"--secure-port={self.ports['apiserver']}",
                 f"--cert-dir={w / 'apiserver-certs'}",
                 f"--tls-cert-file={p.serving_cert}",
@@ -569,6 +587,7 @@ class LocalCluster:
                 f"--audit-log-path={self.audit_log}",
                 "--audit-log-mode=blocking",
                 "--profiling=false",
+                *self._apiserver_extra_args(),
                 f"--v={v}",
             ],
             "kube-controller-manager": [

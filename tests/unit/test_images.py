@@ -115,9 +115,15 @@ def test_server_images_carry_the_builtin_model_without_llama_cpp() -> None:
         assert "[server]" in run, name
         assert "llama" not in run.lower(), name
     cpu = " ".join(rest for w, rest in instructions(IMAGES / "server-cpu" / "Dockerfile") if w == "RUN")
-    assert "download.pytorch.org/whl/cpu" in cpu
+    assert '--index-url "${TORCH_INDEX_URL}" "torch>=2.6"' in cpu
+    # CPU-only torch by default; images/build.sh overrides it only for a base that already has one
+    assert (
+        "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"
+        in (IMAGES / "server-cpu" / "Dockerfile").read_text()
+    )
     gpu = (IMAGES / "server" / "Dockerfile").read_text()
-    assert re.search(r"ARG BASE_IMAGE=pytorch/pytorch:[0-9.]+-cuda", gpu)
+    base = re.search(r"ARG BASE_IMAGE=pytorch/pytorch:([0-9]+)\.([0-9]+)[0-9.]*-cuda", gpu)
+    assert base and (int(base[1]), int(base[2])) >= (2, 6)  # transformers 5 disables torch < 2.6
     assert 'VOLUME ["/models"]' in gpu
 
 
@@ -147,3 +153,13 @@ def test_values_and_operator_defaults_name_the_dockerfiles_images() -> None:
     assert defaults.server_image == _image_ref("server")
     assert defaults.server_cpu_image == _image_ref("server-cpu")
     assert defaults.image_pull_policy == v["server"]["pullPolicy"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_base_image_is_a_build_argument_with_the_official_default(name: str) -> None:
+    """images/build.sh swaps the base for one made from Debian packages only through BASE_IMAGE."""
+    text = (IMAGES / name / "Dockerfile").read_text()
+    default = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M)
+    assert default and default[1].startswith(("python:3.11-slim", "pytorch/pytorch:")), default
+    froms = re.findall(r"^FROM (\S+)", text, re.M)
+    assert froms and all(f == "${BASE_IMAGE}" for f in froms), froms
