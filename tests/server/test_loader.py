@@ -157,11 +157,16 @@ def test_load_errors(tmp_path: Path, models_root: Path, tok: Any) -> None:
 
 
 def test_unsupported_architecture_is_named(tmp_path: Path, tok: Any) -> None:
+    """The native forward names what it does not cover; auto serves it on the transformers backend."""
     cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
     tok.save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ModelLoadError, match=r"GPT2LMHeadModel.*not supported"):
-        load_model(str(tmp_path / "gpt2"))
+    with pytest.raises(ModelLoadError, match=r"GPT2LMHeadModel.*not supported.*--backend transformers"):
+        load_model(str(tmp_path / "gpt2"), backend="native")
+    m = load_model(str(tmp_path / "gpt2"))
+    assert m.backend == "transformers" and m.architecture == "gpt2"
+    p = tok.encode(PROMPT)
+    assert engine_greedy(m, [(p, None)], 6) == [hf_greedy(m.model, p, 6)]
 
 
 # ----------------------------------------------------- architectures, adapters

@@ -176,7 +176,7 @@ def _check_remote_code(path: Path, trust_remote_code: bool) -> None:
     try:
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read {path / 'config.json'}: {e}") from e
+        raise ModelLoadError(f"cannot load model from {path}: config.json: {e}") from e
     model_type = str(cfg.get("model_type", ""))
     if trust_remote_code or not cfg.get("auto_map") or model_type in CONFIG_MAPPING:
         return

@@ -2,8 +2,8 @@
 
 The model is the one transformers built (``AutoModelForCausalLM``, its weights, its layers, its
 rotary embeddings, norms, MoE experts and LM head, final logit soft-capping included); only its
-attention is Berth's: ``hf_attention.berth_attention``, set as the model's ``attn_implementation``,
-reads and writes the paged cache over the step's block tables. A step runs all scheduled tokens of
+attention is Berth's: ``hf_attention.berth_attention``, set as the decoder's ``attn_implementation``
+for the duration of each forward pass, reads and writes the paged cache over the step's block tables. A step runs all scheduled tokens of
 all sequences as one flat batch ``[1, T]`` with explicit ``position_ids``; ``logits_to_keep`` holds
 the rows that sample, so only those reach the LM head. Side-by-side LoRA adapters are forward hooks
 on the adapted projections, adding ``s * B (A x)`` to the rows of the requests that asked for them.
@@ -61,12 +61,10 @@ def probe(model: Any) -> dict[int, LayerSpec]:
             f"{what}: its attention does not go through transformers' attention interface, so Berth's paged "
             "attention cannot be plugged in"
         )
-    hf_attention.register()
-    model.set_attn_implementation(hf_attention.NAME)
     step = ProbeStep()
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([[0, 1]], dtype=torch.long, device=device)
-    with torch.inference_mode(), hf_attention.running(step):
+    with torch.inference_mode(), hf_attention.installed(model), hf_attention.running(step):
         model(input_ids=ids, position_ids=torch.arange(2, device=device)[None], use_cache=False)
     layers = _decoder_layers(model)
     if not step.layers:
@@ -200,7 +198,7 @@ class TransformersRunner:
         if self._keep_arg:
             kwargs["logits_to_keep"] = inp.sample_idx
         try:
-            with hf_attention.running(step):
+            with hf_attention.installed(self.model), hf_attention.running(step):
                 out = self.model(input_ids=inp.input_ids[None], position_ids=inp.positions[None], **kwargs)
         finally:
             self._adapter_rows = []

@@ -236,6 +236,20 @@ def _no_mask(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+@contextlib.contextmanager
+def installed(model: Any) -> Iterator[None]:
+    """Berth's attention in the model's decoder for the duration of a forward pass; outside it the model is
+    an ordinary transformers model again (``generate`` with its own attention works on it)."""
+    register()
+    config = model.config.get_text_config()
+    before = config._attn_implementation_internal
+    config._attn_implementation_internal = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = before
+
+
 _registered = False
 
 
