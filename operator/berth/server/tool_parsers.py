@@ -35,8 +35,11 @@ class Splitter(Protocol):
 
 
 class ToolFormat(Protocol):
-    name: str
-    keeps_special_tokens: bool
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def keeps_special_tokens(self) -> bool: ...
 
     def parse(self, text: str, tools: Tools = None) -> tuple[str | None, list[ToolCall]]: ...
 
