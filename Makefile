@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .DEFAULT_GOAL := help
 .PHONY: help install test test-unit test-server test-cluster test-node verify crds docs lint lint-imports typecheck demo serve \
         cluster-bin node-bin cluster-up cluster-down cluster-env helm-lint images docker-up docker-down \
-        bench-cpu bench-backends bench-gpu bench-gpu-smoke bench-operator clean
+        bench-cpu bench-backends bench-structured bench-gpu bench-gpu-smoke bench-operator clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -107,6 +107,9 @@ bench-cpu: install ## CPU throughput: engine vs transformers generate (writes be
 
 bench-backends: install ## CPU throughput: the native vs the transformers backend vs generate, one run (bench/results/)
 	$(PY) bench/cpu_throughput.py --backends native transformers --tag backends
+
+bench-structured: install ## CPU: tokens/s with a json_schema grammar on vs off, 8 concurrent requests, one run (bench/results/)
+	$(PY) bench/structured.py
 
 bench-gpu: install ## GPU: engine, berth serve under berth bench, transformers generate_batch/generate (writes bench/results/)
 	$(PY) bench/gpu_engine.py

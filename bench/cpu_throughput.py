@@ -87,7 +87,7 @@ def run_engine(loaded: Any, reqs: list[list[int]], max_tokens: int, block_size: 
             max_num_seqs=max(32, len(reqs)),
             max_num_batched_tokens=2048,
             block_size=block_size,
-            prebuild_json_vocab=False,
+            prepare_guided=False,
         ),
     )
     engine.start()

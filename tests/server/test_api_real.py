@@ -170,6 +170,95 @@ def test_json_object_output_parses(client: openai.OpenAI) -> None:
     assert isinstance(json.loads(text), dict), text
 
 
+SCHEMAS = {
+    "object-enum": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 24},
+            "color": {"enum": ["black", "white", "ginger"]},
+        },
+        "required": ["name", "color"],
+        "additionalProperties": False,
+    },
+    "array-bounds": {
+        "type": "array",
+        "items": {"type": "string", "maxLength": 16},
+        "minItems": 2,
+        "maxItems": 4,
+    },
+    "nested": {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 24},
+            "location": {
+                "type": "object",
+                "properties": {"lat": {"type": "number"}, "lon": {"type": "number"}},
+                "required": ["lat", "lon"],
+                "additionalProperties": False,
+            },
+        },
+        "required": ["city", "location"],
+        "additionalProperties": False,
+    },
+    "integer-minimum": {
+        "type": "object",
+        "properties": {"age": {"type": "integer", "minimum": 18}, "adult": {"type": "boolean"}},
+        "required": ["age", "adult"],
+        "additionalProperties": False,
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_json_schema_answers_validate(client: openai.OpenAI, name: str, stream: bool) -> None:
+    import jsonschema
+
+    schema = SCHEMAS[name]
+    kw: dict[str, Any] = {
+        "messages": [
+            {"role": "user", "content": f"Answer in JSON ({name.replace('-', ' ')}): tell me about a cat."}
+        ],
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": name, "schema": schema, "strict": True},
+        },
+        "temperature": 0.8,
+        "seed": 11,
+        "max_tokens": 120,
+    }
+    if stream:
+        texts = [
+            "".join(c.choices[0].delta.content or "" for c in _chat(client, stream=True, **kw) if c.choices)
+        ]
+    else:
+        resp = _chat(client, n=3, **kw)
+        assert all(c.finish_reason == "stop" for c in resp.choices), resp
+        texts = [c.message.content for c in resp.choices]
+    for text in texts:
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_tgi_grammar_json_and_regex(server: ServerProcess) -> None:
+    schema = SCHEMAS["integer-minimum"]
+    headers = {"Authorization": f"Bearer {KEYS['bob']}"}
+    for grammar, check in (
+        ({"type": "json", "value": schema}, lambda t: json.loads(t)["age"] >= 18),
+        ({"type": "regex", "value": "[A-Z][a-z]{2,8}"}, lambda t: t[0].isupper() and t[1:].islower()),
+    ):
+        r = httpx.post(
+            f"{server.base_url}/generate",
+            json={
+                "inputs": "A cat:",
+                "parameters": {"max_new_tokens": 40, "do_sample": True, "seed": 1, "grammar": grammar},
+            },
+            headers=headers,
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        assert check(r.json()["generated_text"]), r.json()
+
+
 def test_logprobs_greedy_picks_the_top_token(client: openai.OpenAI) -> None:
     resp = _chat(client, max_tokens=4, logprobs=True, top_logprobs=3)
     content = resp.choices[0].logprobs.content
@@ -279,7 +368,12 @@ IMAGE = [
         ({"n": 100}, "n"),
         ({"max_tokens": 100_000}, "max_tokens"),
         (
-            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "nonsense"}},
+                }
+            },
             "response_format",
         ),
     ],

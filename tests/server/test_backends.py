@@ -71,7 +71,7 @@ def check_engine(directory: Path, backend: str, expect_backend: str) -> None:
     # 24 blocks of 4 tokens hold fewer than the 4 requests at once: the newest is preempted and recomputed.
     core = EngineCore(
         loaded,
-        EngineConfig(num_blocks=24, block_size=4, max_num_batched_tokens=16, prebuild_json_vocab=False),
+        EngineConfig(num_blocks=24, block_size=4, max_num_batched_tokens=16, prepare_guided=False),
     )
     for i, p in enumerate(ps[:2]):  # alone
         got = core.run([request(f"solo{i}", p)])[f"solo{i}"]
@@ -120,7 +120,7 @@ def test_smollm2_answers_the_same_on_both_backends(
 
     hf = load_model("builtin://smollm2-135m-instruct", dtype="float32", device="cpu", backend="transformers")
     assert hf.backend == "transformers"
-    config = EngineConfig(num_blocks=256, block_size=16, prebuild_json_vocab=False)
+    config = EngineConfig(num_blocks=256, block_size=16, prepare_guided=False)
     texts = {}
     for name, model in (("native", smollm2), ("transformers", hf)):
         core = EngineCore(model, config)
@@ -202,7 +202,7 @@ def test_berth_serve_on_the_transformers_backend(
 
     from berth.server.testing import ServerProcess
 
-    native = EngineCore(smollm2, EngineConfig(num_blocks=128, block_size=16, prebuild_json_vocab=False))
+    native = EngineCore(smollm2, EngineConfig(num_blocks=128, block_size=16, prepare_guided=False))
     ids = chat_ids("What is the capital of France?")
     want = "".join(
         e.text

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -284,30 +283,6 @@ def test_penalties_and_logprobs(smollm2: LoadedModel, chat_ids: Callable[..., li
     ev = run_one(c, ids, SamplingParams(max_tokens=2, temperature=0.0, logprobs=0))
     assert ev[0].logprob is not None and ev[0].top_logprobs is None
     assert run_one(c, ids, SamplingParams(max_tokens=1, temperature=0.0))[0].logprob is None
-
-
-@pytest.mark.parametrize(
-    ("question", "params"),
-    [
-        (
-            "Give me a JSON object describing a cat with name and age.",
-            SamplingParams(max_tokens=40, temperature=0.0),
-        ),
-        ("Describe Paris as JSON.", SamplingParams(max_tokens=40, temperature=1.0, seed=3)),
-        ("Hi", SamplingParams(max_tokens=8, temperature=0.0)),  # forced to close within 8 tokens
-    ],
-)
-def test_json_mode_output_parses(
-    smollm2: LoadedModel, chat_ids: Callable[..., list[int]], question: str, params: SamplingParams
-) -> None:
-    c = core(smollm2)
-    p = SamplingParams(**{**params.__dict__, "json_mode": True})
-    ev = run_one(c, chat_ids(question), p)
-    text = text_of(ev)
-    obj = json.loads(text)
-    assert isinstance(obj, dict)
-    assert len(ev) <= p.max_tokens
-    assert ev[-1].finish_reason in ("stop", "length")
 
 
 def test_abort_frees_blocks_at_once(smollm2: LoadedModel, chat_ids: Callable[..., list[int]]) -> None:

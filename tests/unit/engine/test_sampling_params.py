@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from berth.server.engine.types import ParamError, SamplingParams
+from berth.server.engine.types import GuidedSpec, ParamError, SamplingParams
 
 
 @pytest.mark.parametrize(
@@ -18,7 +18,6 @@ from berth.server.engine.types import ParamError, SamplingParams
         pytest.param({"top_k": -1}, "top_k", "top_k must be >= 0", id="top_k"),
         pytest.param({"repetition_penalty": 0.0}, "repetition_penalty", "must be > 0", id="repetition"),
         pytest.param({"logprobs": 21}, "logprobs", "between 0 and 20", id="logprobs"),
-        pytest.param({"json_mode": True, "max_tokens": 1}, "max_tokens", "json_mode needs", id="json"),
     ],
 )
 def test_out_of_range_fields_are_named(fields: dict[str, object], param: str, message: str) -> None:
@@ -33,3 +32,12 @@ def test_valid_params_and_replace() -> None:
     assert dataclasses.replace(p, seed=2).seed == 2
     with pytest.raises(ParamError):
         dataclasses.replace(p, max_tokens=0)
+
+
+def test_guided_spec_kind_is_checked_and_names_its_field() -> None:
+    with pytest.raises(ParamError) as exc:
+        GuidedSpec("yaml", "{}", param="grammar")
+    assert exc.value.param == "grammar" and "unknown structured output kind 'yaml'" in str(exc.value)
+    spec = GuidedSpec("json_schema", '{"type":"object"}')
+    assert spec.param == "response_format" and spec.describe() == "JSON schema"
+    assert SamplingParams(guided=spec).guided == spec  # hashable, frozen: the compile cache's key

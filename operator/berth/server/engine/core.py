@@ -9,6 +9,7 @@ import random
 from collections.abc import Iterable
 
 from berth.server.engine.detokenizer import Detokenizer
+from berth.server.engine.guided import Guides
 from berth.server.engine.kv_cache import BlockManager
 from berth.server.engine.runner import RUNNERS
 from berth.server.engine.sampler import Sampler
@@ -55,7 +56,7 @@ class EngineCore:
             num_blocks=num_blocks,
             block_size=config.block_size,
             adapters=model.adapters,
-            sampler=Sampler(self.token_texts),
+            sampler=Sampler(),
             static_decode=config.cuda_graphs,
             max_num_seqs=config.max_num_seqs,
             max_model_len=model.max_model_len,
@@ -63,6 +64,7 @@ class EngineCore:
         self.detokenizer = Detokenizer(
             model.tokenizer, frozenset(model.eos_token_ids), self.runner.vocab_size
         )
+        self.guides = Guides(model.tokenizer, self.runner.vocab_size, model.eos_token_ids)
         self.adapter_index = {a.name: i for i, a in enumerate(model.adapters)}
         self.capacity_tokens = num_blocks * config.block_size
         self._rng = random.Random(config.seed)
@@ -76,9 +78,6 @@ class EngineCore:
     @property
     def vocab_size(self) -> int:
         return self.runner.vocab_size
-
-    def token_texts(self) -> list[str | None]:
-        return self.detokenizer.token_texts()
 
     # ------------------------------------------------------------- admission
     def _adapter_index(self, adapter: str | None) -> int:
@@ -117,6 +116,7 @@ class EngineCore:
             adapter_index=adapter_index,
             max_tokens=min(p.max_tokens, mml - n, self.capacity_tokens - n),
             seed=p.seed if p.seed is not None else self._rng.getrandbits(63),
+            guide=self.guides.guide(p.guided) if p.guided is not None else None,
         )
 
     def add(self, seq: Sequence) -> None:

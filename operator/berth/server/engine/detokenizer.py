@@ -1,20 +1,17 @@
-"""Token ids -> text: incremental detokenization, stop handling, and the token text tables.
+"""Token ids -> text: incremental detokenization, stop handling, token pieces.
 
 ``Detokenizer.process`` turns one sampled token of a sequence into its ``TokenEvent``: the text
 delta, with a suffix that may still become a stop string held back (released when it cannot, or
 trimmed with the stop string), and the finish reason when the token ends the sequence (EOS, a stop
-token or string, a closed JSON object, ``max_tokens``). The scheduler calls it from
+token or string, a completed structured-output grammar, ``max_tokens``). The scheduler calls it from
 ``update_from_output`` and frees what it finishes.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from typing import Any
 
-from berth.server.engine import json_mode
 from berth.server.engine.sequence import Sequence
 from berth.server.engine.types import TokenEvent
 
@@ -27,8 +24,6 @@ class Detokenizer:
         self.eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size
         self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", []) or [])
-        self._token_texts: list[str | None] | None = None
-        self._vocab_lock = threading.Lock()
         self._piece_cache: dict[int, str] = {}
 
     # ------------------------------------------------------------------ vocabulary
@@ -49,44 +44,6 @@ class Detokenizer:
             )
             self._piece_cache[token_id] = piece
         return piece
-
-    def token_texts(self) -> list[str | None]:
-        """The text each token adds to an output (None for special tokens); built on first use."""
-        if self._token_texts is not None:
-            return self._token_texts
-        with self._vocab_lock:
-            if self._token_texts is None:
-                t0 = time.monotonic()
-                self._token_texts = self._build_token_texts()
-                logger.info(
-                    "built the token text table for JSON mode (%d tokens) in %.1fs",
-                    self.vocab_size,
-                    time.monotonic() - t0,
-                )
-        return self._token_texts
-
-    def _build_token_texts(self) -> list[str | None]:
-        tok = self.tokenizer
-        n = self.vocab_size
-        # Decoded after an anchor token, so that sentencepiece leading spaces come out right.
-        anchor_ids = tok.encode("a", add_special_tokens=False)[:1] or [0]
-        anchor = self.decode(anchor_ids)
-        known = min(n, len(tok))
-        pairs = tok.batch_decode(
-            [[*anchor_ids, i] for i in range(known)],
-            skip_special_tokens=False,
-            clean_up_tokenization_spaces=False,
-        )
-        texts: list[str | None] = []
-        for i, s in enumerate(pairs):
-            if i in self.special_ids:
-                texts.append(None)
-            elif s.startswith(anchor):
-                texts.append(s[len(anchor) :])
-            else:
-                texts.append(self.decode([i]))
-        texts.extend([None] * (n - known))
-        return texts
 
     # --------------------------------------------------------------------- outputs
     def _incremental(self, seq: Sequence, flush: bool) -> str:
@@ -117,7 +74,7 @@ class Detokenizer:
             return "stop"
         old_len = len(seq.text)
         seq.text += self._incremental(seq, flush=False)
-        if self._stop_string(seq, old_len) or (p.json_mode and json_mode.is_done(seq.json_state)):
+        if self._stop_string(seq, old_len) or (seq.guide is not None and seq.guide.done):
             return "stop"
         if seq.num_output_tokens >= seq.max_tokens:
             seq.text += self._incremental(seq, flush=True)

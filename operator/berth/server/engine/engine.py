@@ -93,10 +93,12 @@ class Engine:
             return
         self._thread = threading.Thread(target=self._loop, name="berth-engine", daemon=True)
         self._thread.start()
-        if self.config.prebuild_json_vocab:
-            # JSON mode needs every token's text; build the table now rather than in the first
-            # JSON request's step (about a second for a 50k vocabulary).
-            threading.Thread(target=self._core.token_texts, name="berth-json-vocab", daemon=True).start()
+        if self.config.prepare_guided:
+            # Structured outputs need the tokenizer's tables; build them now rather than in the
+            # first such request (about a second for a 50k vocabulary).
+            threading.Thread(
+                target=self._core.guides.prepare, name="berth-guided-prepare", daemon=True
+            ).start()
 
     def drain(self) -> None:
         with self._cv:

@@ -212,8 +212,8 @@ class Scheduler:
             if seq.num_output_tokens == 0:
                 c.num_cached_prompt_tokens += seq.num_cached_prompt_tokens
             seq.append_token(res.token_id)
-            if res.json_state is not None:
-                seq.json_state = res.json_state
+            if seq.guide is not None:
+                seq.guide.accept(res.token_id)
             event = outputs.process(seq, res.token_id, res.logprob, res.top_logprobs)
             if event.finish_reason is not None:
                 self.finish(seq, event.finish_reason)

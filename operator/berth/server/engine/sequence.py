@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from berth.server.engine.json_mode import INITIAL, State
 from berth.server.engine.types import SamplingParams
 
 
@@ -43,7 +42,7 @@ class Sequence:
     read_offset: int = 0
     text: str = ""  # decoded completion text so far (before stop-string trimming)
     num_released_chars: int = 0  # how much of ``text`` was sent to the client
-    json_state: State = INITIAL
+    guide: Any = None  # guided.Guide of a structured-output request (its grammar matcher)
 
     def __post_init__(self) -> None:
         n = len(self.prompt_token_ids)

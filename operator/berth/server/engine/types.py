@@ -14,8 +14,6 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
-    from berth.server.engine.json_mode import State as JsonState
-
 
 class ParamError(ValueError):
     """A sampling parameter out of range; ``param`` names the field (serving answers 400 with it)."""
@@ -23,6 +21,31 @@ class ParamError(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+@dataclass(frozen=True)
+class GuidedSpec:
+    """Structured output: the grammar a request's output must follow (see ``engine/guided.py``).
+
+    ``kind`` is ``json_schema`` (``value``: the schema as canonical JSON text), ``json_object`` (any
+    JSON object) or ``regex`` (``value``: the pattern). ``param`` names the request field it came
+    from, for the 400 when it does not compile.
+    """
+
+    kind: str
+    value: str = ""
+    param: str = "response_format"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("json_schema", "json_object", "regex"):
+            raise ParamError(self.param, f"unknown structured output kind {self.kind!r}")
+
+    def describe(self) -> str:
+        return {
+            "json_schema": "JSON schema",
+            "json_object": "JSON object grammar",
+            "regex": "regular expression",
+        }[self.kind]
 
 
 @dataclass(frozen=True)
@@ -41,7 +64,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # TGI's (CTRL-style, divides positive logits)
     logprobs: int | None = None  # None: none; 0: chosen token's logprob only; k: plus top-k alternatives
-    json_mode: bool = False  # constrain output to one valid JSON object
+    guided: GuidedSpec | None = None  # structured output: the grammar the output follows
     skip_special_tokens: bool = True  # False: special tokens stay in the text (tool-call markers)
 
     def __post_init__(self) -> None:
@@ -61,7 +84,6 @@ class SamplingParams:
                 self.logprobs is None or 0 <= self.logprobs <= 20,
                 f"logprobs must be between 0 and 20, got {self.logprobs}",
             ),
-            ("max_tokens", not self.json_mode or self.max_tokens >= 2, "json_mode needs max_tokens >= 2"),
         )
         for param, ok, message in checks:
             if not ok:
@@ -87,7 +109,6 @@ class SampleResult:
     token_id: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
-    json_state: JsonState | None = None
 
 
 @dataclass
@@ -158,7 +179,7 @@ class EngineConfig:
     # Pure decode steps through the static-shape path, captured as CUDA graphs on CUDA (eager on CPU).
     cuda_graphs: bool = False
     seed: int = 0  # seeds the RNG that gives requests without a seed their own seed
-    prebuild_json_vocab: bool = True  # build JSON mode's token-text table when the engine starts
+    prepare_guided: bool = True  # build structured output's tokenizer tables when the engine starts
 
 
 @dataclass(frozen=True)

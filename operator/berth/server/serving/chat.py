@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from berth.server import reasoning, tool_calls, tool_parsers
@@ -23,6 +23,7 @@ from berth.server.protocol import (
 from berth.server.serving.base import SSE_DONE, ServedModel, for_choice, openai_finish, sse
 from berth.server.serving.context import RequestContext
 from berth.server.serving.errors import bad_param
+from berth.server.serving.guided import ForcedSplitter, forced_calls, forced_tool
 from berth.server.serving.sampling import chat_logprobs, common_checks, openai_params, usage
 from berth.server.serving.stream import Generations
 
@@ -148,9 +149,12 @@ class OpenAIServingChat:
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = model.max_tokens(requested, len(prompt_ids), "messages")
         k = req.top_logprobs or 0
-        params = openai_params(req, stops, max_tokens, k if req.logprobs else None)
+        forced = forced_tool(req.tools, req.tool_choice, req.parallel_tool_calls)
+        params = openai_params(
+            req, stops, max_tokens, k if req.logprobs else None, guided=forced[0] if forced else None
+        )
         find_calls = bool(req.tools) and req.tool_choice != "none"
-        if find_calls and self.tool_format.keeps_special_tokens:
+        if find_calls and not forced and self.tool_format.keeps_special_tokens:
             params = dataclasses.replace(
                 params, skip_special_tokens=False
             )  # the call markers are special tokens
@@ -162,14 +166,19 @@ class OpenAIServingChat:
         ]
         gens = await model.open(greqs, ctx, "messages")
         tools = req.tools if find_calls else None
+        splitter = (lambda: ForcedSplitter(forced[1])) if forced else (lambda: self._splitter(tools))
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
-            return self._stream(gens, rid, ctx.model, include_usage, req.logprobs, k, tools, opened)
+            return self._stream(gens, rid, ctx.model, include_usage, req.logprobs, k, splitter, opened)
         await gens.collect(keep_events=req.logprobs)
         choices = []
         for g in gens:
             thought, answer = reasoning.split(g.text, opened) if self.thinking else (None, g.text)
-            content, calls = self.tool_format.parse(answer, tools) if tools else (answer, [])
+            if forced:
+                calls = forced_calls(answer, forced[1])
+                content: str | None = None if calls else answer
+            else:
+                content, calls = self.tool_format.parse(answer, tools) if tools else (answer, [])
             choices.append(
                 ChatChoice(
                     index=g.index,
@@ -184,11 +193,8 @@ class OpenAIServingChat:
             )
         return ChatCompletionResponse(id=rid, model=ctx.model, choices=choices, usage=usage(ctx))
 
-    def _answer_stream(self, tools: tool_parsers.Tools, opened: bool) -> _AnswerStream:
-        return _AnswerStream(
-            reasoning.ReasoningSplitter(opened) if self.thinking else None,
-            self.tool_format.splitter(tools) if tools else None,
-        )
+    def _splitter(self, tools: tool_parsers.Tools) -> tool_parsers.Splitter | None:
+        return self.tool_format.splitter(tools) if tools else None
 
     async def _stream(
         self,
@@ -198,12 +204,15 @@ class OpenAIServingChat:
         include_usage: bool,
         logprobs: bool,
         k: int,
-        tools: tool_parsers.Tools,
+        splitter: Callable[[], tool_parsers.Splitter | None],
         opened: bool,
     ) -> AsyncIterator[str]:
         created = int(time.time())
         exclude = None if include_usage else {"usage"}
-        answers = {g.index: self._answer_stream(tools, opened) for g in gens}
+        answers = {
+            g.index: _AnswerStream(reasoning.ReasoningSplitter(opened) if self.thinking else None, splitter())
+            for g in gens
+        }
 
         def chunk(choices: list[ChatChunkChoice]) -> str:
             body = ChatCompletionChunk(id=rid, created=created, model=model, choices=choices)

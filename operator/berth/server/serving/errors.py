@@ -3,7 +3,7 @@ OpenAI's (or TGI's) error shape, and the constructors for the errors several pla
 
 from __future__ import annotations
 
-from berth.server.engine.types import AdapterNotFoundError, EngineDrainingError, QueueFullError
+from berth.server.engine.types import AdapterNotFoundError, EngineDrainingError, ParamError, QueueFullError
 
 
 class ApiError(Exception):
@@ -84,6 +84,8 @@ def from_engine(exc: BaseException, prompt_param: str) -> ApiError:
         return draining()
     if isinstance(exc, AdapterNotFoundError):
         return ApiError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, ParamError):  # e.g. a response_format grammar that does not compile
+        return bad_param(exc.param, str(exc))
     if isinstance(exc, ValueError):
         return bad_param(prompt_param, str(exc))
     return internal(exc)

@@ -3,7 +3,7 @@ shapes both return."""
 
 from __future__ import annotations
 
-from berth.server.engine.types import SamplingParams, TokenEvent
+from berth.server.engine.types import GuidedSpec, SamplingParams, TokenEvent
 from berth.server.protocol import (
     ChatCompletionRequest,
     ChoiceLogprobs,
@@ -16,6 +16,7 @@ from berth.server.protocol import (
 from berth.server.serving.base import ServedModel, sampling_params
 from berth.server.serving.context import RequestContext
 from berth.server.serving.errors import bad_param
+from berth.server.serving.guided import response_format_spec
 
 OpenAIRequest = ChatCompletionRequest | CompletionRequest
 
@@ -29,16 +30,17 @@ def common_checks(model: ServedModel, req: OpenAIRequest) -> list[str]:
         raise bad_param("best_of", "best_of other than n is not supported")
     if req.logit_bias:
         raise bad_param("logit_bias", "logit_bias is not supported")
-    if req.response_format is not None and req.response_format.type == "json_schema":
-        raise bad_param(
-            "response_format", "response_format json_schema is not supported; use {'type': 'json_object'}"
-        )
     return model.check_stops(req.stop_list())
 
 
 def openai_params(
-    req: OpenAIRequest, stops: list[str], max_tokens: int, logprobs: int | None
+    req: OpenAIRequest,
+    stops: list[str],
+    max_tokens: int,
+    logprobs: int | None,
+    guided: GuidedSpec | None = None,
 ) -> SamplingParams:
+    """The engine's parameters; ``guided`` (a forced tool choice's grammar) overrides ``response_format``."""
     temperature = 1.0 if req.temperature is None else req.temperature
     top_p = 1.0 if req.top_p is None else req.top_p
     if top_p == 0.0:  # "only the most likely token": greedy
@@ -55,7 +57,7 @@ def openai_params(
         frequency_penalty=req.frequency_penalty,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         logprobs=logprobs,
-        json_mode=req.response_format is not None and req.response_format.type == "json_object",
+        guided=guided or response_format_spec(req.response_format),
     )
 
 

@@ -22,6 +22,7 @@ from berth.server.protocol import (
 from berth.server.serving.base import ServedModel, sampling_params, sse
 from berth.server.serving.context import RequestContext
 from berth.server.serving.errors import bad_param
+from berth.server.serving.guided import grammar_spec
 from berth.server.serving.stream import Generation, Generations
 
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
@@ -34,8 +35,6 @@ def _check(p: TGIParameters) -> None:
         raise bad_param("typical_p", "typical_p is not supported")
     if p.watermark:
         raise bad_param("watermark", "watermark is not supported")
-    if p.grammar is not None and p.grammar.type == "regex":
-        raise bad_param("grammar", "regex grammars are not supported; use type 'json'")
 
 
 def _top_tokens(event: TokenEvent, k: int) -> list[TGIToken]:
@@ -83,7 +82,7 @@ class TGIServing:
             frequency_penalty=p.frequency_penalty or 0.0,
             repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
             logprobs=(p.top_n_tokens or 0) if (p.details or stream) else None,
-            json_mode=p.grammar is not None,
+            guided=grammar_spec(p.grammar),
         )
 
     def _request(self, req: TGIGenerateRequest, ctx: RequestContext, stream: bool) -> GenerationRequest:
