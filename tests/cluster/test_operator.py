@@ -532,3 +532,61 @@ def test_dropped_spec_entries_leave_the_deployment_and_then_nothing_is_written(
         and (e.get("objectRef") or {}).get("resource") == "deployments"
     ]
     assert patches == [], [(e["verb"], e["objectRef"]) for e in patches]
+
+
+FOREIGN_CHILDREN = {
+    "Service": {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "grab"},
+        "spec": {"ports": [{"port": 5432, "targetPort": 5432}], "selector": {"app": "postgres"}},
+    },
+    "NetworkPolicy": {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "grab"},
+        "spec": {"podSelector": {"matchLabels": {"app": "postgres"}}, "policyTypes": ["Ingress"]},
+    },
+    "Secret": {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "grab-api-keys"},
+        "stringData": {"password": "hunter2"},
+    },
+}
+
+
+@pytest.mark.parametrize("kind", list(FOREIGN_CHILDREN))
+def test_a_foreign_object_with_a_childs_name_is_left_alone_and_reported(
+    cluster: Any, operator: OperatorProcess, namespace: str, kind: str
+) -> None:
+    foreign = FOREIGN_CHILDREN[kind]
+    name = foreign["metadata"]["name"]
+    apply(cluster, namespace, foreign)
+    before = get(cluster, namespace, kind.lower(), name)
+    assert before is not None
+    spec: dict[str, Any] = {"capacity": 1, "access": {"allowedCIDRs": ["10.0.0.0/8"]}}
+    apply(cluster, namespace, md("grab", **spec))
+    status = wait_md(
+        cluster,
+        operator,
+        namespace,
+        "grab",
+        lambda s: condition(s, "Ready").get("reason") == "ChildConflict",
+        "Ready reason ChildConflict",
+    )["status"]
+    assert f"{kind}/{name} already exist in namespace {namespace}" in condition(status, "Ready")["message"]
+    time.sleep(2)  # a resync or two: still nothing written to it
+    after = get(cluster, namespace, kind.lower(), name)
+    assert after == before  # byte for byte: same resourceVersion, no ownerReference added
+    assert get(cluster, namespace, "deployment", "grab") is None  # no pod could mount a foreign Secret
+    events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json", check=True).stdout
+    assert '"reason": "ChildConflict"' in events
+
+    # The owner removes its object: the ModelDeployment recovers by itself.
+    cluster.kubectl("delete", kind.lower(), name, "-n", namespace, check=True)
+    wait_md(
+        cluster, operator, namespace, "grab", running(1), "Running after the conflict is gone", timeout=90
+    )
+    mine = get(cluster, namespace, kind.lower(), name)
+    assert mine is not None and mine["metadata"]["ownerReferences"][0]["name"] == "grab"

@@ -357,3 +357,79 @@ def test_a_refused_child_is_recorded_and_retried_later(
     assert ready["message"].startswith("the API server refused a child: Deployment.apps")
     events = [c[3] for c in refusing.writes() if c[:2] == ("create", "Event")]
     assert [(e["type"], e["reason"]) for e in events] == [("Warning", "ChildRejected")]
+
+
+# ------------------------------------------------------------------------ ownership of children
+
+FOREIGN = {
+    "Service": {"spec": {"ports": [{"port": 5432}], "selector": {"app": "postgres"}}},
+    "NetworkPolicy": {"spec": {"podSelector": {}, "policyTypes": ["Ingress"]}},
+    "Secret": {"data": {"password": "c2VjcmV0"}},
+}
+
+
+def _foreign(kind: str, name: str, owner_uid: str | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": "team-a", "resourceVersion": "7"}
+    if owner_uid is not None:  # controlled by another ModelDeployment
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": "berth.dev/v1alpha1",
+                "kind": "ModelDeployment",
+                "name": "other",
+                "uid": owner_uid,
+                "controller": True,
+            }
+        ]
+    return {"apiVersion": "v1", "kind": kind, "metadata": meta, **copy.deepcopy(FOREIGN.get(kind, {}))}
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "owner_uid"),
+    [
+        ("Service", "chat", None),
+        ("NetworkPolicy", "chat", None),
+        ("Secret", "chat-api-keys", None),
+        ("Service", "chat", "uid-other"),  # another ModelDeployment's child is not ours either
+    ],
+)
+def test_a_foreign_child_is_never_written_and_is_reported(
+    recording: RecordingKube, settings: OperatorSettings, kind: str, name: str, owner_uid: str | None
+) -> None:
+    foreign = _foreign(kind, name, owner_uid)
+    recording.objects[(kind, "team-a", name)] = copy.deepcopy(foreign)
+    body = md_body(spec={"access": {"allowedCIDRs": ["10.0.0.0/8"]}})
+    _store_md(recording, body)
+    result = reconcile(body, recording, settings, NOW, api_key=lambda: "sk-test")
+    assert recording.objects[(kind, "team-a", name)] == foreign  # byte for byte
+    child_writes = [c for c in recording.writes() if c[1] not in ("ModelDeployment", "Event")]
+    assert child_writes == []  # nothing created either: no Deployment that could mount a foreign Secret
+    ready = next(c for c in result.status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "ChildConflict"
+    assert f"{kind}/{name} already exist in namespace team-a" in ready["message"]
+    assert result.status["phase"] == "Failed"
+    assert [(e.type, e.reason) for e in result.events if e.reason == "ChildConflict"] == [
+        ("Warning", "ChildConflict")
+    ]
+
+    # The conflict goes away: the next reconcile creates the children, and Ready no longer says so.
+    del recording.objects[(kind, "team-a", name)]
+    recording.clear()
+    result = reconcile(_current(recording), recording, settings, NOW, api_key=lambda: "sk-test")
+    assert (kind, "team-a", name) in recording.objects
+    assert recording.objects[(kind, "team-a", name)]["metadata"]["ownerReferences"][0]["uid"] == "uid-chat"
+    ready = next(c for c in result.status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] != "ChildConflict"
+
+
+def test_a_foreign_object_under_a_dropped_childs_name_is_not_deleted(
+    recording: RecordingKube, settings: OperatorSettings
+) -> None:
+    body = md_body()  # no access: no NetworkPolicy wanted, so one with its name is somebody else's business
+    foreign = _foreign("NetworkPolicy", "chat")
+    recording.objects[("NetworkPolicy", "team-a", "chat")] = copy.deepcopy(foreign)
+    _store_md(recording, body)
+    result = reconcile(body, recording, settings, NOW)
+    assert recording.objects[("NetworkPolicy", "team-a", "chat")] == foreign
+    assert not any(c[0] == "delete" for c in recording.writes())
+    assert ("Deployment", "team-a", "chat") in recording.objects  # and no conflict: it is not a child
+    assert all(c["reason"] != "ChildConflict" for c in result.status["conditions"])

@@ -142,13 +142,18 @@ def plan(
     desired: list[tuple[kube.Kind, str, dict[str, Any] | None]],
     observed: dict[tuple[str, str], dict[str, Any] | None],
     create_only: frozenset[str] = frozenset({"Secret"}),
+    uid: str | None = None,
 ) -> list[Action]:
-    """Writes that make the cluster match `desired` ((kind, name, manifest-or-None-for-absent))."""
+    """Writes that make the cluster match `desired` ((kind, name, manifest-or-None-for-absent)).
+
+    An observed object not controlled by this ModelDeployment (``uid``) is never written."""
     actions: list[Action] = []
     for kind, name, manifest in desired:
         current = observed.get((kind.kind, name))
+        if current is not None and not _owned(current, uid):
+            continue
         if manifest is None:
-            if current is not None and _owned(current):
+            if current is not None:
                 actions.append(Action("delete", kind, name))
             continue
         if current is None:
@@ -162,9 +167,28 @@ def plan(
     return actions
 
 
-def _owned(obj: dict[str, Any]) -> bool:
+def _owned(obj: dict[str, Any], uid: str | None = None) -> bool:
+    """Controlled by a ModelDeployment (by the one with ``uid`` when given)."""
     refs = (obj.get("metadata") or {}).get("ownerReferences") or []
-    return any(r.get("kind") == KIND and r.get("controller") for r in refs)
+    return any(
+        r.get("kind") == KIND and r.get("controller") and (uid is None or r.get("uid") == uid) for r in refs
+    )
+
+
+def conflicts(
+    desired: list[tuple[kube.Kind, str, dict[str, Any] | None]],
+    observed: dict[tuple[str, str], dict[str, Any] | None],
+    uid: str | None,
+) -> list[str]:
+    """``Kind/name`` of each child name held by an object this ModelDeployment does not control.
+
+    Such an object is never patched, adopted or deleted; while one exists the reconcile writes no
+    child at all (a foreign ``<name>-api-keys`` Secret must not end up mounted as the API keys)."""
+    return [
+        f"{kind.kind}/{name}"
+        for kind, name, _ in desired
+        if (current := observed.get((kind.kind, name))) is not None and not _owned(current, uid)
+    ]
 
 
 def generate_api_key() -> str:
@@ -254,16 +278,20 @@ def reconcile(
         (kind.kind, name): client.get(kind, ns, name) for kind, name, _ in desired
     }
     missing_secret = _missing_secret(md, client)
+    uid = md.metadata.get("uid")
+    taken = conflicts([d for d in desired if d[2] is not None], observed, uid)
 
-    result.actions = plan(desired, observed)
+    result.actions = [] if taken else plan(desired, observed, uid=uid)
     deployment = observed.get((kube.DEPLOYMENT.kind, names.deployment_name(md)))
+    if deployment is not None and not _owned(deployment, uid):
+        deployment = None  # someone else's Deployment says nothing about this ModelDeployment
     for action in result.actions:
         deployment = _apply(action, md, client, deployment, result)
         log.info("%s %s %s/%s", action.verb, action.kind.kind, ns, action.name)
 
     pods = client.list(kube.POD, ns, names.selector_string(md)) if deployment is not None else []
     previous = dict(body.get("status") or {})
-    status = compute_status(md, Observed(deployment, pods, missing_secret), settings, now, previous)
+    status = compute_status(md, Observed(deployment, pods, missing_secret, taken), settings, now, previous)
     result.status = status
     if managed_status(status) != managed_status(previous):
         client.patch_status(kube.MODEL_DEPLOYMENT, ns, md.name, status)

@@ -48,6 +48,8 @@ class Observed:
     pods: list[dict[str, Any]] = field(default_factory=list)
     # A Secret named in spec.auth.apiKeySecretRef that does not exist.
     missing_secret: str | None = None
+    # Children's names ("Service/x") taken by objects this ModelDeployment does not control.
+    conflicts: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -284,6 +286,15 @@ class _View:
 
 
 def _cause(md: ModelDeployment, observed: Observed, crash_loop_restarts: int) -> Cause | None:
+    if observed.conflicts:
+        taken = ", ".join(observed.conflicts)
+        return Cause(
+            "ChildConflict",
+            f"{taken} already exist in namespace {md.namespace} and are not controlled by this "
+            "ModelDeployment: Berth leaves them unchanged and writes no child until they are gone "
+            "(delete or rename them, or rename this ModelDeployment)",
+            True,
+        )
     if observed.missing_secret:
         return Cause(
             "APIKeySecretNotFound",
