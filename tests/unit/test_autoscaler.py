@@ -6,6 +6,7 @@ import copy
 import http.server
 import itertools
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -215,3 +216,91 @@ def test_unanswering_ready_pods_count_as_loaded(recording: RecordingKube, settin
     scaler = Autoscaler(recording, settings, FixedLoad({"p1": 0.0}))
     decision = scaler.tick(body, datetime(2026, 11, 23, tzinfo=UTC), 100.0)
     assert decision is not None and decision.desired == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "berth_running_requests NaN\nberth_waiting_requests 0\n",
+        "berth_running_requests -1\n",
+        "berth_running_requests +Inf\n",
+        "other_metric 3\n",  # absent: says nothing about load
+    ],
+)
+def test_parse_in_flight_refuses_what_is_not_a_load(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_in_flight(text)
+
+
+class _Drip(http.server.BaseHTTPRequestHandler):
+    """A /metrics that sends its headers, then a byte every 0.2 s for ever (until the client leaves)."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        try:
+            while True:
+                self.wfile.write(b"#")
+                self.wfile.flush()
+                time.sleep(0.2)
+        except OSError:
+            pass
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class _Huge(_Metrics):
+    body = b"# " + b"x" * (10 << 20) + b"\nberth_running_requests 1\n"  # 10 MB
+
+
+def _serve(handler: type[http.server.BaseHTTPRequestHandler]) -> http.server.HTTPServer:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_dripping_and_a_huge_pod_cannot_stall_the_scrape() -> None:
+    servers = {name: _serve(h) for name, h in (("ok", _Metrics), ("drip", _Drip), ("huge", _Huge))}
+    try:
+        # every pod on its own port: in_flight takes one port, so read them one source call each
+        source = PodMetricsSource(timeout=1.0, concurrency=4, max_bytes=1 << 20)
+        before = {r: _failures(r) for r in ("deadline", "too_large")}
+        t0 = time.monotonic()
+        got = {
+            name: source.in_flight([_pod(name, "127.0.0.1", True)], srv.server_address[1])
+            for name, srv in servers.items()
+        }
+        elapsed = time.monotonic() - t0
+        assert got == {"ok": {"ok": 5.0}, "drip": {}, "huge": {}}
+        assert elapsed < 1.0 * 2 + 1.5  # the drip is cut at its 1 s deadline; the 10 MB body at 1 MiB
+        assert _failures("deadline") == before["deadline"] + 1
+        assert _failures("too_large") == before["too_large"] + 1
+    finally:
+        for srv in servers.values():
+            srv.shutdown()
+
+
+def test_pods_are_read_concurrently() -> None:
+    slow = _serve(_Slow)
+    try:
+        pods = [_pod(f"p{i}", "127.0.0.1", True) for i in range(8)]
+        t0 = time.monotonic()
+        got = PodMetricsSource(timeout=2.0, concurrency=8).in_flight(pods, slow.server_address[1])
+        assert got == {f"p{i}": 5.0 for i in range(8)}
+        assert time.monotonic() - t0 < 8 * 0.4 / 2  # 8 reads of 0.4 s each, far from one after another
+    finally:
+        slow.shutdown()
+
+
+class _Slow(_Metrics):
+    def do_GET(self) -> None:
+        time.sleep(0.4)
+        super().do_GET()
+
+
+def _failures(reason: str) -> float:
+    from berth.controller import metrics
+
+    return metrics.SCRAPE_FAILURES.labels(reason)._value.get()

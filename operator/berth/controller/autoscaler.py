@@ -2,7 +2,8 @@
 
 Signal: in-flight requests (running + waiting) of each *ready* instance, read from its /metrics
 (`PodMetricsSource`; the `MetricsSource` protocol lets Prometheus take its place later), summed and
-averaged over a window; a ready instance that does not answer counts as loaded at the target. Decision (`decide`, pure): desired = ceil(in-flight / target per instance),
+averaged over a window; a ready instance that does not answer (in time, within the size cap, with
+finite values) counts as loaded at the target and in `berth_operator_unreadable_pods`. Decision (`decide`, pure): desired = ceil(in-flight / target per instance),
 clamped to [minCapacity, maxCapacity]; up at once by a bounded step (like the HPA's default policy:
 at most max(4 instances, 100%) per decision); down only to the highest recommendation of the last
 `scaleDownDelaySeconds`, and never below the instances that still have requests in flight.
@@ -14,8 +15,11 @@ from __future__ import annotations
 
 import logging
 import math
-import urllib.request
+import socket
+import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -134,33 +138,113 @@ def _ready(pod: dict[str, Any]) -> bool:
 
 
 def parse_in_flight(text: str) -> float:
-    """Sum of the in-flight gauges in a Prometheus exposition."""
+    """Sum of the in-flight gauges in a Prometheus exposition.
+
+    ValueError when neither gauge is there or a value is not a finite number >= 0: a pod that says
+    NaN (or nothing) about its load is unreadable, never "idle"."""
     total = 0.0
+    seen = False
     for family in text_string_to_metric_families(text):
         if family.name in IN_FLIGHT_METRICS:
-            total += sum(s.value for s in family.samples if s.name == family.name)
+            for sample in family.samples:
+                if sample.name != family.name:
+                    continue
+                if not math.isfinite(sample.value) or sample.value < 0:
+                    raise ValueError(f"{family.name} is {sample.value}")
+                total += sample.value
+                seen = True
+    if not seen:
+        raise ValueError(f"none of {', '.join(IN_FLIGHT_METRICS)} in the exposition")
     return total
 
 
-class PodMetricsSource:
-    """Reads each ready pod's /metrics directly (pod IP and the server port)."""
+class ScrapeError(OSError):
+    """A /metrics read that did not finish well: ``reason`` labels the failure metric."""
 
-    def __init__(self, timeout: float = 2.0) -> None:
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def fetch_metrics(ip: str, port: int, deadline_s: float, max_bytes: int) -> str:
+    """GET http://ip:port/metrics with a deadline for the whole exchange and a cap on the body.
+
+    Plain HTTP/1.0 over a socket whose timeout is set to what is left of the deadline before every
+    read, so a pod that drips bytes cannot hold the loop past the deadline, and one that sends more
+    than ``max_bytes`` is cut off without the operator holding it in memory."""
+    deadline = time.monotonic() + deadline_s
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ScrapeError("deadline", f"no complete answer within {deadline_s:g}s")
+        return remaining
+
+    host = f"[{ip}]" if ":" in ip else ip
+    with socket.create_connection((ip, port), timeout=left()) as sock:
+        sock.sendall(f"GET /metrics HTTP/1.0\r\nHost: {host}:{port}\r\nAccept: text/plain\r\n\r\n".encode())
+        buf = bytearray()
+        while True:
+            sock.settimeout(left())
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError as exc:
+                raise ScrapeError("deadline", f"no complete answer within {deadline_s:g}s") from exc
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > max_bytes + 16384:  # the body's cap plus room for the headers
+                raise ScrapeError("too_large", f"/metrics is larger than {max_bytes} bytes")
+    head, sep, body = bytes(buf).partition(b"\r\n\r\n")
+    if not sep:
+        raise ScrapeError("bad_response", "no HTTP response headers")
+    status = head.split(b"\r\n", 1)[0].split()
+    if len(status) < 2 or status[1] != b"200":
+        raise ScrapeError("bad_response", f"status {status[1:2] or '?'}")
+    if len(body) > max_bytes:
+        raise ScrapeError("too_large", f"/metrics is larger than {max_bytes} bytes")
+    return body.decode("utf-8", errors="replace")
+
+
+def _failure_reason(e: BaseException) -> str:
+    if isinstance(e, ScrapeError):
+        return e.reason
+    if isinstance(e, FutureTimeout):
+        return "deadline"
+    return "unreadable" if isinstance(e, ValueError) else "connect"
+
+
+class PodMetricsSource:
+    """Reads each ready pod's /metrics directly (pod IP and the server port), concurrently.
+
+    At most ``concurrency`` pods are read at once (a bounded pool shared by all ModelDeployments),
+    each within ``timeout`` seconds in all and ``max_bytes`` of body; a pod that fails any of that,
+    or reports no finite in-flight value, is left out (the caller counts it as unreadable) and
+    counted in ``berth_operator_metrics_scrape_failures_total`` by reason."""
+
+    def __init__(self, timeout: float = 2.0, concurrency: int = 16, max_bytes: int = 1 << 20) -> None:
         self.timeout = timeout
+        self.max_bytes = max_bytes
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="berth-scrape")
+
+    def _read(self, ip: str, port: int) -> float:
+        return parse_in_flight(fetch_metrics(ip, port, self.timeout, self.max_bytes))
 
     def in_flight(self, pods: list[dict[str, Any]], port: int) -> dict[str, float]:
-        out: dict[str, float] = {}
+        jobs: dict[str, Future[float]] = {}
         for pod in pods:
             ip = (pod.get("status") or {}).get("podIP")
             name = (pod.get("metadata") or {}).get("name", "")
-            if not ip or not _ready(pod):
-                continue
-            url = f"http://{ip}:{port}/metrics"
+            if ip and _ready(pod):
+                jobs[name] = self._pool.submit(self._read, ip, port)
+        out: dict[str, float] = {}
+        for name, job in jobs.items():
             try:
-                with urllib.request.urlopen(url, timeout=self.timeout) as resp:
-                    out[name] = parse_in_flight(resp.read().decode())
-            except (OSError, ValueError) as e:
-                log.debug("no metrics from %s (%s): %s", name, url, e)
+                # each read ends by its own deadline; the margin covers a pool that was full
+                out[name] = job.result(timeout=self.timeout * 2 + 1)
+            except (OSError, ValueError, FutureTimeout) as e:
+                metrics.SCRAPE_FAILURES.labels(_failure_reason(e)).inc()
+                log.debug("no metrics from pod %s: %s", name, e)
         return out
 
 
@@ -172,7 +256,11 @@ class Autoscaler:
     ) -> None:
         self.client = client
         self.settings = settings
-        self.source = source or PodMetricsSource()
+        self.source = source or PodMetricsSource(
+            settings.metrics_scrape_timeout_seconds,
+            settings.metrics_scrape_concurrency,
+            settings.metrics_scrape_max_bytes,
+        )
         self.states: dict[tuple[str, str], State] = {}
 
     def forget(self, namespace: str, name: str) -> None:
@@ -194,6 +282,7 @@ class Autoscaler:
         # 100% for missing pods when scaling down): an overloaded server answering slowly must not
         # read as idle.
         unread = sum(1 for p in pods if _ready(p) and (p.get("metadata") or {}).get("name") not in per_pod)
+        metrics.UNREADABLE_PODS.labels(md.namespace, md.name).set(unread)
         total = sum(per_pod.values()) + unread * policy.target_per_instance
         busy = sum(1 for v in per_pod.values() if v > 0) + unread
         current = md.spec.capacity

@@ -43,6 +43,17 @@ IN_FLIGHT = Gauge(
     ["namespace", "name"],
 )
 
+UNREADABLE_PODS = Gauge(
+    "berth_operator_unreadable_pods",
+    "Ready instances whose /metrics the autoscaler could not read at its last tick (counted as loaded at the target).",
+    ["namespace", "name"],
+)
+SCRAPE_FAILURES = Counter(
+    "berth_operator_metrics_scrape_failures_total",
+    "Failed reads of instances' /metrics by the autoscaler, by reason (connect, deadline, too_large, bad_response, unreadable).",
+    ["reason"],
+)
+
 _phases: dict[tuple[str, str], str] = {}
 
 

@@ -79,6 +79,17 @@ class OperatorSettings(BaseSettings):
     autoscale_interval_seconds: float = Field(
         15.0, description="How often the autoscaler samples load.", gt=0
     )
+    metrics_scrape_timeout_seconds: float = Field(
+        2.0, description="Deadline for the whole read of one instance's /metrics by the autoscaler.", gt=0
+    )
+    metrics_scrape_concurrency: int = Field(
+        16, description="Instances' /metrics read at once by the autoscaler (one pool for all).", ge=1, le=256
+    )
+    metrics_scrape_max_bytes: int = Field(
+        1 << 20,
+        description="Largest /metrics body the autoscaler reads; a larger one is unreadable.",
+        ge=4096,
+    )
     allow_remote_code: bool = Field(
         False,
         description=(
