@@ -85,17 +85,15 @@ def _phase_event(new: dict[str, Any]) -> EventSpec | None:
     return None
 
 
-# Ready reasons that get their own Warning when they appear (besides the phase's event).
-_WARNED_REASONS = frozenset({"Unschedulable", "ChildConflict"})
-
-
 def status_events(previous: dict[str, Any], new: dict[str, Any]) -> list[EventSpec]:
     """Events for what changed: ready, scaled, degraded, failed (deployed comes from reconcile)."""
     events: list[EventSpec] = []
     new_ready = _condition(new, "Ready")
-    reason = new_ready.get("reason")
-    if reason in _WARNED_REASONS and _condition(previous, "Ready").get("reason") != reason:
-        events.append(EventSpec("Warning", str(reason), new_ready.get("message", "")))
+    if (
+        new_ready.get("reason") == "Unschedulable"
+        and _condition(previous, "Ready").get("reason") != "Unschedulable"
+    ):
+        events.append(EventSpec("Warning", "Unschedulable", new_ready.get("message", "")))
     if previous.get("capacity") is not None and previous.get("capacity") != new.get("capacity"):
         events.append(
             EventSpec("Normal", "Scaled", f"capacity {previous.get('capacity')} -> {new.get('capacity')}")

@@ -138,20 +138,38 @@ def prune(manifest: Any) -> Any:
     return manifest
 
 
+Desired = list[tuple[kube.Kind, str, dict[str, Any] | None]]
+
+
+def conflicts(
+    desired: Desired, observed: dict[tuple[str, str], dict[str, Any] | None], owner_uid: str
+) -> list[str]:
+    """ "Kind/name" of each child the spec wants that exists without this ModelDeployment's controller
+    reference (someone else's object with the same name): Berth never patches, adopts or deletes it."""
+    return [
+        f"{kind.kind}/{name}"
+        for kind, name, manifest in desired
+        if manifest is not None
+        and (current := observed.get((kind.kind, name))) is not None
+        and not owned_by(current, owner_uid)
+    ]
+
+
 def plan(
-    desired: list[tuple[kube.Kind, str, dict[str, Any] | None]],
+    desired: Desired,
     observed: dict[tuple[str, str], dict[str, Any] | None],
     create_only: frozenset[str] = frozenset({"Secret"}),
-    uid: str | None = None,
+    owner_uid: str | None = None,
 ) -> list[Action]:
     """Writes that make the cluster match `desired` ((kind, name, manifest-or-None-for-absent)).
 
-    An observed object not controlled by this ModelDeployment (``uid``) is never written."""
+    An existing object without the controller reference of the ModelDeployment `owner_uid` (any
+    ModelDeployment when None) is left as it is: no patch, no delete (see `conflicts`)."""
     actions: list[Action] = []
     for kind, name, manifest in desired:
         current = observed.get((kind.kind, name))
-        if current is not None and not _owned(current, uid):
-            continue
+        if current is not None and not owned_by(current, owner_uid):
+            continue  # not ours: never patched, adopted or deleted
         if manifest is None:
             if current is not None:
                 actions.append(Action("delete", kind, name))
@@ -167,38 +185,21 @@ def plan(
     return actions
 
 
-def _owned(obj: dict[str, Any], uid: str | None = None) -> bool:
-    """Controlled by a ModelDeployment (by the one with ``uid`` when given)."""
+def owned_by(obj: dict[str, Any], owner_uid: str | None) -> bool:
+    """`obj` carries the controller reference of the ModelDeployment `owner_uid` (of any when None)."""
     refs = (obj.get("metadata") or {}).get("ownerReferences") or []
     return any(
-        r.get("kind") == KIND and r.get("controller") and (uid is None or r.get("uid") == uid) for r in refs
+        r.get("kind") == KIND and r.get("controller") and (owner_uid is None or r.get("uid") == owner_uid)
+        for r in refs
     )
-
-
-def conflicts(
-    desired: list[tuple[kube.Kind, str, dict[str, Any] | None]],
-    observed: dict[tuple[str, str], dict[str, Any] | None],
-    uid: str | None,
-) -> list[str]:
-    """``Kind/name`` of each child name held by an object this ModelDeployment does not control.
-
-    Such an object is never patched, adopted or deleted; while one exists the reconcile writes no
-    child at all (a foreign ``<name>-api-keys`` Secret must not end up mounted as the API keys)."""
-    return [
-        f"{kind.kind}/{name}"
-        for kind, name, _ in desired
-        if (current := observed.get((kind.kind, name))) is not None and not _owned(current, uid)
-    ]
 
 
 def generate_api_key() -> str:
     return "sk-berth-" + secrets.token_urlsafe(32)
 
 
-def desired_children(
-    md: ModelDeployment, settings: OperatorSettings, api_key: Callable[[], str]
-) -> list[tuple[kube.Kind, str, dict[str, Any] | None]]:
-    children: list[tuple[kube.Kind, str, dict[str, Any] | None]] = []
+def desired_children(md: ModelDeployment, settings: OperatorSettings, api_key: Callable[[], str]) -> Desired:
+    children: Desired = []
     if names.generates_api_key_secret(md):
         children.append((kube.SECRET, names.generated_api_key_secret_name(md), _LazySecret(md, api_key)))
     children += [
@@ -255,6 +256,11 @@ def _apply(
     return deployment
 
 
+def _ready(status: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    return found
+
+
 def reconcile(
     body: dict[str, Any],
     client: kube.Kube,
@@ -278,13 +284,16 @@ def reconcile(
         (kind.kind, name): client.get(kind, ns, name) for kind, name, _ in desired
     }
     missing_secret = _missing_secret(md, client)
-    uid = md.metadata.get("uid")
-    taken = conflicts([d for d in desired if d[2] is not None], observed, uid)
-
-    result.actions = [] if taken else plan(desired, observed, uid=uid)
-    deployment = observed.get((kube.DEPLOYMENT.kind, names.deployment_name(md)))
-    if deployment is not None and not _owned(deployment, uid):
-        deployment = None  # someone else's Deployment says nothing about this ModelDeployment
+    uid = str(md.metadata.get("uid") or "")
+    taken = conflicts(desired, observed, uid)
+    deployment_key = (kube.DEPLOYMENT.kind, names.deployment_name(md))
+    if any(c.startswith(f"{kube.SECRET.kind}/") for c in taken):
+        # someone else's Secret under the generated name: the instances must not mount it as their keys
+        desired = [d for d in desired if d[0] is not kube.DEPLOYMENT]
+    result.actions = plan(desired, observed, owner_uid=uid)
+    deployment = observed.get(deployment_key)
+    if deployment is not None and not owned_by(deployment, uid):
+        deployment = None  # someone else's Deployment says nothing about this ModelDeployment's instances
     for action in result.actions:
         deployment = _apply(action, md, client, deployment, result)
         log.info("%s %s %s/%s", action.verb, action.kind.kind, ns, action.name)
@@ -296,6 +305,8 @@ def reconcile(
     if managed_status(status) != managed_status(previous):
         client.patch_status(kube.MODEL_DEPLOYMENT, ns, md.name, status)
         result.status_written = True
+    if taken and _ready(status).get("message") != _ready(previous).get("message"):
+        result.events.append(EventSpec("Warning", "ChildConflict", str(_ready(status).get("message", ""))))
     result.events += status_events(previous, status)
     emit(client, body, result.events, now)
     return result

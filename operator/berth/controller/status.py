@@ -34,6 +34,7 @@ CONFIG_REASONS = {"CreateContainerConfigError", "CreateContainerError", "RunCont
 # anything else under status is left as it is.
 RECONCILED_FIELDS = ModelDeploymentStatus.reconciled_fields()
 MANAGED_STATUS_KEYS = ModelDeploymentStatus.wire_names(RECONCILED_FIELDS)
+CHILD_CONFLICT = "ChildConflict"
 _FAILED_FIELDS = frozenset({"phase", "observed_generation", "conditions"})
 
 # (status, reason, message) of one condition
@@ -48,7 +49,7 @@ class Observed:
     pods: list[dict[str, Any]] = field(default_factory=list)
     # A Secret named in spec.auth.apiKeySecretRef that does not exist.
     missing_secret: str | None = None
-    # Children's names ("Service/x") taken by objects this ModelDeployment does not control.
+    # "Kind/name" of children that exist without this ModelDeployment's controller reference.
     conflicts: list[str] = field(default_factory=list)
 
 
@@ -281,20 +282,29 @@ class _View:
         return self.cause is not None and self.cause.fatal
 
     @property
+    def conflict(self) -> bool:
+        return self.cause is not None and self.cause.reason == CHILD_CONFLICT
+
+    @property
     def ready_of(self) -> str:
         return f"{self.rollout.ready}/{self.capacity} instances ready"
 
 
+def conflict_cause(conflicts: list[str]) -> Cause:
+    """ChildConflict: objects named like this ModelDeployment's children that it does not control."""
+    them = ", ".join(conflicts)
+    verb = "exists and is" if len(conflicts) == 1 else "exist and are"
+    return Cause(
+        CHILD_CONFLICT,
+        f"{them} {verb} not controlled by this ModelDeployment: Berth leaves it unchanged "
+        "(delete or rename it, or rename the ModelDeployment)",
+        True,
+    )
+
+
 def _cause(md: ModelDeployment, observed: Observed, crash_loop_restarts: int) -> Cause | None:
     if observed.conflicts:
-        taken = ", ".join(observed.conflicts)
-        return Cause(
-            "ChildConflict",
-            f"{taken} already exist in namespace {md.namespace} and are not controlled by this "
-            "ModelDeployment: Berth leaves them unchanged and writes no child until they are gone "
-            "(delete or rename them, or rename this ModelDeployment)",
-            True,
-        )
+        return conflict_cause(observed.conflicts)
     if observed.missing_secret:
         return Cause(
             "APIKeySecretNotFound",
@@ -323,6 +333,8 @@ def _observe(
 
 def _phase(v: _View, degraded_grace_seconds: float) -> Phase:
     ready = v.rollout.ready
+    if v.conflict:
+        return "Failed" if ready == 0 else "Degraded"
     if v.capacity == 0:
         return "Idle" if v.rollout.replicas == 0 else "Updating"
     if ready >= v.capacity and v.rollout.rolled_out(v.capacity):
@@ -336,6 +348,8 @@ def _phase(v: _View, degraded_grace_seconds: float) -> Phase:
 
 
 def _ready_condition(v: _View, phase: Phase) -> _Cond:
+    if v.conflict and v.cause is not None:
+        return ("False", v.cause.reason, v.cause.message)
     if v.capacity > 0 and v.rollout.ready >= v.capacity and phase in ("Running", "Updating"):
         # all asked-for capacity serves, also while a rollout or a scale-down is still under way
         return ("True", "AllInstancesReady", v.ready_of)
