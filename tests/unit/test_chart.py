@@ -134,6 +134,8 @@ def test_default_render_objects(default: list[dict[str, Any]]) -> None:
         ("ClusterRoleBinding", "berth-operator-cluster"),
         ("CustomResourceDefinition", "modeldeployments.berth.dev"),
         ("Deployment", "berth-operator"),
+        ("Role", "berth-operator-leader"),
+        ("RoleBinding", "berth-operator-leader"),
         ("Service", "berth-operator-metrics"),
         ("ServiceAccount", "berth"),
     ]
@@ -328,7 +330,7 @@ def test_namespaced_mode_binds_only_the_watched_namespaces() -> None:
     assert not [
         d for d in docs if d["kind"] == "ClusterRoleBinding" and d["metadata"]["name"] == "berth-operator"
     ]
-    bindings = [d for d in docs if d["kind"] == "RoleBinding"]
+    bindings = [d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["name"] == "berth-operator"]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     assert all(
         b["roleRef"]
@@ -468,3 +470,20 @@ def test_notes_tell_the_next_command(tmp_path: Path) -> None:
     assert f"kubectl scale md/{example['metadata']['name']} " in text
     assert "kubectl -n berth-system rollout status deployment/berth-operator" in text
     assert "whole cluster" in text and "peering" not in text
+
+
+def test_leader_lease_rules_are_namespaced_and_named(default: list[dict[str, Any]]) -> None:
+    role = one(default, "Role", "berth-operator-leader")
+    assert role["metadata"]["namespace"] == NS
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["berth-operator"],
+            "verbs": ["get", "patch"],
+        },
+    ]
+    for d in default:  # no cluster-wide lease access
+        if d["kind"] == "ClusterRole":
+            assert not [r for r in d["rules"] if "leases" in r.get("resources", [])]

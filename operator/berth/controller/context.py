@@ -14,6 +14,7 @@ from typing import Any
 
 from berth.controller import kube
 from berth.controller.autoscaler import Autoscaler
+from berth.controller.leader import LeaseElector, default_identity
 from berth.controller.loops import Loop
 from berth.controller.settings import OperatorSettings
 
@@ -28,6 +29,7 @@ class OperatorContext:
     namespaces: list[str] = field(default_factory=list)  # watched namespaces; empty: the whole cluster
     priority: int = 0  # this process's kopf peering priority
     loops: list[Loop] = field(default_factory=list)
+    elector: LeaseElector | None = None  # made by make_elector() when the loops start
     _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict, init=False, repr=False)
     _guard: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -41,6 +43,19 @@ class OperatorContext:
     ) -> OperatorContext:
         client = client if client is not None else kube.KubeClient()
         return cls(settings, client, Autoscaler(client, settings), list(namespaces or []), priority)
+
+    def make_elector(self) -> LeaseElector:
+        lease = self.settings.leader_election_lease_seconds
+        self.elector = LeaseElector(
+            self.client,
+            self.settings.operator_namespace,
+            self.settings.leader_election_lease_name,
+            default_identity(),
+            lease_seconds=lease,
+            renew_deadline=lease * 2 / 3,
+            retry=lease / 5,
+        )
+        return self.elector
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         """The lock that serialises the reconciles of one ModelDeployment."""

@@ -20,7 +20,7 @@ from berth.api.models import GROUP, PLURAL, VERSION
 from berth.controller import kube, metrics, names
 from berth.controller.context import MEMO_KEY, OperatorContext, from_memo
 from berth.controller.events import EventSpec, emit
-from berth.controller.loops import Loop, is_leader
+from berth.controller.loops import Loop
 from berth.controller.policy import PolicyViolation
 from berth.controller.reconcile import Result, reconcile
 from berth.controller.settings import get_settings
@@ -168,10 +168,11 @@ def _autoscale(ctx: OperatorContext, listed: dict[str, Any]) -> None:
 
 
 def start_loops(ctx: OperatorContext) -> list[Loop]:
-    """The resync and autoscaling loops (operator-wide: no per-object kopf timers, so no finalizers)."""
+    """The resync and autoscaling loops (operator-wide: no per-object kopf timers, so no finalizers),
+    run only while this replica holds the leader Lease (controller/leader.py)."""
 
-    def leader() -> bool:
-        return is_leader(ctx.client, ctx.settings.peering, ctx.namespaces, ctx.priority, datetime.now(UTC))
+    elector = ctx.make_elector()
+    elector.start()
 
     def resync(body: dict[str, Any]) -> None:
         _resync(ctx, body)
@@ -181,8 +182,15 @@ def start_loops(ctx: OperatorContext) -> list[Loop]:
 
     settings = ctx.settings
     loops = [
-        Loop("resync", settings.resync_seconds, ctx.client, ctx.namespaces, resync, leader),
-        Loop("autoscale", settings.autoscale_interval_seconds, ctx.client, ctx.namespaces, autoscale, leader),
+        Loop("resync", settings.resync_seconds, ctx.client, ctx.namespaces, resync, elector.is_leader),
+        Loop(
+            "autoscale",
+            settings.autoscale_interval_seconds,
+            ctx.client,
+            ctx.namespaces,
+            autoscale,
+            elector.is_leader,
+        ),
     ]
     for loop in loops:
         loop.start()
@@ -201,8 +209,11 @@ def on_startup(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.cleanup()
 def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
-    for loop in from_memo(memo).loops:
+    ctx = from_memo(memo)
+    for loop in ctx.loops:
         loop.stop()
+    if ctx.elector is not None:
+        ctx.elector.stop()  # hands the Lease back: another replica takes the loops over at once
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)

@@ -4,8 +4,8 @@ These run as two operator-wide loops instead of kopf per-object timers, because 
 finalizer on every object that has a timer: a ModelDeployment could then not be deleted while the
 operator is down (an uninstalled operator would leave resources and namespaces stuck Terminating).
 Each loop lists the ModelDeployments once per period (one LIST per watched namespace, or one
-cluster-wide) and handles them one by one. With kopf peering on, only the live replica with the
-highest priority acts, the same rule kopf applies to its own handlers.
+cluster-wide) and handles them one by one. Only the replica that holds the leader Lease acts
+(`leader.py`); the others keep their loops idle.
 """
 
 from __future__ import annotations
@@ -13,35 +13,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 from berth.controller import kube
-from berth.controller.status import parse_time
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], None]
-
-
-def is_leader(client: kube.Kube, peering: str, namespaces: list[str], priority: int, now: datetime) -> bool:
-    """True when no live peer in the kopf peering object has a higher priority than ours."""
-    if not peering:
-        return True
-    if namespaces:
-        obj = client.get(kube.KOPF_PEERING, namespaces[0], peering)
-    else:
-        obj = client.get(kube.CLUSTER_KOPF_PEERING, "", peering)
-    peers = (obj or {}).get("status") or {}
-    for info in peers.values():
-        if not isinstance(info, dict):
-            continue
-        seen = parse_time(str(info.get("lastseen") or "")) or now
-        lifetime = float(info.get("lifetime") or 60)
-        alive = (now - seen).total_seconds() <= lifetime
-        if alive and int(info.get("priority") or 0) > priority:
-            return False
-    return True
 
 
 class Loop:

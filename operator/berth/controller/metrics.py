@@ -54,6 +54,11 @@ SCRAPE_FAILURES = Counter(
     ["reason"],
 )
 
+LEADER = Gauge(
+    "berth_operator_leader",
+    "1 while this replica holds the leader Lease and runs the resync and autoscaling loops, else 0.",
+)
+
 _phases: dict[tuple[str, str], str] = {}
 
 

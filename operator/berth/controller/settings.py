@@ -51,6 +51,22 @@ class OperatorSettings(BaseSettings):
         ),
         ge=0,
     )
+    leader_election_lease_name: str = Field(
+        "berth-operator",
+        description=(
+            "Lease (coordination.k8s.io, in operator_namespace) that elects the one replica running the "
+            "resync and autoscaling loops."
+        ),
+        min_length=1,
+    )
+    leader_election_lease_seconds: float = Field(
+        15.0,
+        description=(
+            "Lease duration: a replica that stops renewing loses the loops to another within it "
+            "(the holder itself stops after two thirds of it without a renewal)."
+        ),
+        ge=3,
+    )
     resync_seconds: float = Field(
         30.0, description="Interval of the level-triggered resync loop over every ModelDeployment.", gt=0
     )
