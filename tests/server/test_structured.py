@@ -261,3 +261,15 @@ def test_tool_choice_naming_an_unknown_tool_is_a_400(sdk: OpenAI) -> None:
             max_tokens=5,
         )
     assert isinstance(exc.value.body, dict) and exc.value.body["param"] == "tool_choice"
+
+
+def test_an_oversized_schema_is_refused_before_compiling() -> None:
+    from berth.server.engine.guided import MAX_SCHEMA_BYTES
+
+    huge = {
+        "type": "object",
+        "properties": {f"p{i}": {"type": "string"} for i in range(MAX_SCHEMA_BYTES // 10)},
+    }
+    with pytest.raises(ParamError) as exc:
+        schema_spec(huge, "response_format")
+    assert exc.value.param == "response_format" and "at most 65536" in str(exc.value)

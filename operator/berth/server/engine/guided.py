@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _CACHE_MAX = 256  # compiled grammars kept per engine (LRU)
+MAX_SCHEMA_BYTES = 64 * 1024  # a larger schema is refused (compiling one costs time on the event loop)
 _SEPARATORS = (",", ":")
 _LOG_PREFIX = re.compile(r"^\[[\d:.]+\]\s+\S+:\d+:\s*")
 
@@ -157,4 +158,10 @@ def schema_spec(schema: Any, param: str) -> GuidedSpec:
             raise ParamError(param, f"{param}: the schema is not valid JSON: {exc}") from exc
     if not isinstance(schema, dict):
         raise ParamError(param, f"{param}: the schema must be a JSON object, got {type(schema).__name__}")
-    return GuidedSpec("json_schema", json.dumps(schema, separators=_SEPARATORS), param)
+    text = json.dumps(schema, separators=_SEPARATORS)
+    if len(text.encode()) > MAX_SCHEMA_BYTES:
+        raise ParamError(
+            param,
+            f"{param}: the schema is {len(text.encode())} bytes; at most {MAX_SCHEMA_BYTES} are accepted",
+        )
+    return GuidedSpec("json_schema", text, param)
