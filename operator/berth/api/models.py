@@ -312,6 +312,13 @@ class PodTemplate(_Base):
         default_factory=list,
         description="Extra environment variables of the server container (core/v1 EnvVar).",
     )
+    env_secrets: list[Annotated[str, Field(max_length=253)]] = Field(
+        default_factory=list,
+        description=(
+            "Secrets of the namespace that env may read with valueFrom.secretKeyRef; any other valueFrom "
+            "is refused by the platform's policy."
+        ),
+    )
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
 
