@@ -113,3 +113,51 @@ def test_take_overs_leave_foreign_objects_unchanged_and_recover(
         assert [r["uid"] for r in refs if r.get("controller")] == [uid], (kind, refs)
     secret = get(cluster, namespace, "secret", "chat-api-keys") or {}
     assert "billing-db-password" not in (secret.get("data") or {})
+
+
+# (spec, the field the message names): each is refused by the reconcile (no admission policy installed)
+POLICY_VIOLATIONS: list[tuple[dict[str, Any], str]] = [
+    ({"model": {"uri": "hostpath:////"}}, "spec.model.uri"),
+    ({"image": "docker.io/evil/miner:latest"}, "spec.image"),
+    ({"podTemplate": {"tolerations": [{"operator": "Exists"}]}}, "spec.podTemplate.tolerations[0].key"),
+    (
+        {"podTemplate": {"nodeSelector": {"kubernetes.io/hostname": "n1"}}},
+        "spec.podTemplate.nodeSelector[kubernetes.io/hostname]",
+    ),
+    (
+        {
+            "podTemplate": {
+                "annotations": {"container.apparmor.security.beta.kubernetes.io/server": "unconfined"}
+            }
+        },
+        "spec.podTemplate.annotations[container.apparmor.security.beta.kubernetes.io/server]",
+    ),
+    (
+        {
+            "podTemplate": {
+                "env": [{"name": "DB", "valueFrom": {"secretKeyRef": {"name": "billing-db", "key": "pw"}}}]
+            }
+        },
+        "spec.podTemplate.env[0].valueFrom",
+    ),
+]
+
+
+def test_policy_violations_end_failed_with_no_child(
+    cluster: Any, operator: OperatorProcess, namespace: str
+) -> None:
+    names = [f"bad{i}" for i in range(len(POLICY_VIOLATIONS))]
+    apply(
+        cluster,
+        namespace,
+        *(md(n, capacity=1, **spec) for n, (spec, _) in zip(names, POLICY_VIOLATIONS, strict=True)),
+    )
+    for name, (_, field) in zip(names, POLICY_VIOLATIONS, strict=True):
+        got = wait_md(cluster, operator, namespace, name, lambda s: s.get("phase") == "Failed", "Failed")
+        ready = condition(got["status"], "Ready")
+        assert ready["status"] == "False" and ready["reason"] == "PolicyViolation", ready
+        assert ready["message"].startswith(field + ":"), ready["message"]
+    for kind in ("deployments", "services", "secrets", "pods", "networkpolicies"):
+        listed = json.loads(cluster.kubectl("get", kind, "-n", namespace, "-o", "json").stdout)["items"]
+        ours = [o["metadata"]["name"] for o in listed if o["metadata"]["name"].startswith("bad")]
+        assert ours == [], (kind, ours)
