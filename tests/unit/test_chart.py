@@ -136,9 +136,17 @@ def test_default_render_objects(default: list[dict[str, Any]]) -> None:
         ("Deployment", "berth-operator"),
         ("Service", "berth-operator-metrics"),
         ("ServiceAccount", "berth"),
+        ("ValidatingAdmissionPolicy", "berth-tenancy"),
+        ("ValidatingAdmissionPolicyBinding", "berth-tenancy"),
     ]
+    cluster_scoped = (
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "ValidatingAdmissionPolicy",
+    )
     for d in default:
-        if d["kind"] not in ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"):
+        if not d["kind"].startswith(cluster_scoped):
             assert d["metadata"]["namespace"] == NS
 
 
@@ -152,6 +160,27 @@ def test_crd_template_equals_generated_crd(default: list[dict[str, Any]]) -> Non
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     assert tool.TEMPLATE.read_text() == tool.render(), "chart CRD template is stale: run make crds"
+
+
+def test_admission_policy_follows_the_policy_values() -> None:
+    assert not [
+        d for d in template("policy.admissionPolicy=false") if d["kind"].startswith("ValidatingAdmission")
+    ]
+    docs = template(
+        "policy.hostPathPrefixes={/models/}", "watchNamespaces={team-a}", "policy.allowRemoteCode=true"
+    )
+    policy = one(docs, "ValidatingAdmissionPolicy")
+    variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
+    assert variables["hostPrefixes"] == '["/models"]'
+    assert (
+        variables["images"]
+        == '["ghcr.io/berth-dev/berth-server:0.1.0","ghcr.io/berth-dev/berth-server-cpu:0.1.0"]'
+    )
+    assert not any("trustRemoteCode" in v["expression"] for v in policy["spec"]["validations"])
+    binding = one(docs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    selector = binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]
+    assert selector["values"] == ["team-a"]
 
 
 def test_crd_switches() -> None:
