@@ -276,6 +276,7 @@ EXPECTED_OPERATOR_RULES = {
     ("berth.dev", "modeldeployments", "patch"),
     ("berth.dev", "modeldeployments/status", "patch"),
     ("berth.dev", "modeldeployments/scale", "patch"),
+    ("berth.dev", "modeldeployments/finalizers", "update"),  # blockOwnerDeletion on the children
     ("apps", "deployments", "get"),
     ("apps", "deployments", "list"),
     ("apps", "deployments", "watch"),
@@ -313,13 +314,16 @@ def test_rbac_rules_are_exactly_what_the_operator_uses(default: list[dict[str, A
         binding = one(default, "ClusterRoleBinding", name)
         assert binding["roleRef"]["name"] == name
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "berth", "namespace": NS}]
-    # Nothing broad: no wildcards, no secrets listing, no update/deletecollection anywhere.
+    # Nothing broad: no wildcards, no secrets listing, no update (but of the owner's finalizers, for
+    # blockOwnerDeletion) or deletecollection anywhere.
     every = triples(role["rules"]) | triples(cluster["rules"])
     assert not any("*" in t for t in every)
     assert not any(
-        v in ("update", "deletecollection", "escalate", "bind", "impersonate") for _, _, v in every
+        v in ("update", "deletecollection", "escalate", "bind", "impersonate")
+        for _, r, v in every
+        if (r, v) != ("modeldeployments/finalizers", "update")
     )
-    assert ("", "secrets", "list") not in every
+    assert ("", "secrets", "list") not in every and ("", "secrets", "watch") not in every
 
 
 def test_rbac_covers_every_kind_the_client_knows(default: list[dict[str, Any]]) -> None:
