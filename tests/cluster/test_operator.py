@@ -485,7 +485,7 @@ def test_dropped_spec_entries_leave_the_deployment_and_then_nothing_is_written(
             resources={"gpus": 1},
             podTemplate={
                 "labels": {"team": "a", "cost": "x"},
-                "nodeSelector": {"kubernetes.io/os": "linux", "pool": "gpu"},
+                "nodeSelector": {"kubernetes.io/os": "linux", "node.kubernetes.io/instance-type": "gpu"},
             },
         ),
     )

@@ -138,9 +138,17 @@ def test_default_render_objects(default: list[dict[str, Any]]) -> None:
         ("RoleBinding", "berth-operator-leader"),
         ("Service", "berth-operator-metrics"),
         ("ServiceAccount", "berth"),
+        ("ValidatingAdmissionPolicy", "berth-tenancy"),
+        ("ValidatingAdmissionPolicyBinding", "berth-tenancy"),
     ]
+    cluster_scoped = (
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "ValidatingAdmissionPolicy",
+    )
     for d in default:
-        if d["kind"] not in ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"):
+        if not d["kind"].startswith(cluster_scoped):
             assert d["metadata"]["namespace"] == NS
 
 
@@ -154,6 +162,27 @@ def test_crd_template_equals_generated_crd(default: list[dict[str, Any]]) -> Non
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     assert tool.TEMPLATE.read_text() == tool.render(), "chart CRD template is stale: run make crds"
+
+
+def test_admission_policy_follows_the_policy_values() -> None:
+    assert not [
+        d for d in template("policy.admissionPolicy=false") if d["kind"].startswith("ValidatingAdmission")
+    ]
+    docs = template(
+        "policy.hostPathPrefixes={/models/}", "watchNamespaces={team-a}", "policy.allowRemoteCode=true"
+    )
+    policy = one(docs, "ValidatingAdmissionPolicy")
+    variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
+    assert variables["hostPrefixes"] == '["/models"]'
+    assert (
+        variables["images"]
+        == '["ghcr.io/berth-dev/berth-server:0.1.0","ghcr.io/berth-dev/berth-server-cpu:0.1.0"]'
+    )
+    assert not any("trustRemoteCode" in v["expression"] for v in policy["spec"]["validations"])
+    binding = one(docs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    selector = binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]
+    assert selector["values"] == ["team-a"]
 
 
 def test_crd_switches() -> None:
@@ -249,6 +278,7 @@ EXPECTED_OPERATOR_RULES = {
     ("berth.dev", "modeldeployments", "patch"),
     ("berth.dev", "modeldeployments/status", "patch"),
     ("berth.dev", "modeldeployments/scale", "patch"),
+    ("berth.dev", "modeldeployments/finalizers", "update"),  # blockOwnerDeletion on the children
     ("apps", "deployments", "get"),
     ("apps", "deployments", "list"),
     ("apps", "deployments", "watch"),
@@ -286,13 +316,16 @@ def test_rbac_rules_are_exactly_what_the_operator_uses(default: list[dict[str, A
         binding = one(default, "ClusterRoleBinding", name)
         assert binding["roleRef"]["name"] == name
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "berth", "namespace": NS}]
-    # Nothing broad: no wildcards, no secrets listing, no update/deletecollection anywhere.
+    # Nothing broad: no wildcards, no secrets listing, no update (but of the owner's finalizers, for
+    # blockOwnerDeletion) or deletecollection anywhere.
     every = triples(role["rules"]) | triples(cluster["rules"])
     assert not any("*" in t for t in every)
     assert not any(
-        v in ("update", "deletecollection", "escalate", "bind", "impersonate") for _, _, v in every
+        v in ("update", "deletecollection", "escalate", "bind", "impersonate")
+        for _, r, v in every
+        if (r, v) != ("modeldeployments/finalizers", "update")
     )
-    assert ("", "secrets", "list") not in every
+    assert ("", "secrets", "list") not in every and ("", "secrets", "watch") not in every
 
 
 def test_rbac_covers_every_kind_the_client_knows(default: list[dict[str, Any]]) -> None:

@@ -191,7 +191,7 @@ def test_dropping_an_optional_field_removes_it(recording: RecordingKube, setting
     body = md_body(
         spec={
             "model": {"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
-            "podTemplate": {"nodeSelector": {"pool": "a"}},
+            "podTemplate": {"nodeSelector": {"topology.kubernetes.io/zone": "a"}},
         }
     )
     _store_md(recording, body)
@@ -281,7 +281,11 @@ def test_diff_removes_keys_only_inside_owned_maps() -> None:
 def test_dropped_pod_template_labels_and_annotations_are_removed_and_others_kept(
     recording: RecordingKube, settings: OperatorSettings
 ) -> None:
-    body = md_body(spec={"podTemplate": {"labels": {"team": "a", "cost": "x"}, "annotations": {"note": "n"}}})
+    body = md_body(
+        spec={
+            "podTemplate": {"labels": {"team": "a", "cost": "x"}, "annotations": {"prometheus.io/note": "n"}}
+        }
+    )
     _store_md(recording, body)
     reconcile(body, recording, settings, NOW)
     dep = recording.objects[("Deployment", "team-a", "chat")]
@@ -296,10 +300,10 @@ def test_dropped_pod_template_labels_and_annotations_are_removed_and_others_kept
     reconcile(body, recording, settings, NOW + timedelta(seconds=1))
     (patch,) = [c[3] for c in recording.writes() if c[:2] == ("patch", "Deployment")]
     meta = patch["spec"]["template"]["metadata"]
-    assert meta == {"labels": {"cost": None}, "annotations": {"note": None}}
+    assert meta == {"labels": {"cost": None}, "annotations": {"prometheus.io/note": None}}
     after = recording.objects[("Deployment", "team-a", "chat")]["spec"]["template"]["metadata"]
     assert after["labels"]["team"] == "a" and "cost" not in after["labels"]
-    assert "note" not in after["annotations"]
+    assert "prometheus.io/note" not in after["annotations"]
     assert after["annotations"]["kubectl.kubernetes.io/restartedAt"] == "2026-11-23T10:01:00Z"
 
     recording.clear()

@@ -141,7 +141,9 @@ def _optional(schema: dict[str, Any], defs: dict[str, Any], path: str) -> dict[s
 
 def _property(sub: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str, Any]:
     prop = _structural(sub, defs, path)
-    optional = "anyOf" in _resolve(sub, defs)
+    resolved = _resolve(sub, defs)
+    # optional, or a free-form object that only names some fields (an EnvVar's valueFrom): no default
+    optional = "anyOf" in resolved or resolved.get("additionalProperties") is True
     if prop.get("type") == "object" and "properties" in prop and "default" not in prop and not optional:
         prop["default"] = {}  # a default_factory sub-object: let its fields default
     return prop

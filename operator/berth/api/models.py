@@ -12,7 +12,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "berth.dev"
@@ -294,13 +294,33 @@ class EngineSpec(_Base):
     )
 
 
+def _free_object(**properties: dict[str, Any]) -> dict[str, Any]:
+    """An object schema that names the fields the admission policy reads and keeps any other."""
+    return {"type": "object", "properties": properties, "additionalProperties": True}
+
+
+_STR: dict[str, Any] = {"type": "string"}
+_TOLERATION_SCHEMA = _free_object(key=_STR, operator=_STR, value=_STR, effect=_STR)
+_ENV_VAR_SCHEMA = _free_object(
+    name=_STR,
+    value=_STR,
+    valueFrom=_free_object(
+        secretKeyRef=_free_object(name=_STR, key=_STR),
+        configMapKeyRef=_free_object(name=_STR, key=_STR),
+        fieldRef=_free_object(fieldPath=_STR),
+        resourceFieldRef=_free_object(resource=_STR),
+        fileKeyRef=_free_object(path=_STR),
+    ),
+)
+
+
 class PodTemplate(_Base):
     """Overrides for the instance pods."""
 
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Node labels the pods must match."
     )
-    tolerations: list[dict[str, Any]] = Field(
+    tolerations: list[Annotated[dict[str, Any], WithJsonSchema(_TOLERATION_SCHEMA)]] = Field(
         default_factory=list, description="Pod tolerations (core/v1 Toleration)."
     )
     affinity: dict[str, Any] | None = Field(None, description="Pod affinity (core/v1 Affinity).")
@@ -308,9 +328,16 @@ class PodTemplate(_Base):
     image_pull_secrets: list[Annotated[str, Field(max_length=253)]] = Field(
         default_factory=list, description="Names of Secrets used to pull the server image."
     )
-    env: list[dict[str, Any]] = Field(
+    env: list[Annotated[dict[str, Any], WithJsonSchema(_ENV_VAR_SCHEMA)]] = Field(
         default_factory=list,
         description="Extra environment variables of the server container (core/v1 EnvVar).",
+    )
+    env_secrets: list[Annotated[str, Field(max_length=253)]] = Field(
+        default_factory=list,
+        description=(
+            "Secrets of the namespace that env may read with valueFrom.secretKeyRef; any other valueFrom "
+            "is refused by the platform's policy."
+        ),
     )
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")

@@ -445,5 +445,10 @@ def build_pdb(md: ModelDeployment) -> Manifest | None:
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": _metadata(md, names.pdb_name(md)),
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": names.selector_labels(md)}},
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": names.selector_labels(md)},
+            # a crash-looping or never-ready instance never blocks a node drain
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
     }

@@ -113,14 +113,74 @@ class OperatorSettings(BaseSettings):
             "repository's own code). Off: such a ModelDeployment is Failed with reason PolicyViolation."
         ),
     )
+    allowed_model_schemes: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["builtin", "pvc", "hf"],
+        description=(
+            "model.uri and adapter schemes ModelDeployments may use (comma-separated); hostpath (a "
+            "directory of the node) is off unless listed here."
+        ),
+    )
+    allowed_host_path_prefixes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Node directories a hostpath:// model or adapter may lie under (comma-separated, e.g. "
+            "/models/); none by default, so hostpath needs both this and allowed_model_schemes."
+        ),
+    )
+    allowed_image_prefixes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Prefixes spec.image must start with (comma-separated; end each with / or : ). "
+            "Empty: the operator's own server images (BERTH_SERVER_IMAGE, BERTH_SERVER_CPU_IMAGE) only."
+        ),
+    )
+    allowed_toleration_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["nvidia.com/gpu"],
+        description=(
+            "Taint keys podTemplate.tolerations may name (comma-separated); a toleration without a key "
+            "(tolerating every taint) only with *."
+        ),
+    )
+    allowed_node_selector_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [
+            "kubernetes.io/arch",
+            "kubernetes.io/os",
+            "node.kubernetes.io/instance-type",
+            "topology.kubernetes.io/region",
+            "topology.kubernetes.io/zone",
+            "nvidia.com/gpu.product",
+            "nvidia.com/gpu.memory",
+        ],
+        description="Node label keys podTemplate.nodeSelector may name (comma-separated; * allows any).",
+    )
+    allowed_annotation_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["prometheus.io/"],
+        description=(
+            "Pod annotation keys podTemplate.annotations may set (comma-separated); an entry ending in "
+            "/ allows every key of that prefix, * allows any."
+        ),
+    )
     log_level: str = Field("INFO", description="Operator log level.")
 
-    @field_validator("namespaces", mode="before")
+    @field_validator(
+        "namespaces",
+        "allowed_model_schemes",
+        "allowed_host_path_prefixes",
+        "allowed_image_prefixes",
+        "allowed_toleration_keys",
+        "allowed_node_selector_keys",
+        "allowed_annotation_keys",
+        mode="before",
+    )
     @classmethod
     def _split(cls, v: object) -> object:
         if isinstance(v, str):
             return [n.strip() for n in v.split(",") if n.strip()]
         return v
+
+    def image_prefixes(self) -> list[str]:
+        """What spec.image may start with: the configured prefixes, else the server images themselves."""
+        return self.allowed_image_prefixes or [self.server_image, self.server_cpu_image]
 
 
 @lru_cache(maxsize=1)
