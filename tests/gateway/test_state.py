@@ -58,7 +58,7 @@ def test_key_of_an_api_key() -> None:
             "status": {"keyId": "ak-1", "keyHash": "ab"},
         }
     )
-    assert key.limits == Limits(10, None, None) and key.models == ("chat",) and key.key_id == "ak-1"
+    assert key.limits == Limits(10, 1_000_000, 32) and key.models == ("chat",) and key.key_id == "ak-1"
     assert key.active(datetime(2029, 1, 1, tzinfo=UTC)) and not key.active(datetime(2031, 1, 1, tzinfo=UTC))
 
 

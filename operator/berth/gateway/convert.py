@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from berth.api.apikey import DEFAULT_CONCURRENCY, DEFAULT_RPM, DEFAULT_TPM
 from berth.gateway.registry import Endpoint, Instance, Key, Limits
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -63,10 +64,10 @@ def key_of(obj: dict[str, Any]) -> Key:
         key_id=status.get("keyId") or f"{meta['namespace']}.{meta['name']}",
         key_hash=status.get("keyHash") or "",
         models=tuple(spec.get("models") or ()),
-        limits=Limits(
-            _int(limits.get("requestsPerMinute")),
-            _int(limits.get("tokensPerMinute")),
-            _int(limits.get("maxConcurrentRequests")),
+        limits=Limits(  # the CRD's defaults, should an object predate them
+            _int(limits.get("requestsPerMinute")) or DEFAULT_RPM,
+            _int(limits.get("tokensPerMinute")) or DEFAULT_TPM,
+            _int(limits.get("maxConcurrentRequests")) or DEFAULT_CONCURRENCY,
         ),
         disabled=bool(spec.get("disabled")),
         expires_at=_time(spec.get("expiresAt")),
