@@ -253,3 +253,81 @@ def test_gateway_routes_isolates_revokes_and_meters(
         proc.wait(20)
         for _, srv in upstreams:
             srv.stop()
+
+
+def test_gateway_wakes_a_deployment_at_zero(
+    cluster: Any, two_namespaces: tuple[str, str], tmp_path: Path
+) -> None:
+    """capacity 0 + autoscaling: the request scales it to 1 through /scale within 2 s and is held until
+    an endpoint is ready, then answered."""
+    import threading
+
+    ns, _ = two_namespaces
+    addr = _local_address()
+    zero = _md("sleepy", "sleepy")
+    zero["spec"].update(capacity=0, autoscaling={"enabled": True, "minCapacity": 0, "maxCapacity": 2})
+    apply(cluster, ns, zero, _apikey("ci"))
+    key = _key(cluster, ns, "ci")
+    port = free_port()
+    log = (tmp_path / "gateway.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "berth.cli",
+            "gateway",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--namespace",
+            ns,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
+    )
+    url = f"http://127.0.0.1:{port}"
+    up = Upstream("sleepy/0")
+    srv = Server(up.app(), host=addr)
+    try:
+
+        def ready() -> bool:
+            assert proc.poll() is None, (tmp_path / "gateway.log").read_text()[-3000:]
+            try:
+                return httpx.get(url + "/health/ready", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout=60, message="berth gateway up")
+        result: dict[str, Any] = {}
+
+        def call() -> None:
+            r = httpx.post(
+                url + "/v1/chat/completions",
+                json={"model": "sleepy", "messages": []},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=60,
+            )
+            result["status"], result["body"] = r.status_code, r.json()
+
+        t = threading.Thread(target=call)
+        t0 = time.monotonic()
+        t.start()
+        wait_for(
+            lambda: (get(cluster, ns, "md", "sleepy") or {})["spec"].get("capacity") == 1,
+            timeout=2,
+            interval=0.05,
+            message="capacity woken to 1",
+        )
+        woke_after = time.monotonic() - t0
+        time.sleep(0.5)
+        assert t.is_alive() and not result  # held
+        apply(cluster, ns, _slice("sleepy-0", "sleepy", addr, srv.port))
+        t.join(20)
+        assert result["status"] == 200 and result["body"]["served_by"] == "sleepy/0"
+        print(f"woken after {woke_after:.2f} s")
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        srv.stop()

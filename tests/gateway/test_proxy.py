@@ -285,3 +285,52 @@ def test_client_disconnect_releases_the_request(env: Env) -> None:
     # cut short before upstream's usage chunk: the request counts, its tokens are unknown
     delta = env.gw.usage.take()[("team-a", "ci")]
     assert (delta.requests, delta.prompt_tokens, delta.completion_tokens) == (1, 0, 0)
+
+
+def _scaled_to_zero(env: Env, timeout: float = 5.0) -> list[str]:
+    from berth.gateway.registry import Instance
+
+    woken: list[str] = []
+    env.gw.registry.put_instance(
+        Instance("team-a", "chat", "chat", capacity=0, autoscaling=True, wake_timeout_seconds=timeout)
+    )
+
+    async def waker(inst: Instance) -> None:
+        woken.append(f"{inst.namespace}/{inst.name}")
+
+    env.gw.waker = waker
+    return woken
+
+
+def test_scale_from_zero_wakes_and_holds_the_request(env: Env) -> None:
+    woken = _scaled_to_zero(env)
+    threading.Timer(0.5, lambda: env.add_upstream("team-a", "chat", "team-a/chat/0")).start()
+    t0 = time.monotonic()
+    r = post(env, {"model": "chat"})
+    assert r.status_code == 200 and r.json()["served_by"] == "team-a/chat/0"
+    assert time.monotonic() - t0 >= 0.45
+    assert woken == ["team-a/chat"]
+
+
+def test_held_stream_gets_keepalives_then_the_answer(env: Env) -> None:
+    _scaled_to_zero(env)
+    env.gw.settings = env.gw.settings.model_copy(update={"keepalive_seconds": 0.1})
+    threading.Timer(0.6, lambda: env.add_upstream("team-a", "chat", "team-a/chat/0")).start()
+    with httpx.stream(
+        "POST",
+        env.server.url + "/v1/chat/completions",
+        json={"model": "chat", "stream": True},
+        headers={"Authorization": f"Bearer {KEY_A}"},
+        timeout=10,
+    ) as r:
+        text = b"".join(r.iter_raw())
+    assert text.startswith(b": keep-alive\n\n") and text.count(b": keep-alive") >= 3
+    assert text.endswith(b"data: [DONE]\n\n") and b"t2" in text
+    assert env.gw.usage.take()[("team-a", "ci")].completion_tokens == 3
+
+
+def test_wake_timeout_is_503_with_retry_after(env: Env) -> None:
+    _scaled_to_zero(env, timeout=0.3)
+    r = post(env, {"model": "chat"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "wake_timeout" and r.headers["retry-after"]
+    assert env.gw.q.in_flight("ak-a") == 0

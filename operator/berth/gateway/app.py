@@ -8,11 +8,12 @@ header). Errors are OpenAI-shaped. A request is retried on another endpoint on a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from berth.gateway.balancer import Balancer
 from berth.gateway.metrics import GatewayMetrics
 from berth.gateway.quota import Quotas
-from berth.gateway.registry import Endpoint, Key, Registry, Target, instance_credential
+from berth.gateway.registry import Endpoint, Instance, Key, Registry, Target, instance_credential
 from berth.gateway.settings import GatewaySettings
 from berth.gateway.usage import Delta, UsageBook
 
@@ -62,6 +63,7 @@ class Gateway:
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     usage: UsageBook = field(default_factory=UsageBook)
     quotas: Quotas | None = None
+    waker: Callable[[Instance], Awaitable[None]] | None = None  # scales a ModelDeployment up from zero
 
     def __post_init__(self) -> None:
         if self.quotas is None:
@@ -148,7 +150,9 @@ class _SSEUsage:
         return rest
 
 
-async def _relay(gw: Gateway, call: _Call, endpoint: Endpoint, resp: httpx.Response) -> AsyncIterator[bytes]:
+async def _relay(
+    gw: Gateway, call: _Call, endpoint: Endpoint, resp: httpx.Response
+) -> AsyncGenerator[bytes, None]:
     parser = _SSEUsage(call)
     try:
         async for data in resp.aiter_raw():
@@ -200,9 +204,16 @@ async def _attempt(gw: Gateway, call: _Call, endpoint: Endpoint) -> httpx.Respon
         return None
 
 
-async def _forward(gw: Gateway, call: _Call) -> Response:
+@dataclass
+class _Opened:
+    endpoint: Endpoint
+    resp: httpx.Response
+
+
+async def _open(gw: Gateway, call: _Call) -> _Opened | Response:
+    """Try endpoints until one answers with something other than 429/503 (nothing has reached the
+    client yet, so retrying is safe); return the open upstream response, or the final error."""
     inst = call.target.instance
-    gw.metrics.in_flight.labels(inst.namespace, inst.served_name).inc()
     tried: list[Endpoint] = []
     last: httpx.Response | None = None
     last_body = b""
@@ -213,52 +224,137 @@ async def _forward(gw: Gateway, call: _Call) -> Response:
         tried.append(endpoint)
         gw.balancer.acquire(endpoint)
         resp = await _attempt(gw, call, endpoint)
-        reason = "connect" if resp is None else str(resp.status_code)
         if resp is not None and resp.status_code not in RETRY_STATUSES:
             gw.metrics.ttfb.labels(inst.namespace, inst.served_name).observe(time.monotonic() - call.started)
             call.status = resp.status_code
-            headers = {h: resp.headers[h] for h in _PASS_HEADERS if h in resp.headers}
-            if call.stream and resp.status_code == 200:
-                headers["cache-control"] = "no-cache"
-                headers["x-accel-buffering"] = "no"
-                return StreamingResponse(
-                    _relay(gw, call, endpoint, resp),
-                    status_code=200,
-                    headers=headers,
-                    media_type=resp.headers.get("content-type", "text/event-stream"),
-                )
-            try:
-                content = await resp.aread()
-            finally:
-                await resp.aclose()
-            if resp.status_code == 200:
-                with contextlib.suppress(ValueError):
-                    call.prompt_tokens, call.completion_tokens = _usage_of(json.loads(content))
-            _done(gw, call, endpoint)
-            return Response(content, status_code=resp.status_code, headers=headers)
+            return _Opened(endpoint, resp)
+        reason = "connect" if resp is None else str(resp.status_code)
         if resp is not None:
             last_body = await resp.aread()
             await resp.aclose()
-            if last is not None:
-                await last.aclose()
             last = resp
         gw.balancer.release(endpoint)
         gw.metrics.retries.labels(inst.namespace, inst.served_name, reason).inc()
     if last is not None:  # every endpoint said 429/503: pass the last answer on
         call.status = last.status_code
-        _done(gw, call, None)
         headers = {h: last.headers[h] for h in _PASS_HEADERS if h in last.headers}
         return Response(last_body, status_code=last.status_code, headers=headers)
     call.status = 503
-    _done(gw, call, None)
-    retry = str(gw.settings.no_endpoint_retry_after_seconds)
     return error(
         503,
         f"No instance of `{call.target.model}` is ready; try again shortly.",
         "service_unavailable",
         "no_ready_instance",
-        {"Retry-After": retry},
+        {"Retry-After": str(gw.settings.no_endpoint_retry_after_seconds)},
     )
+
+
+async def _respond(gw: Gateway, call: _Call, opened: _Opened | Response) -> Response:
+    if isinstance(opened, Response):
+        _done(gw, call, None)
+        return opened
+    endpoint, resp = opened.endpoint, opened.resp
+    headers = {h: resp.headers[h] for h in _PASS_HEADERS if h in resp.headers}
+    if call.stream and resp.status_code == 200:
+        headers["cache-control"] = "no-cache"
+        headers["x-accel-buffering"] = "no"
+        return StreamingResponse(
+            _relay(gw, call, endpoint, resp),
+            status_code=200,
+            headers=headers,
+            media_type=resp.headers.get("content-type", "text/event-stream"),
+        )
+    try:
+        content = await resp.aread()
+    finally:
+        await resp.aclose()
+    if resp.status_code == 200:
+        with contextlib.suppress(ValueError):
+            call.prompt_tokens, call.completion_tokens = _usage_of(json.loads(content))
+    _done(gw, call, endpoint)
+    return Response(content, status_code=resp.status_code, headers=headers)
+
+
+def _must_wait(gw: Gateway, inst: Instance) -> bool:
+    return inst.autoscaling and not gw.registry.endpoints(inst)
+
+
+async def _wait_ready(gw: Gateway, inst: Instance, deadline: float) -> bool:
+    """Wake a scaled-to-zero instance and wait for a ready endpoint (or the deadline)."""
+    if gw.waker is not None and inst.capacity == 0:
+        await gw.waker(inst)
+    labels = gw.metrics.waiting.labels(inst.namespace, inst.served_name)
+    labels.inc()
+    try:
+        while time.monotonic() < deadline:
+            current = gw.registry.instance(inst.namespace, inst.name) or inst
+            if gw.registry.endpoints(current):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+    finally:
+        labels.dec()
+
+
+def _wake_timeout(call: _Call) -> JSONResponse:
+    call.status = 503
+    return error(
+        503,
+        f"`{call.target.model}` is scaling up from zero and was not ready within "
+        f"{call.target.instance.wake_timeout_seconds:g} s; try again shortly.",
+        "service_unavailable",
+        "wake_timeout",
+        {"Retry-After": "10"},
+    )
+
+
+async def _held_stream(gw: Gateway, call: _Call, deadline: float) -> AsyncIterator[bytes]:
+    """A stream held while the instance wakes: SSE comments keep the connection alive, then the
+    upstream stream follows (or an error event when the wake timed out)."""
+    inst = call.target.instance
+    waiter = asyncio.ensure_future(_wait_ready(gw, inst, deadline))
+    try:
+        while not waiter.done():
+            done, _ = await asyncio.wait({waiter}, timeout=gw.settings.keepalive_seconds)
+            if not done:
+                yield b": keep-alive\n\n"
+        opened = await _open(gw, call) if waiter.result() else _wake_timeout(call)
+    except BaseException:
+        waiter.cancel()
+        _done(gw, call, None)
+        raise
+    if isinstance(opened, Response):
+        _done(gw, call, None)
+        yield b"data: " + bytes(opened.body) + b"\n\n"
+        return
+    if opened.resp.status_code != 200:
+        content = await opened.resp.aread()
+        await opened.resp.aclose()
+        _done(gw, call, opened.endpoint)
+        yield b"data: " + content + b"\n\n"
+        return
+    async with contextlib.aclosing(_relay(gw, call, opened.endpoint, opened.resp)) as relay:
+        async for chunk in relay:
+            yield chunk
+
+
+async def _forward(gw: Gateway, call: _Call) -> Response:
+    inst = call.target.instance
+    gw.metrics.in_flight.labels(inst.namespace, inst.served_name).inc()
+    if not _must_wait(gw, inst):
+        return await _respond(gw, call, await _open(gw, call))
+    deadline = time.monotonic() + inst.wake_timeout_seconds
+    if call.stream:
+        call.status = 200
+        headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+        return StreamingResponse(
+            _held_stream(gw, call, deadline), media_type="text/event-stream", headers=headers
+        )
+    if not await _wait_ready(gw, inst, deadline):
+        response = _wake_timeout(call)
+        _done(gw, call, None)
+        return response
+    return await _respond(gw, call, await _open(gw, call))
 
 
 def _authenticate(gw: Gateway, request: Request) -> Key | JSONResponse:

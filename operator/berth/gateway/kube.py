@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from berth.gateway.convert import SERVICE_NAME_LABEL, endpoints_of, instance_of, key_of
-from berth.gateway.registry import Registry
+from berth.gateway.registry import Instance, Registry
 from berth.gateway.usage import UsageBook
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,38 @@ class Watcher:
 
     def wait_synced(self, timeout: float) -> bool:
         return all(e.wait(timeout) for e in self.synced.values())
+
+
+class Waker:
+    """Scales a ModelDeployment at capacity 0 to max(1, minCapacity) through its scale subresource;
+    at most one patch per instance every few seconds, however many requests are waiting."""
+
+    def __init__(self, api: Any, every_seconds: float = 5.0) -> None:
+        import kubernetes
+
+        self.custom: Any = kubernetes.client.CustomObjectsApi(api)
+        self.every = every_seconds
+        self._last: dict[tuple[str, str], float] = {}
+
+    def wake(self, instance: Instance) -> bool:
+        import time
+
+        now = time.monotonic()
+        key = (instance.namespace, instance.name)
+        if now - self._last.get(key, -1e9) < self.every:
+            return False
+        self._last[key] = now
+        replicas = max(1, instance.min_capacity)
+        try:
+            self.custom.patch_namespaced_custom_object_scale(
+                GROUP, VERSION, instance.namespace, MD_PLURAL, instance.name, {"spec": {"replicas": replicas}}
+            )
+        except Exception as exc:
+            log.warning("waking %s/%s failed: %s", instance.namespace, instance.name, exc)
+            self._last.pop(key, None)
+            return False
+        log.info("woke %s/%s to capacity %d", instance.namespace, instance.name, replicas)
+        return True
 
 
 def flush_usage(api: Any, book: UsageBook) -> int:

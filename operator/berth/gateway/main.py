@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from berth.gateway.app import Gateway, create_app
-from berth.gateway.registry import Registry
+from berth.gateway.registry import Instance, Registry
 from berth.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ def parse_args(argv: list[str]) -> GatewaySettings:
     p.add_argument("--master-key-file", type=Path)
     p.add_argument("--usage-flush-seconds", type=float)
     p.add_argument("--max-attempts", type=int)
+    p.add_argument("--keepalive-seconds", type=float)
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     if "namespaces" in args:
         args["namespaces"] = tuple(args["namespaces"])
@@ -51,6 +52,12 @@ def build(settings: GatewaySettings) -> tuple[Any, Gateway]:
 
     api = kube.load_config()
     watcher = kube.Watcher(api, gw.registry, settings.namespaces)
+    waker = kube.Waker(api)
+
+    async def wake(instance: Instance) -> None:
+        await asyncio.to_thread(waker.wake, instance)
+
+    gw.waker = wake
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:

@@ -36,6 +36,12 @@ class GatewayMetrics:
             ["namespace", "model"],
             registry=self.registry,
         )
+        self.waiting = Gauge(
+            "berth_gateway_waiting_requests",
+            "Requests held at this replica while their instance scales up from zero",
+            ["namespace", "model"],
+            registry=self.registry,
+        )
         self.ttfb = Histogram(
             "berth_gateway_upstream_first_byte_seconds",
             "Gateway receipt to upstream response headers",

@@ -163,6 +163,9 @@ class Registry:
             return None
         return key
 
+    def instance(self, namespace: str, name: str) -> Instance | None:
+        return self._instances.get((namespace, name))
+
     def key(self, namespace: str, name: str) -> Key | None:
         return self._keys.get((namespace, name))
 

@@ -26,6 +26,9 @@ class GatewaySettings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body accepted")
     usage_flush_seconds: float = Field(5.0, gt=0, description="how often usage deltas go to ApiKey.status")
     no_endpoint_retry_after_seconds: int = Field(5, ge=1, description="Retry-After when no instance is ready")
+    keepalive_seconds: float = Field(
+        5.0, gt=0, description="SSE comment interval while a stream waits for a wake"
+    )
     kubernetes: bool = Field(True, description="watch the cluster (off: tests feed the registry)")
 
     def master_key(self) -> bytes | None:
