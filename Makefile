@@ -44,6 +44,7 @@ test-node: install cluster-bin node-bin images ## end to end on a real node (kub
 
 crds: install ## regenerate crds/ and the chart's CRD template from the pydantic models
 	$(BERTH) crd -o crds/modeldeployments.berth.dev.yaml
+	$(BERTH) crd --kind ApiKey -o crds/apikeys.berth.dev.yaml
 	$(PY) tools/render_chart_crd.py
 
 docs: install ## regenerate docs/api.md (pydantic models) and docs/models.md (the engine's model registry)
@@ -52,6 +53,7 @@ docs: install ## regenerate docs/api.md (pydantic models) and docs/models.md (th
 
 verify: install ## fail when generated files (CRD, chart CRD, API docs) drift, or lint/layers/type/helm checks fail
 	@$(BERTH) crd | diff -u crds/modeldeployments.berth.dev.yaml - || (echo "crds/ is stale: run make crds" && exit 1)
+	@$(BERTH) crd --kind ApiKey | diff -u crds/apikeys.berth.dev.yaml - || (echo "crds/ is stale: run make crds" && exit 1)
 	@$(PY) tools/render_chart_crd.py --check || (echo "the chart's CRD is stale: run make crds" && exit 1)
 	@$(PY) tools/render_api_docs.py --check || (echo "docs/api.md is stale: run make docs" && exit 1)
 	@$(PY) tools/render_models_doc.py --check || (echo "docs/models.md is stale: run make docs" && exit 1)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "operator": ("berth.controller.main", "main", "run the ModelDeployment operator (kopf)"),
     "serve": ("berth.server.main", "main", "run the inference server (default: built-in SmolLM2)"),
+    "gateway": ("berth.gateway.main", "main", "run the gateway: one OpenAI endpoint for every instance"),
     "crd": ("berth.api.crd", "main", "print the ModelDeployment CustomResourceDefinition"),
     "bench": ("berth.bench", "main", "load-test an OpenAI-compatible endpoint"),
 }

@@ -92,3 +92,26 @@ def test_every_key_is_compared_with_compare_digest(monkeypatch: pytest.MonkeyPat
     assert store.authenticate("Bearer sk-1") == "a"
     # no early exit: the match on the first key still compares against all three
     assert [b for _, b in calls] == [b"sk-1", b"sk-2", b"sk-3"]
+
+
+def test_forwarded_key_id_is_honoured_only_from_the_gateway_key() -> None:
+    store = KeyStore(env_keys="berth-gateway:bgw-secret,team-a:sk-aaa")
+    assert store.authenticate_forwarded("Bearer bgw-secret", "ak-123") == "gateway/ak-123"
+    assert store.authenticate_forwarded("Bearer bgw-secret", None) == "berth-gateway"
+    # a tenant's own key cannot claim another id
+    assert store.authenticate_forwarded("Bearer sk-aaa", "ak-123") == "team-a"
+    # junk in the header is ignored, not reflected into metrics labels
+    assert store.authenticate_forwarded("Bearer bgw-secret", "x\ny" + "z" * 100) == "berth-gateway"
+    assert store.authenticate_forwarded("Bearer wrong", "ak-123") is None
+
+
+def test_gateway_credential_matches_the_gateways_derivation() -> None:
+    from berth.gateway.registry import instance_credential
+
+    cred = instance_credential(b"master", "team-a", "chat")
+    store = KeyStore(env_keys=f"berth-gateway:{cred}")
+    assert store.authenticate_forwarded(f"Bearer {cred}", "ak-1") == "gateway/ak-1"
+    assert (
+        store.authenticate_forwarded(f"Bearer {instance_credential(b'master', 'team-a', 'other')}", "ak-1")
+        is None
+    )

@@ -132,6 +132,7 @@ def test_default_render_objects(default: list[dict[str, Any]]) -> None:
         ("ClusterRole", "berth-operator-cluster"),
         ("ClusterRoleBinding", "berth-operator"),
         ("ClusterRoleBinding", "berth-operator-cluster"),
+        ("CustomResourceDefinition", "apikeys.berth.dev"),
         ("CustomResourceDefinition", "modeldeployments.berth.dev"),
         ("Deployment", "berth-operator"),
         ("Role", "berth-operator-leader"),
@@ -187,8 +188,10 @@ def test_admission_policy_follows_the_policy_values() -> None:
 
 def test_crd_switches() -> None:
     assert not [d for d in template("crds.install=false") if d["kind"] == "CustomResourceDefinition"]
-    kept = one(template("crds.keep=true"), "CustomResourceDefinition")
-    assert kept["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    kept = [d for d in template("crds.keep=true") if d["kind"] == "CustomResourceDefinition"]
+    assert sorted(d["metadata"]["name"] for d in kept) == ["apikeys.berth.dev", "modeldeployments.berth.dev"]
+    for crd in kept:
+        assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
 
 
 # ---------------------------------------------------------------- the operator Deployment
@@ -279,6 +282,11 @@ EXPECTED_OPERATOR_RULES = {
     ("berth.dev", "modeldeployments/status", "patch"),
     ("berth.dev", "modeldeployments/scale", "patch"),
     ("berth.dev", "modeldeployments/finalizers", "update"),  # blockOwnerDeletion on the children
+    ("berth.dev", "apikeys", "get"),
+    ("berth.dev", "apikeys", "list"),
+    ("berth.dev", "apikeys", "watch"),
+    ("berth.dev", "apikeys", "patch"),
+    ("berth.dev", "apikeys/status", "patch"),
     ("apps", "deployments", "get"),
     ("apps", "deployments", "list"),
     ("apps", "deployments", "watch"),
@@ -340,6 +348,7 @@ def test_rbac_covers_kopf_watches(default: list[dict[str, Any]]) -> None:
     """Every resource a kopf handler is registered for can be listed and watched."""
     import kopf
 
+    import berth.controller.apikey_handlers
     import berth.controller.handlers  # noqa: F401  (registers the handlers)
 
     registry = kopf.get_default_registry()
@@ -352,6 +361,7 @@ def test_rbac_covers_kopf_watches(default: list[dict[str, Any]]) -> None:
         (h.selector.group or "", h.selector.plural or h.selector.any_name) for h in handlers if h.selector
     }
     assert ("berth.dev", "modeldeployments") in selectors and ("", "pods") in selectors
+    assert ("berth.dev", "apikeys") in selectors
     rules = one(default, "ClusterRole", "berth-operator")["rules"]
     for group, plural in selectors:
         for verb in ("list", "watch", "get"):
@@ -385,6 +395,7 @@ def test_two_replicas_use_kopf_peering(ha: list[dict[str, Any]]) -> None:
     assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
     crds = {d["metadata"]["name"]: d for d in ha if d["kind"] == "CustomResourceDefinition"}
     assert set(crds) == {
+        "apikeys.berth.dev",
         "modeldeployments.berth.dev",
         "clusterkopfpeerings.kopf.dev",
         "kopfpeerings.kopf.dev",

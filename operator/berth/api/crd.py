@@ -302,8 +302,14 @@ def render() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="berth crd", description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", help="write to this file instead of stdout")
+    parser.add_argument("--kind", choices=["ModelDeployment", "ApiKey"], default="ModelDeployment")
     args = parser.parse_args(argv)
-    text = render()
+    if args.kind == "ApiKey":
+        from berth.api import apikey_crd
+
+        text = apikey_crd.render()
+    else:
+        text = render()
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     import kopf
     from prometheus_client import start_http_server
 
-    from berth.controller import handlers  # noqa: F401  (registers the handlers)
+    from berth.controller import apikey_handlers, handlers  # noqa: F401  (registers the handlers)
     from berth.controller.context import MEMO_KEY, OperatorContext
 
     if settings.metrics_port:

@@ -8,6 +8,11 @@ modification time).
 
 With no key source configured at all, authentication is off and every request gets the key id
 ``anonymous``. With a key directory configured but empty, every request is refused.
+
+The Berth gateway authenticates with its own per-instance key (id ``berth-gateway``, derived by HMAC
+from the gateway master key and placed in the instance's key Secret; no tenant holds it) and names
+the tenant's key id in ``X-Berth-Key-Id``. That header is honoured only from the gateway's key, so
+per-key metrics stay right behind the gateway and nobody else can spoof a key id.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +29,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"
+GATEWAY_KEY_ID = "berth-gateway"
+FORWARDED_KEY_ID_HEADER = "x-berth-key-id"
+_KEY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _RELOAD_CHECK_SECONDS = 2.0
 
 
@@ -151,3 +160,14 @@ class KeyStore:
         if scheme.lower() != "bearer":
             return None
         return self.check(token.strip())
+
+    def authenticate_forwarded(self, authorization: str | None, forwarded_key_id: str | None) -> str | None:
+        """Like `authenticate`; a request made with the gateway's key is attributed to the tenant key id
+        it names (``X-Berth-Key-Id``, a short id, never a key), shown as ``gateway/<id>``."""
+        key_id = self.authenticate(authorization)
+        if key_id != GATEWAY_KEY_ID or not forwarded_key_id:
+            return key_id
+        forwarded = forwarded_key_id.strip()
+        if not _KEY_ID_RE.match(forwarded):
+            return key_id
+        return f"gateway/{forwarded}"

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from berth.server import http_errors
+from berth.server.auth import FORWARDED_KEY_ID_HEADER
 from berth.server.serving import ApiError, RequestContext, Serving
 from berth.server.serving import errors as serving_errors
 from berth.server.state import Phase, ServerState
@@ -36,7 +37,9 @@ def ctx_of(request: Request) -> RequestContext:
 
 
 async def require_key(request: Request) -> str:
-    key_id = server_state(request).keys.authenticate(request.headers.get("authorization"))
+    key_id = server_state(request).keys.authenticate_forwarded(
+        request.headers.get("authorization"), request.headers.get(FORWARDED_KEY_ID_HEADER)
+    )
     if key_id is None:
         raise ApiError(
             401,

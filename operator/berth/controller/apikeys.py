@@ -1,0 +1,163 @@
+"""ApiKey reconcile: generate the key into a Secret the ApiKey owns, publish only its SHA-256.
+
+Level-triggered and idempotent like the ModelDeployment reconcile: the Secret is created once (409
+is success), read back on every pass to publish its hash, and never touched when another owner holds
+the name (a ``ChildConflict`` condition instead). The status carries keyId, keyHash, secretName and
+a Ready condition that says why a key is refused (Disabled, Expired); ``status.usage`` belongs to the
+gateway and the operator's merge patches never name it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+from berth.api.apikey import APIKEY_KIND, APIKEY_PLURAL, ApiKey
+from berth.api.models import API_VERSION, GROUP, VERSION
+from berth.controller import kube
+
+APIKEY = kube.Kind(APIKEY_KIND, f"apis/{GROUP}/{VERSION}", APIKEY_PLURAL)
+KEY_FIELD = "key"
+KEY_PREFIX = "bk-"
+
+
+def secret_name(name: str) -> str:
+    return f"{name}-apikey"
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def key_id(namespace: str, name: str, uid: str) -> str:
+    """Stable across rotations of the Secret, unique per object, not derived from the key."""
+    return "ak-" + hashlib.sha256(f"{namespace}/{name}/{uid}".encode()).hexdigest()[:12]
+
+
+def owner_reference(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = obj["metadata"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": APIKEY_KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def build_secret(obj: dict[str, Any], key: str) -> dict[str, Any]:
+    meta = obj["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": secret_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": {
+                "app.kubernetes.io/managed-by": "berth",
+                "app.kubernetes.io/part-of": "berth",
+                "berth.dev/apikey": meta["name"],
+            },
+            "ownerReferences": [owner_reference(obj)],
+        },
+        "data": {KEY_FIELD: base64.b64encode(key.encode()).decode()},
+    }
+
+
+def _owned_by(child: dict[str, Any], obj: dict[str, Any]) -> bool:
+    refs = (child.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("controller") and r.get("uid") == obj["metadata"]["uid"] for r in refs)
+
+
+def _secret_key(secret: dict[str, Any]) -> str | None:
+    raw = (secret.get("data") or {}).get(KEY_FIELD)
+    if not raw:
+        return None
+    try:
+        return base64.b64decode(raw).decode().strip() or None
+    except ValueError:
+        return None
+
+
+def _condition(
+    status: str, reason: str, message: str, generation: int | None, old: list[dict[str, Any]]
+) -> dict[str, Any]:
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    prev = next((c for c in old if c.get("type") == "Ready"), None)
+    since = prev.get("lastTransitionTime") if prev and prev.get("status") == status else now
+    return {
+        "type": "Ready",
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": generation,
+    }
+
+
+def reconcile_apikey(body: dict[str, Any], client: kube.Kube, now: datetime | None = None) -> dict[str, Any]:
+    """Make the Secret exist and publish the hash; return the status fields written (or {})."""
+    parsed = ApiKey.model_validate(body)  # raises pydantic.ValidationError on an invalid spec
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    now = now or datetime.now(UTC)
+    secret = client.get(kube.SECRET, ns, secret_name(name))
+    if secret is None:
+        client.create(kube.SECRET, ns, build_secret(body, KEY_PREFIX + secrets.token_urlsafe(32)))
+        secret = client.get(kube.SECRET, ns, secret_name(name))
+    old_status = body.get("status") or {}
+    old_conditions = old_status.get("conditions") or []
+    gen = meta.get("generation")
+    status: dict[str, Any] = {"secretName": secret_name(name), "observedGeneration": gen}
+    key = _secret_key(secret) if secret is not None and _owned_by(secret, body) else None
+    if secret is None or not _owned_by(secret, body):
+        status.update(keyHash=None, keyId=None)
+        cond = _condition(
+            "False",
+            "ChildConflict",
+            f"Secret {secret_name(name)} exists and is not owned by this ApiKey; delete or rename it",
+            gen,
+            old_conditions,
+        )
+    elif key is None:
+        status.update(keyHash=None, keyId=None)
+        cond = _condition(
+            "False", "KeyMissing", f"Secret {secret_name(name)} holds no '{KEY_FIELD}'", gen, old_conditions
+        )
+    else:
+        status.update(keyHash=key_hash(key), keyId=key_id(ns, name, meta["uid"]))
+        if parsed.spec.disabled:
+            cond = _condition(
+                "False",
+                "Disabled",
+                "spec.disabled is true: the gateway refuses this key",
+                gen,
+                old_conditions,
+            )
+        elif parsed.spec.expires_at is not None and parsed.spec.expires_at <= now:
+            cond = _condition(
+                "False",
+                "Expired",
+                f"the key expired at {parsed.spec.expires_at.isoformat()}",
+                gen,
+                old_conditions,
+            )
+        else:
+            cond = _condition(
+                "True",
+                "Active",
+                f"key in Secret {secret_name(name)}; the gateway accepts it",
+                gen,
+                old_conditions,
+            )
+    status["conditions"] = [cond] + [c for c in old_conditions if c.get("type") != "Ready"]
+    current = {k: old_status.get(k) for k in status}
+    if current == status:
+        return {}
+    client.patch_status(APIKEY, ns, name, status)
+    return status

@@ -1,0 +1,167 @@
+"""Gateway tests: real loopback HTTP servers (uvicorn in threads) for the gateway and fake instances."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from berth.gateway.app import Gateway
+from berth.gateway.main import build
+from berth.gateway.registry import Endpoint, Instance, Key, Limits, Registry, hash_key
+from berth.gateway.settings import GatewaySettings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, app: Any, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.port = port or free_port()
+        self.host = host
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+@dataclass
+class Upstream:
+    """A fake instance: records what it got; answers like Berth's server (usage only when asked)."""
+
+    name: str
+    status: int = 200
+    prompt_tokens: int = 5
+    completion_tokens: int = 3
+    chunks: int = 3
+    gate: threading.Event | None = None  # stream holds before its last chunk until set
+    sent_last: threading.Event = field(default_factory=threading.Event)
+    requests: list[tuple[dict[str, str], dict[str, Any]]] = field(default_factory=list)
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        async def answer(request: Request) -> Response:
+            body = await request.json()
+            self.requests.append((dict(request.headers), body))
+            if self.status != 200:
+                return JSONResponse(
+                    {"error": {"message": "busy", "type": "x", "param": None, "code": None}},
+                    status_code=self.status,
+                    headers={"Retry-After": "1"},
+                )
+            usage = {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+            }
+            if not body.get("stream"):
+                return JSONResponse(
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "model": body.get("model"),
+                        "served_by": self.name,
+                        "choices": [],
+                        "usage": usage,
+                    }
+                )
+            with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+            async def events() -> Any:
+                for i in range(self.chunks):
+                    if i == self.chunks - 1 and self.gate is not None:
+                        while not self.gate.is_set():
+                            await asyncio.sleep(0.01)
+                    chunk: dict[str, Any] = {
+                        "id": "x",
+                        "choices": [{"index": 0, "delta": {"content": f"t{i}"}}],
+                    }
+                    if with_usage:
+                        chunk["usage"] = None
+                    yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+                self.sent_last.set()
+                if with_usage:
+                    yield (
+                        "data: "
+                        + json.dumps({"id": "x", "choices": [], "usage": usage}, separators=(",", ":"))
+                        + "\n\n"
+                    )
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        app.post("/v1/chat/completions")(answer)
+        app.post("/v1/completions")(answer)
+        app.post("/generate")(answer)
+        return app
+
+
+KEY_A = "berth-key-team-a"
+KEY_B = "berth-key-team-b"
+
+
+@dataclass
+class Env:
+    gw: Gateway
+    server: Server
+    upstreams: dict[str, tuple[Upstream, Server]]
+
+    def add_upstream(self, ns: str, md: str, name: str, **kw: Any) -> Upstream:
+        up = Upstream(name, **kw)
+        srv = Server(up.app())
+        self.upstreams[name] = (up, srv)
+        eps = tuple(
+            Endpoint("127.0.0.1", s.port)
+            for n, (u, s) in self.upstreams.items()
+            if n.startswith(f"{ns}/{md}/")
+        )
+        self.gw.registry.put_slice(ns, md, f"{md}-slice", eps)
+        return up
+
+
+@pytest.fixture
+def env(tmp_path: Any) -> Iterator[Env]:
+    master = tmp_path / "master"
+    master.write_text("master-secret\n")
+    settings = GatewaySettings(kubernetes=False, master_key_file=master, connect_timeout_seconds=0.5)
+    app, gw = build(settings)
+    reg: Registry = gw.registry
+    reg.put_instance(Instance("team-a", "chat", "chat", adapters=("sql",)))
+    reg.put_instance(Instance("team-a", "coder", "coder-7b"))
+    reg.put_instance(Instance("team-b", "chat", "chat"))
+    reg.put_key(Key("team-a", "ci", "ak-a", hash_key(KEY_A)))
+    reg.put_key(Key("team-b", "ci", "ak-b", hash_key(KEY_B), models=("chat",)))
+    e = Env(gw, Server(app), {})
+    yield e
+    e.server.stop()
+    for _, srv in e.upstreams.values():
+        srv.stop()
+
+
+def limits(**kw: int) -> Limits:
+    return Limits(kw.get("rpm"), kw.get("tpm"), kw.get("conc"))
