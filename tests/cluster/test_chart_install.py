@@ -26,6 +26,8 @@ CRD_FILE = ROOT / "crds" / "modeldeployments.berth.dev.yaml"
 RELEASE = "berth-chart"
 NS = "berth-chart-test"
 CRD = "modeldeployments.berth.dev"
+APIKEY_CRD = "apikeys.berth.dev"
+APIKEY_CRD_FILE = ROOT / "crds" / "apikeys.berth.dev.yaml"
 PEERING_CRDS = ("clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev")
 
 
@@ -69,19 +71,22 @@ def established(crd: dict[str, Any] | None) -> bool:
 
 @pytest.fixture(scope="module")
 def crd_handover(cluster: Any) -> Iterator[None]:
-    """Let the release own the CRD for this module; put the committed CRD back afterwards."""
-    existed = get(cluster, "crd", CRD) is not None
-    if existed:
-        cluster.kubectl("delete", "crd", CRD, "--wait=true", "--timeout=60s", check=True)
+    """Let the release own the CRDs for this module; put the committed CRDs back afterwards."""
+    files = {CRD: CRD_FILE, APIKEY_CRD: APIKEY_CRD_FILE}
+    existed = [name for name in files if get(cluster, "crd", name) is not None]
+    for name in existed:
+        cluster.kubectl("delete", "crd", name, "--wait=true", "--timeout=60s", check=True)
     try:
         yield
     finally:
         helm(cluster, "uninstall", RELEASE, "--namespace", NS, "--wait", check=False)
         cluster.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=false")
-        if existed:
-            wait_for(lambda: get(cluster, "crd", CRD) is None, timeout=60, message="CRD gone")
-            cluster.kubectl("apply", "-f", str(CRD_FILE), check=True)
-            wait_for(lambda: established(get(cluster, "crd", CRD)), timeout=30, message="CRD re-established")
+        for name in existed:
+            wait_for(lambda n=name: get(cluster, "crd", n) is None, timeout=60, message=f"CRD {name} gone")  # type: ignore[misc]
+            cluster.kubectl("apply", "-f", str(files[name]), check=True)
+            wait_for(
+                lambda n=name: established(get(cluster, "crd", n)), timeout=30, message="CRD re-established"
+            )  # type: ignore[misc]
 
 
 def test_install_upgrade_uninstall(cluster: Any, crd_handover: None, tmp_path: Path) -> None:
@@ -96,11 +101,30 @@ def test_install_upgrade_uninstall(cluster: Any, crd_handover: None, tmp_path: P
     assert crd["spec"]["versions"][0]["schema"] == committed["spec"]["versions"][0]["schema"]
     assert crd["metadata"]["annotations"]["meta.helm.sh/release-name"] == RELEASE
 
-    assert sorted(released(cluster, "clusterroles")) == [f"{RELEASE}-operator", f"{RELEASE}-operator-cluster"]
-    assert sorted(released(cluster, "clusterrolebindings")) == [
+    assert sorted(released(cluster, "clusterroles")) == [
+        f"{RELEASE}-gateway",
         f"{RELEASE}-operator",
         f"{RELEASE}-operator-cluster",
     ]
+    assert sorted(released(cluster, "clusterrolebindings")) == [
+        f"{RELEASE}-gateway",
+        f"{RELEASE}-operator",
+        f"{RELEASE}-operator-cluster",
+    ]
+    # The gateway: Service berth-gateway; it may watch what it routes by and nothing more.
+    assert get(cluster, "service", "berth-gateway", "-n", NS) is not None
+    assert get(cluster, "deployment", f"{RELEASE}-gateway", "-n", NS) is not None
+    gw_who = f"--as=system:serviceaccount:{NS}:{RELEASE}-gateway"
+    for verb, resource, extra, want in (
+        ("watch", "endpointslices.discovery.k8s.io", (), "yes"),
+        ("watch", "apikeys.berth.dev", (), "yes"),
+        ("patch", "modeldeployments.berth.dev", ("--subresource=scale",), "yes"),
+        ("patch", "apikeys.berth.dev", ("--subresource=status",), "yes"),
+        ("get", "secrets", (), "no"),
+        ("patch", "modeldeployments.berth.dev", (), "no"),
+    ):
+        r = cluster.kubectl("auth", "can-i", verb, resource, *extra, gw_who, "-n", "default")
+        assert r.stdout.strip() == want, (verb, resource, extra, r.stdout, r.stderr)
     sa = get(cluster, "serviceaccount", RELEASE, "-n", NS)
     assert sa is not None
     dep = get(cluster, "deployment", f"{RELEASE}-operator", "-n", NS)

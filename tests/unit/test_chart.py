@@ -78,7 +78,7 @@ def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[
 
 
 def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    dep = one(docs, "Deployment")
+    dep = one(docs, "Deployment", "berth-operator")
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     return c
 
@@ -128,17 +128,24 @@ def test_helm_lint_is_clean(sets: list[str]) -> None:
 def test_default_render_objects(default: list[dict[str, Any]]) -> None:
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in default)
     assert kinds == [
+        ("ClusterRole", "berth-gateway"),
         ("ClusterRole", "berth-operator"),
         ("ClusterRole", "berth-operator-cluster"),
+        ("ClusterRoleBinding", "berth-gateway"),
         ("ClusterRoleBinding", "berth-operator"),
         ("ClusterRoleBinding", "berth-operator-cluster"),
         ("CustomResourceDefinition", "apikeys.berth.dev"),
         ("CustomResourceDefinition", "modeldeployments.berth.dev"),
+        ("Deployment", "berth-gateway"),
         ("Deployment", "berth-operator"),
+        ("PodDisruptionBudget", "berth-gateway"),
         ("Role", "berth-operator-leader"),
         ("RoleBinding", "berth-operator-leader"),
+        ("Secret", "berth-gateway-master"),
+        ("Service", "berth-gateway"),
         ("Service", "berth-operator-metrics"),
         ("ServiceAccount", "berth"),
+        ("ServiceAccount", "berth-gateway"),
         ("ValidatingAdmissionPolicy", "berth-tenancy"),
         ("ValidatingAdmissionPolicyBinding", "berth-tenancy"),
     ]
@@ -237,7 +244,7 @@ def test_values_reach_env() -> None:
 
 
 def test_operator_container_is_locked_down(default: list[dict[str, Any]]) -> None:
-    dep = one(default, "Deployment")
+    dep = one(default, "Deployment", "berth-operator")
     pod = dep["spec"]["template"]["spec"]
     c = container(default)
     assert c["image"] == "ghcr.io/berth-dev/berth-operator:0.1.0"
@@ -266,7 +273,9 @@ def test_health_and_metrics_can_be_turned_off() -> None:
     docs = template("health.port=0", "metrics.port=0")
     c = container(docs)
     assert "livenessProbe" not in c and not c.get("ports")
-    assert not [d for d in docs if d["kind"] == "Service"]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Service"] == [
+        "berth-gateway"
+    ]  # the operator's is gone
     env = env_of(docs)
     assert env["BERTH_HEALTH_PORT"] == "0" and env["BERTH_METRICS_PORT"] == "0"
 
@@ -391,7 +400,7 @@ def test_namespaced_mode_binds_only_the_watched_namespaces() -> None:
 def test_two_replicas_use_kopf_peering(ha: list[dict[str, Any]]) -> None:
     env = env_of(ha)
     assert env["BERTH_PEERING"] == "berth"
-    dep = one(ha, "Deployment")
+    dep = one(ha, "Deployment", "berth-operator")
     assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
     crds = {d["metadata"]["name"]: d for d in ha if d["kind"] == "CustomResourceDefinition"}
     assert set(crds) == {
@@ -531,3 +540,36 @@ def test_leader_lease_rules_are_namespaced_and_named(default: list[dict[str, Any
     for d in default:  # no cluster-wide lease access
         if d["kind"] == "ClusterRole":
             assert not [r for r in d["rules"] if "leases" in r.get("resources", [])]
+
+
+def test_gateway_is_installed_with_two_replicas_a_pdb_and_least_privilege(
+    default: list[dict[str, Any]],
+) -> None:
+    dep = one(default, "Deployment", "berth-gateway")
+    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["template"]["spec"]["serviceAccountName"] == "berth-gateway"
+    assert dep["spec"]["template"]["spec"]["containers"][0]["args"] == ["gateway"]
+    sel = dep["spec"]["selector"]["matchLabels"]
+    operator_sel = one(default, "Deployment", "berth-operator")["spec"]["selector"]["matchLabels"]
+    assert sel != operator_sel and sel["app.kubernetes.io/component"] == "gateway"
+    svc = one(default, "Service", "berth-gateway")
+    assert svc["spec"]["selector"] == sel and svc["spec"]["ports"][0]["port"] == 80
+    assert one(default, "PodDisruptionBudget", "berth-gateway")["spec"]["minAvailable"] == 1
+    rules = triples(one(default, "ClusterRole", "berth-gateway")["rules"])
+    assert rules == {
+        ("berth.dev", "modeldeployments", "get"),
+        ("berth.dev", "modeldeployments", "list"),
+        ("berth.dev", "modeldeployments", "watch"),
+        ("berth.dev", "apikeys", "get"),
+        ("berth.dev", "apikeys", "list"),
+        ("berth.dev", "apikeys", "watch"),
+        ("discovery.k8s.io", "endpointslices", "list"),
+        ("discovery.k8s.io", "endpointslices", "watch"),
+        ("berth.dev", "modeldeployments/scale", "patch"),
+        ("berth.dev", "apikeys/status", "get"),
+        ("berth.dev", "apikeys/status", "patch"),
+    }
+    assert not any(r == "secrets" for _, r, _ in rules)
+    single = template("gateway.replicas=1")
+    assert not [d for d in single if d["kind"] == "PodDisruptionBudget"]
+    assert not [d for d in template("gateway.enabled=false") if "gateway" in d["metadata"]["name"]]

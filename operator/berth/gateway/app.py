@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 KEY_ID_HEADER = "x-berth-key-id"
 RETRY_STATUSES = frozenset({429, 503})
+_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,')
 _PASS_HEADERS = ("content-type", "x-request-id", "retry-after", "x-dashscope-sse")
 
 
@@ -131,6 +133,8 @@ class _SSEUsage:
     def _event(self, event: bytes) -> bytes:
         if b'"usage"' not in event and b'"generated_tokens"' not in event:
             return event
+        if _NULL_USAGE.search(event) and b'"generated_tokens"' not in event:  # the common chunk: no parse
+            return event if self.call.client_usage else _NULL_USAGE.sub(b"", event)
         payload = event.partition(b"data:")[2].strip()
         try:
             chunk = json.loads(payload)
@@ -143,7 +147,7 @@ class _SSEUsage:
             return event
         if isinstance(chunk, dict) and chunk.get("usage") and not chunk.get("choices"):
             return b""  # the usage-only chunk we asked for ourselves
-        return event.replace(b',"usage":null', b"").replace(b'"usage":null,', b"")
+        return _NULL_USAGE.sub(b"", event)
 
     def tail(self) -> bytes:
         rest, self.buf = self.buf, b""

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the inference server; every name starts with ``berth_``.
+"""Prometheus metrics of the inference server; every name starts with ``berth_`` except the few vLLM
+names (``vllm:*``) that the Gateway API Inference Extension's endpoint picker reads.
 
 Request-level metrics are updated by the serving layer; engine gauges (running, waiting, KV cache
 usage) and counters (steps, prefill/decode tokens) are read from ``Engine.stats()`` at scrape
@@ -56,6 +57,24 @@ class _EngineCollector(Collector):
             stats.num_cached_prompt_tokens,
         )
         yield CounterMetricFamily("berth_engine_preemptions", "Requests preempted", stats.num_preemptions)
+        yield from vllm_compat(stats)
+
+
+def vllm_compat(stats: EngineStats) -> Iterator[Metric]:
+    """The names the Gateway API Inference Extension's endpoint picker reads (vLLM's), so conformant
+    gateways route to Berth instances unconfigured. The only metrics not prefixed ``berth_``."""
+    yield GaugeMetricFamily(
+        "vllm:num_requests_running", "Requests in the running batch (vLLM name)", stats.running
+    )
+    yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting (vLLM name)", stats.waiting)
+    yield GaugeMetricFamily(
+        "vllm:kv_cache_usage_perc", "KV cache usage, 0..1 (vLLM name)", stats.kv_cache_usage
+    )
+    info = GaugeMetricFamily(
+        "vllm:cache_config_info", "KV cache configuration (vLLM name)", labels=["num_gpu_blocks"]
+    )
+    info.add_metric([str(stats.num_blocks_total)], 1)
+    yield info
 
 
 class ServerMetrics:
