@@ -382,13 +382,21 @@ def test_namespaced_mode_binds_only_the_watched_namespaces() -> None:
     assert not [
         d for d in docs if d["kind"] == "ClusterRoleBinding" and d["metadata"]["name"] == "berth-operator"
     ]
+    assert not [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "berth-operator"]
     bindings = [d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["name"] == "berth-operator"]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     assert all(
-        b["roleRef"]
-        == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "berth-operator"}
+        b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "berth-operator"}
         for b in bindings
     )
+    # Roles only: the operator's rules live in a Role of each watched namespace, the same as cluster-wide
+    roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "berth-operator"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    leader = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "berth-operator-leader"]
+    assert [r["metadata"]["namespace"] for r in leader] == [
+        NS
+    ]  # the leader Lease lives in the release namespace
+    assert all(triples(r["rules"]) == EXPECTED_OPERATOR_RULES for r in roles)
     cluster = one(docs, "ClusterRole", "berth-operator-cluster")
     assert ("", "namespaces", "list") in triples(cluster["rules"])
     assert ("", "namespaces", "watch") in triples(cluster["rules"])
@@ -420,9 +428,7 @@ def test_two_replicas_use_kopf_peering(ha: list[dict[str, Any]]) -> None:
     # Namespaced peering: one KopfPeering per watched namespace, and the namespaced rule.
     docs = template("replicaCount=3", "watchNamespaces={team-a}")
     assert one(docs, "KopfPeering", "berth")["metadata"]["namespace"] == "team-a"
-    assert ("kopf.dev", "kopfpeerings", "patch") in triples(
-        one(docs, "ClusterRole", "berth-operator")["rules"]
-    )
+    assert ("kopf.dev", "kopfpeerings", "patch") in triples(one(docs, "Role", "berth-operator")["rules"])
 
 
 def test_service_monitors_select_what_the_operator_creates(ha: list[dict[str, Any]]) -> None:
