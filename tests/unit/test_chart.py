@@ -242,7 +242,9 @@ def test_health_and_metrics_can_be_turned_off() -> None:
     docs = template("health.port=0", "metrics.port=0")
     c = container(docs)
     assert "livenessProbe" not in c and not c.get("ports")
-    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Service"] == ["berth-gateway"]  # the operator's is gone
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Service"] == [
+        "berth-gateway"
+    ]  # the operator's is gone
     env = env_of(docs)
     assert env["BERTH_HEALTH_PORT"] == "0" and env["BERTH_METRICS_PORT"] == "0"
 
@@ -488,7 +490,9 @@ def test_notes_tell_the_next_command(tmp_path: Path) -> None:
     assert "whole cluster" in text and "peering" not in text
 
 
-def test_gateway_is_installed_with_two_replicas_a_pdb_and_least_privilege(default: list[dict[str, Any]]) -> None:
+def test_gateway_is_installed_with_two_replicas_a_pdb_and_least_privilege(
+    default: list[dict[str, Any]],
+) -> None:
     dep = one(default, "Deployment", "berth-gateway")
     assert dep["spec"]["replicas"] == 2
     assert dep["spec"]["template"]["spec"]["serviceAccountName"] == "berth-gateway"
