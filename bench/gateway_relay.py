@@ -44,7 +44,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, chunks: int, batch: int) -> None:
+async def upstream(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, chunks: int, batch: int
+) -> None:
     length = 0
     while (line := await reader.readline()) not in (b"\r\n", b""):
         name, _, value = line.decode().partition(":")
@@ -82,8 +84,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             async def one() -> int:
                 n = 0
                 body = {"model": "m", "stream": True, "messages": []}
-                async with client.stream("POST", f"http://127.0.0.1:{gw_port}/v1/chat/completions", json=body,
-                                         headers={"Authorization": "Bearer bench-key"}) as r:
+                async with client.stream(
+                    "POST",
+                    f"http://127.0.0.1:{gw_port}/v1/chat/completions",
+                    json=body,
+                    headers={"Authorization": "Bearer bench-key"},
+                ) as r:
                     async for data in r.aiter_raw():
                         n += data.count(b"\n\n")
                 return n

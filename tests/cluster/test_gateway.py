@@ -1,4 +1,5 @@
-"""The gateway against the real API server: a real `berth gateway` process discovers ModelDeployments,
+"""The gateway against the real API server: a real `berth gateway` process, authenticated as the chart's
+gateway ServiceAccount with the chart's ClusterRole (so its RBAC is tested too), discovers ModelDeployments,
 their EndpointSlices and ApiKeys by watching; the operator's ApiKey reconcile (its real code through
 its real client) makes the Secret and publishes the hash; usage lands in ApiKey.status.
 
@@ -92,6 +93,51 @@ def two_namespaces(cluster: Any) -> Iterator[tuple[str, str]]:
             k("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
 
 
+def _chart_gateway_kubeconfig(cluster: Any, ns: str, tmp_path: Path) -> tuple[Path, list[str]]:
+    """The chart's gateway ServiceAccount and ClusterRole(Binding) (from `helm template`), and a
+    kubeconfig with a token of that ServiceAccount; returns it and the cluster-scoped names to delete."""
+    import yaml
+
+    out = subprocess.run(
+        [
+            str(cluster.bin_dir / "helm"),
+            "template",
+            "berth",
+            str(ROOT / "charts" / "berth"),
+            "--namespace",
+            ns,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    suffix = uuid.uuid4().hex[:6]
+    objs = []
+    for doc in yaml.safe_load_all(out):
+        if (
+            not doc
+            or doc["metadata"]["name"] != "berth-gateway"
+            or doc["kind"] not in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")
+        ):
+            continue
+        if doc["kind"] != "ServiceAccount":
+            doc["metadata"]["name"] = f"berth-gateway-{suffix}"
+        if doc["kind"] == "ClusterRoleBinding":
+            doc["roleRef"]["name"] = f"berth-gateway-{suffix}"
+        objs.append(doc)
+    assert sorted(o["kind"] for o in objs) == ["ClusterRole", "ClusterRoleBinding", "ServiceAccount"]
+    apply(cluster, ns, *objs)
+    token = cluster.kubectl(
+        "create", "token", "berth-gateway", "-n", ns, "--duration=1h", check=True
+    ).stdout.strip()
+    cfg = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    user = cfg["contexts"][0]["context"]["user"]
+    cfg["users"] = [{"name": user, "user": {"token": token}}]
+    path = tmp_path / "gateway.kubeconfig"
+    path.write_text(json.dumps(cfg))
+    return path, [f"clusterrole/berth-gateway-{suffix}", f"clusterrolebinding/berth-gateway-{suffix}"]
+
+
 def _key(cluster: Any, ns: str, name: str) -> str:
     """Run the operator's ApiKey reconcile and read the key back from the Secret it made."""
     client = KubeClient(cluster.api_client())
@@ -138,6 +184,7 @@ def test_gateway_routes_isolates_revokes_and_meters(
     status = (get(cluster, ns_a, "apikey", "ci") or {})["status"]
     assert status["keyHash"] and key_a not in json.dumps(status)
 
+    kubeconfig, cluster_scoped = _chart_gateway_kubeconfig(cluster, ns_a, tmp_path)
     port = free_port()
     master = tmp_path / "master"
     master.write_text("gateway-master\n")
@@ -163,7 +210,7 @@ def test_gateway_routes_isolates_revokes_and_meters(
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)},  # the chart's ServiceAccount, not admin
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -251,6 +298,7 @@ def test_gateway_routes_isolates_revokes_and_meters(
     finally:
         proc.terminate()
         proc.wait(20)
+        cluster.kubectl("delete", *cluster_scoped, "--ignore-not-found")
         for _, srv in upstreams:
             srv.stop()
 
@@ -268,6 +316,7 @@ def test_gateway_wakes_a_deployment_at_zero(
     zero["spec"].update(capacity=0, autoscaling={"enabled": True, "minCapacity": 0, "maxCapacity": 2})
     apply(cluster, ns, zero, _apikey("ci"))
     key = _key(cluster, ns, "ci")
+    kubeconfig, cluster_scoped = _chart_gateway_kubeconfig(cluster, ns, tmp_path)  # /scale by its RBAC
     port = free_port()
     log = (tmp_path / "gateway.log").open("wb")
     proc = subprocess.Popen(
@@ -285,7 +334,7 @@ def test_gateway_wakes_a_deployment_at_zero(
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)},
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)},
     )
     url = f"http://127.0.0.1:{port}"
     up = Upstream("sleepy/0")
@@ -331,3 +380,4 @@ def test_gateway_wakes_a_deployment_at_zero(
         proc.terminate()
         proc.wait(20)
         srv.stop()
+        cluster.kubectl("delete", *cluster_scoped, "--ignore-not-found")

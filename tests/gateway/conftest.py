@@ -62,6 +62,28 @@ class Upstream:
     sent_last: threading.Event = field(default_factory=threading.Event)
     requests: list[tuple[dict[str, str], dict[str, Any]]] = field(default_factory=list)
 
+    async def dashscope(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append((dict(request.headers), body))
+        usage = {"input_tokens": self.prompt_tokens, "output_tokens": self.completion_tokens}
+        if request.headers.get("x-dashscope-sse") != "enable":
+            return JSONResponse(
+                {"output": {"text": "hi", "finish_reason": "stop"}, "usage": usage, "request_id": "r"}
+            )
+
+        async def events() -> Any:
+            for i in range(1, self.chunks + 1):
+                u = {"input_tokens": self.prompt_tokens, "output_tokens": i}
+                yield (
+                    f"id:{i}\nevent:result\n:HTTP_STATUS/200\ndata:"
+                    + json.dumps({"output": {"text": "x" * i}, "usage": u})
+                    + "\n\n"
+                )
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"X-DashScope-SSE": "enable"}
+        )
+
     def app(self) -> FastAPI:
         app = FastAPI()
 
@@ -118,6 +140,8 @@ class Upstream:
         app.post("/v1/chat/completions")(answer)
         app.post("/v1/completions")(answer)
         app.post("/generate")(answer)
+
+        app.post("/api/v1/services/aigc/text-generation/generation")(self.dashscope)
         return app
 
 

@@ -14,6 +14,23 @@ from berth.gateway.registry import Key, Limits, hash_key, instance_credential
 from tests.gateway.conftest import KEY_A, KEY_B, Env, free_port
 
 
+def settled_usage(env: Env, requests: int) -> Any:
+    """The usage delta once `requests` requests finished (a stream's bookkeeping runs just after its
+    last byte left, so a client can be faster than it)."""
+    deadline = time.monotonic() + 5
+    got: dict[Any, Any] = {}
+    while time.monotonic() < deadline:
+        for k, d in env.gw.usage.take().items():
+            if k in got:
+                got[k].add(d)
+            else:
+                got[k] = d
+        if ("team-a", "ci") in got and got[("team-a", "ci")].requests >= requests:
+            return got[("team-a", "ci")]
+        time.sleep(0.01)
+    raise AssertionError(f"usage did not settle: {got}")
+
+
 def post(
     env: Env, body: dict[str, Any], key: str = KEY_A, path: str = "/v1/chat/completions"
 ) -> httpx.Response:
@@ -162,8 +179,8 @@ def test_stream_is_not_buffered_and_usage_is_stripped_when_not_asked(env: Env) -
     # ... and the client, who did not, gets none of it
     assert b"usage" not in rest
     assert rest.count(b"data: ") == 4 and rest.endswith(b"data: [DONE]\n\n")
-    book = env.gw.usage.take()
-    assert book[("team-a", "ci")].prompt_tokens == 5 and book[("team-a", "ci")].completion_tokens == 3
+    delta = settled_usage(env, 1)
+    assert delta.prompt_tokens == 5 and delta.completion_tokens == 3
 
 
 def test_stream_keeps_usage_when_the_client_asked(env: Env) -> None:
@@ -179,7 +196,7 @@ def test_stream_keeps_usage_when_the_client_asked(env: Env) -> None:
         text = b"".join(r.iter_raw()).decode()
     events = [json.loads(line[6:]) for line in text.split("\n\n") if line.startswith("data: {")]
     assert events[-1]["usage"]["completion_tokens"] == 11
-    assert env.gw.usage.take()[("team-a", "ci")].completion_tokens == 11
+    assert settled_usage(env, 1).completion_tokens == 11
 
 
 def test_usage_and_metrics_count_real_tokens(env: Env) -> None:
@@ -283,7 +300,7 @@ def test_client_disconnect_releases_the_request(env: Env) -> None:
         == 0
     )  # type: ignore[union-attr]
     # cut short before upstream's usage chunk: the request counts, its tokens are unknown
-    delta = env.gw.usage.take()[("team-a", "ci")]
+    delta = settled_usage(env, 1)
     assert (delta.requests, delta.prompt_tokens, delta.completion_tokens) == (1, 0, 0)
 
 
@@ -326,7 +343,7 @@ def test_held_stream_gets_keepalives_then_the_answer(env: Env) -> None:
         text = b"".join(r.iter_raw())
     assert text.startswith(b": keep-alive\n\n") and text.count(b": keep-alive") >= 3
     assert text.endswith(b"data: [DONE]\n\n") and b"t2" in text
-    assert env.gw.usage.take()[("team-a", "ci")].completion_tokens == 3
+    assert settled_usage(env, 1).completion_tokens == 3
 
 
 def test_wake_timeout_is_503_with_retry_after(env: Env) -> None:
@@ -334,3 +351,25 @@ def test_wake_timeout_is_503_with_retry_after(env: Env) -> None:
     r = post(env, {"model": "chat"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "wake_timeout" and r.headers["retry-after"]
     assert env.gw.q.in_flight("ak-a") == 0
+
+
+def test_dashscope_native_route_is_routed_and_metered(env: Env) -> None:
+    up = env.add_upstream("team-a", "chat", "team-a/chat/0", prompt_tokens=9, completion_tokens=4, chunks=3)
+    path = "/api/v1/services/aigc/text-generation/generation"
+    body = {"model": "chat", "input": {"prompt": "hi"}, "parameters": {}}
+    r = post(env, body, path=path)
+    assert r.status_code == 200 and r.json()["output"]["text"] == "hi"
+    with httpx.stream(
+        "POST",
+        env.server.url + path,
+        json=body,
+        timeout=10,
+        headers={"Authorization": f"Bearer {KEY_A}", "X-DashScope-SSE": "enable"},
+    ) as s:
+        text = b"".join(s.iter_raw())
+        assert s.headers["x-dashscope-sse"] == "enable"
+    assert text.count(b"event:result") == 3 and b'"output_tokens": 3' in text
+    assert up.requests[1][0]["x-dashscope-sse"] == "enable" and "stream_options" not in up.requests[1][1]
+    delta = settled_usage(env, 2)
+    assert (delta.requests, delta.prompt_tokens, delta.completion_tokens) == (2, 18, 4 + 3)
+    assert post(env, {**body, "model": "team-b/chat"}, path=path).status_code == 404

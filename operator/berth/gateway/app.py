@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 KEY_ID_HEADER = "x-berth-key-id"
 RETRY_STATUSES = frozenset({429, 503})
+DASHSCOPE_PATH = "/api/v1/services/aigc/text-generation/generation"
 _NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,')
 _PASS_HEADERS = ("content-type", "x-request-id", "retry-after", "x-dashscope-sse")
 
@@ -92,6 +93,8 @@ def _bearer(request: Request) -> str | None:
 def _usage_of(body: Any) -> tuple[int, int]:
     usage = body.get("usage") if isinstance(body, dict) else None
     if isinstance(usage, dict):
+        if "input_tokens" in usage:  # DashScope
+            return int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
         return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
     details = body.get("details") if isinstance(body, dict) else None
     if isinstance(details, dict):  # TGI
@@ -111,6 +114,7 @@ class _Call:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     status: int = 0
+    extra_headers: dict[str, str] = field(default_factory=dict)
 
 
 class _SSEUsage:
@@ -199,7 +203,7 @@ async def _attempt(gw: Gateway, call: _Call, endpoint: Endpoint) -> httpx.Respon
         "POST",
         url,
         content=json.dumps(call.body).encode(),
-        headers=gw.upstream_headers(call.target, call.key),
+        headers={**gw.upstream_headers(call.target, call.key), **call.extra_headers},
     )
     try:
         return await gw.client.send(req, stream=True)
@@ -412,6 +416,13 @@ async def _proxy(gw: Gateway, request: Request, path: str) -> Response:
             refusal.limit,
             {"Retry-After": str(refusal.retry_after)},
         )
+    if path == DASHSCOPE_PATH:  # DashScope native: SSE when asked by header; usage is in every event
+        sse = (request.headers.get("x-dashscope-sse") or "").lower() == "enable"
+        body["model"] = target.model
+        call = _Call(key, target, path, body, sse, True)
+        if sse:
+            call.extra_headers["x-dashscope-sse"] = "enable"
+        return await _forward(gw, call)
     stream = path == "/generate_stream" or (not tgi and bool(body.get("stream")))
     options = body.get("stream_options")
     client_usage = isinstance(options, dict) and bool(options.get("include_usage"))
@@ -442,6 +453,10 @@ def create_app(gw: Gateway) -> FastAPI:
     @app.post("/generate_stream")
     async def generate_stream(request: Request) -> Response:
         return await _proxy(gw, request, "/generate_stream")
+
+    @app.post(DASHSCOPE_PATH)
+    async def dashscope(request: Request) -> Response:
+        return await _proxy(gw, request, DASHSCOPE_PATH)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

@@ -159,13 +159,14 @@ class Waker:
         return True
 
 
-def flush_usage(api: Any, book: UsageBook) -> int:
+def flush_usage(api: Any, book: UsageBook, custom: Any = None) -> int:
     """Add the pending deltas to each ApiKey's status.usage, guarded by resourceVersion; a conflict
     puts the delta back for the next flush. Returns how many keys were written."""
     import kubernetes
     from kubernetes.client.exceptions import ApiException
 
-    custom: Any = kubernetes.client.CustomObjectsApi(api)
+    if custom is None:
+        custom = kubernetes.client.CustomObjectsApi(api)
     written = 0
     for (ns, name), delta in book.take().items():
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 
 @dataclass
@@ -40,7 +40,11 @@ class Delta:
             "promptTokens": num("promptTokens") + self.prompt_tokens,
             "completionTokens": num("completionTokens") + self.completion_tokens,
         }
-        last = self.last_used.isoformat().replace("+00:00", "Z") if self.last_used else usage.get("lastUsed")
+        prev = usage.get("lastUsed")
+        last = self.last_used.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if self.last_used else None
+        # the later of the two: another replica may have flushed a more recent use first
+        if isinstance(prev, str) and (last is None or prev > last):
+            last = prev
         if last is not None:
             out["lastUsed"] = last
         return out
@@ -59,6 +63,11 @@ class UsageBook:
         with self._lock:
             pending, self._pending = self._pending, {}
         return pending
+
+    def take_peek(self) -> bool:
+        """Whether deltas are pending (without taking them)."""
+        with self._lock:
+            return bool(self._pending)
 
     def put_back(self, namespace: str, name: str, delta: Delta) -> None:
         self.record(namespace, name, delta)
