@@ -78,6 +78,7 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter: str | None = None  # LoRA adapter name, None = base model
+    multimodal: Any = None  # a multimodal.MultiModalInput for a prompt with images
 
 
 @dataclass
