@@ -74,7 +74,7 @@ def build(model_type: str, directory: Path, tokenizer: Any) -> Path:
                 "vocab_size": len(tok),
                 "head_dim": 16,
                 "pad_token_id": 0,
-                "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "partial_rotary_factor": 0.5},
+                "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "partial_rotary_factor": 0.5},
             },
             vision_config={
                 "depth": 2,

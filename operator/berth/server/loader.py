@@ -208,6 +208,20 @@ def _is_image_text_to_text(path: Path, kind: str) -> bool:
     return isinstance(cfg, dict) and "vision_config" in cfg and "image_token_id" in cfg
 
 
+def _image_processor(path: Path, kind: str, model: Any) -> Any:
+    """The model's own image processor (PIL backend where transformers has one) for a VLM, else None."""
+    from berth.server.engine.runner import is_vision_model
+
+    if not _is_image_text_to_text(path, kind) or not is_vision_model(model):
+        return None
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(str(path))
+    except Exception as e:  # a missing/unreadable preprocessor_config.json, a processor needing torchvision
+        raise ModelLoadError(f"cannot load the image processor of {path}: {type(e).__name__}: {e}") from e
+
+
 def _load_tokenizer_and_model(
     kind: str, path: Path, dtype: torch.dtype, trust_remote_code: bool = False, device_map: str | None = None
 ) -> tuple[Any, Any]:
@@ -414,6 +428,7 @@ def load_model(
         adapters=side,
         merged_adapters=merged,
         backend=chosen,
+        image_processor=_image_processor(path, kind, model),
     )
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
