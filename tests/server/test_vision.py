@@ -58,9 +58,19 @@ def one_image(seed: int) -> list[dict[str, Any]]:
 
 def two_images() -> list[dict[str, Any]]:  # two in one message, and a conversation across messages
     return [
-        {"role": "user", "content": [image_part(png(1)), {"type": "text", "text": " and "}, image_part(png(2, (56, 70), "JPEG"))]},
+        {
+            "role": "user",
+            "content": [
+                image_part(png(1)),
+                {"type": "text", "text": " and "},
+                image_part(png(2, (56, 70), "JPEG")),
+            ],
+        },
         {"role": "assistant", "content": "Two pictures."},
-        {"role": "user", "content": [{"type": "text", "text": "And this one? "}, image_part(png(3, (70, 42), "WEBP"))]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "And this one? "}, image_part(png(3, (70, 42), "WEBP"))],
+        },
     ]
 
 

@@ -44,7 +44,11 @@ def build(model_type: str, directory: Path, tokenizer: Any) -> Path:
         ids = tok.convert_tokens_to_ids(QWEN_TOKENS)
         config = AutoConfig.for_model(
             model_type,
-            text_config={**TEXT, "vocab_size": len(tok), "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}},
+            text_config={
+                **TEXT,
+                "vocab_size": len(tok),
+                "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+            },
             vision_config={
                 "depth": 2,
                 "hidden_size": 32,
@@ -74,7 +78,11 @@ def build(model_type: str, directory: Path, tokenizer: Any) -> Path:
                 "vocab_size": len(tok),
                 "head_dim": 16,
                 "pad_token_id": 0,
-                "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "partial_rotary_factor": 0.5},
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "mrope_section": [1, 1, 2],
+                    "partial_rotary_factor": 0.5,
+                },
             },
             vision_config={
                 "depth": 2,

@@ -217,7 +217,7 @@ def _image_processor(path: Path, kind: str, model: Any) -> Any:
     from transformers import AutoImageProcessor
 
     try:
-        return AutoImageProcessor.from_pretrained(str(path))
+        return AutoImageProcessor.from_pretrained(str(path))  # type: ignore[no-untyped-call]
     except Exception as e:  # a missing/unreadable preprocessor_config.json, a processor needing torchvision
         raise ModelLoadError(f"cannot load the image processor of {path}: {type(e).__name__}: {e}") from e
 
@@ -241,7 +241,9 @@ def _load_tokenizer_and_model(
     placement = {"device_map": device_map} if device_map is not None else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        auto: Any = AutoModelForImageTextToText if _is_image_text_to_text(path, kind) else AutoModelForCausalLM
+        auto: Any = (
+            AutoModelForImageTextToText if _is_image_text_to_text(path, kind) else AutoModelForCausalLM
+        )
         model = auto.from_pretrained(where, dtype=dtype, low_cpu_mem_usage=True, **kwargs, **placement)
     except Exception as e:  # transformers/gguf/safetensors raise many kinds for unreadable files
         raise ModelLoadError(f"cannot load model from {path}: {type(e).__name__}: {e}") from e

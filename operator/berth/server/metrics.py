@@ -119,7 +119,9 @@ class ServerMetrics:
             registry=r,
         )
         self.image_rejected = Counter(
-            "berth_image_rejected", "Image parts answered with 400 (undecodable, too large, not allowed)", registry=r
+            "berth_image_rejected",
+            "Image parts answered with 400 (undecodable, too large, not allowed)",
+            registry=r,
         )
         self.image_preprocess_seconds = Histogram(
             "berth_image_preprocess_seconds",

@@ -91,7 +91,9 @@ class BlockManager:
             parent = hashes[i - 1] if i else None
             salt = seq.block_salts.get(i)
             if salt is not None:  # an image's placeholders start here: its content is part of the key
-                parent = hashlib.blake2b((parent or b"root:" + (seq.adapter or "").encode()) + b"image:" + salt, digest_size=16).digest()
+                parent = hashlib.blake2b(
+                    (parent or b"root:" + (seq.adapter or "").encode()) + b"image:" + salt, digest_size=16
+                ).digest()
             hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs], seq.adapter))
         return hashes[:num_full_blocks]
 

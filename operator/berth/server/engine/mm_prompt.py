@@ -8,7 +8,9 @@ the image processor (PIL backend, no torchvision) is needed.
 from __future__ import annotations
 
 
-def expand_placeholders(ids: list[int], image_token_id: int, counts: list[int]) -> tuple[list[int], list[int]]:
+def expand_placeholders(
+    ids: list[int], image_token_id: int, counts: list[int]
+) -> tuple[list[int], list[int]]:
     """(ids with the k-th image token repeated counts[k] times, the start of each image's run)."""
     out: list[int] = []
     starts: list[int] = []

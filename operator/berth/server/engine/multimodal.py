@@ -26,10 +26,10 @@ class MultiModalInput:
 
     def block_salts(self, block_size: int) -> dict[int, bytes]:
         """Block index -> a hash of the images whose placeholders start in that block."""
-        salts: dict[int, hashlib._Hash] = {}
+        parts: dict[int, list[bytes]] = {}
         for h, start in zip(self.image_hashes, self.image_starts, strict=True):
-            salts.setdefault(start // block_size, hashlib.blake2b(digest_size=16)).update(h)
-        return {b: s.digest() for b, s in salts.items()}
+            parts.setdefault(start // block_size, []).append(h)
+        return {b: hashlib.blake2b(b"".join(hs), digest_size=16).digest() for b, hs in parts.items()}
 
 
 def image_hash(content: bytes) -> bytes:

@@ -21,9 +21,9 @@ from berth.server.protocol import (
     ChatDelta,
     ChatMessage,
 )
+from berth.server.serving import images
 from berth.server.serving.base import SSE_DONE, ServedModel, for_choice, openai_finish, sse
 from berth.server.serving.context import RequestContext
-from berth.server.serving import images
 from berth.server.serving.errors import ApiError, bad_param
 from berth.server.serving.sampling import chat_logprobs, common_checks, openai_params, usage
 from berth.server.serving.stream import Generations
@@ -108,7 +108,9 @@ class OpenAIServingChat:
                     f"content parts of type {part.type!r} are not supported: "
                     f"the model {self.model.served_name!r} is text-only",
                 )
-            refs.append(images.ImageRef(where, images.url_of(where, (part.model_extra or {}).get("image_url"))))
+            refs.append(
+                images.ImageRef(where, images.url_of(where, (part.model_extra or {}).get("image_url")))
+            )
             if len(refs) > self.model.settings.max_images_per_request:
                 raise bad_param(
                     where, f"more than {self.model.settings.max_images_per_request} images in one request"

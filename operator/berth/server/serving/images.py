@@ -60,7 +60,9 @@ def url_of(param: str, image_url: Any) -> str:
 def _data_url_bytes(ref: ImageRef, limit: int) -> bytes:
     header, sep, payload = ref.url.partition(",")
     if not sep or not header.startswith("data:image/") or not header.endswith(";base64"):
-        raise bad_param(ref.param, "a data: image URL must look like data:image/<png|jpeg|webp>;base64,<data>")
+        raise bad_param(
+            ref.param, "a data: image URL must look like data:image/<png|jpeg|webp>;base64,<data>"
+        )
     if len(payload) * 3 // 4 > limit:
         raise bad_param(ref.param, f"the image is larger than {limit} bytes")
     try:
@@ -133,7 +135,9 @@ def decode_one(ref: ImageRef, settings: ServerSettings) -> DecodedImage:
     elif ref.url.startswith(("http://", "https://")):
         raw = _fetch(ref, settings)
     else:
-        raise bad_param(ref.param, "an image URL must be a data: URL (or http(s), where the server allows it)")
+        raise bad_param(
+            ref.param, "an image URL must be a data: URL (or http(s), where the server allows it)"
+        )
     if len(raw) > settings.max_image_bytes:
         raise bad_param(ref.param, f"the image is larger than {settings.max_image_bytes} bytes")
     try:
@@ -165,7 +169,9 @@ def _prepare(
     try:
         expanded, starts = expand_placeholders(ids, image_token_id, counts)
     except ValueError as e:
-        raise bad_param("messages", f"the chat template's image placeholders do not match the images: {e}") from e
+        raise bad_param(
+            "messages", f"the chat template's image placeholders do not match the images: {e}"
+        ) from e
     mm = MultiModalInput(
         data=data,
         image_hashes=[d.digest for d in images],

@@ -25,7 +25,6 @@ from berth.server.engine.runner.model_runner import (
     check_supported,
     sliding_window,
 )
-
 from berth.server.engine.runner.vision import VisionRunner, is_vision_model
 
 Backend = Literal["auto", "native", "transformers"]

@@ -111,7 +111,11 @@ class VisionRunner(TransformersRunner):
                     a, b = st.before[s.start], st.before[end]
                     if b > a:
                         rows = torch.tensor(
-                            [flat + p - s.start for p in range(s.start, end) if st.before[p + 1] > st.before[p]],
+                            [
+                                flat + p - s.start
+                                for p in range(s.start, end)
+                                if st.before[p + 1] > st.before[p]
+                            ],
                             dtype=torch.long,
                             device=self.device,
                         )
