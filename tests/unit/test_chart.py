@@ -465,6 +465,8 @@ def _server_metric_names() -> set[str]:
     sm.generation_tokens.labels("k", "m").inc()
     sm.requests.labels("/v1/completions", "200").inc()
     sm.e2e_latency.labels("/v1/completions").observe(1.0)
+    for labelled in (sm.image_requests, sm.images, sm.image_tokens, sm.image_cached_prompt_tokens):
+        labelled.labels("m").inc()
     names = set()
     for family in text_string_to_metric_families(sm.render().decode()):
         names |= {s.name for s in family.samples}
@@ -494,6 +496,8 @@ def test_grafana_dashboard_uses_real_metric_names(ha: list[dict[str, Any]]) -> N
         "berth_generation_tokens_total",
         "berth_waiting_requests",
         "berth_kv_cache_usage_ratio",
+        "berth_image_requests_total",
+        "berth_image_preprocess_seconds_bucket",
     ):
         assert needed in used
     assert any("key_id" in e for e in exprs), "per-key usage panel missing"

@@ -17,6 +17,7 @@ runner, served as ``<servedName>:<adapter>``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -196,10 +197,35 @@ def _device_map(device: torch.device) -> str | None:
     return None
 
 
+def _is_image_text_to_text(path: Path, kind: str) -> bool:
+    """True for a HF directory whose config is an image-text-to-text model (vision_config + image token)."""
+    if kind == "gguf" or not (path / "config.json").is_file():
+        return False
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and "vision_config" in cfg and "image_token_id" in cfg
+
+
+def _image_processor(path: Path, kind: str, model: Any) -> Any:
+    """The model's own image processor (PIL backend where transformers has one) for a VLM, else None."""
+    from berth.server.engine.runner import is_vision_model
+
+    if not _is_image_text_to_text(path, kind) or not is_vision_model(model):
+        return None
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(str(path))  # type: ignore[no-untyped-call]
+    except Exception as e:  # a missing/unreadable preprocessor_config.json, a processor needing torchvision
+        raise ModelLoadError(f"cannot load the image processor of {path}: {type(e).__name__}: {e}") from e
+
+
 def _load_tokenizer_and_model(
     kind: str, path: Path, dtype: torch.dtype, trust_remote_code: bool = False, device_map: str | None = None
 ) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     if kind == "gguf":
         converted = models_builtin.converted_dir(path)
@@ -215,9 +241,10 @@ def _load_tokenizer_and_model(
     placement = {"device_map": device_map} if device_map is not None else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=dtype, low_cpu_mem_usage=True, **kwargs, **placement
+        auto: Any = (
+            AutoModelForImageTextToText if _is_image_text_to_text(path, kind) else AutoModelForCausalLM
         )
+        model = auto.from_pretrained(where, dtype=dtype, low_cpu_mem_usage=True, **kwargs, **placement)
     except Exception as e:  # transformers/gguf/safetensors raise many kinds for unreadable files
         raise ModelLoadError(f"cannot load model from {path}: {type(e).__name__}: {e}") from e
     if kind == "gguf" and os.environ.get("BERTH_NO_CONVERT_CACHE") != "1":
@@ -403,6 +430,7 @@ def load_model(
         adapters=side,
         merged_adapters=merged,
         backend=chosen,
+        image_processor=_image_processor(path, kind, model),
     )
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(

@@ -124,6 +124,30 @@ class ServerMetrics:
             ["model", "backend", "dtype", "device"],
             registry=r,
         )
+        self.image_requests = Counter(
+            "berth_image_requests", "Chat requests holding images, by model", ["model"], registry=r
+        )
+        self.images = Counter("berth_images", "Images decoded and preprocessed", ["model"], registry=r)
+        self.image_tokens = Counter(
+            "berth_image_prompt_tokens", "Prompt tokens standing for images", ["model"], registry=r
+        )
+        self.image_cached_prompt_tokens = Counter(
+            "berth_image_cached_prompt_tokens",
+            "Prompt tokens of requests with images served from the prefix cache (same image and prefix)",
+            ["model"],
+            registry=r,
+        )
+        self.image_rejected = Counter(
+            "berth_image_rejected",
+            "Image parts answered with 400 (undecodable, too large, not allowed)",
+            registry=r,
+        )
+        self.image_preprocess_seconds = Histogram(
+            "berth_image_preprocess_seconds",
+            "Time to decode and preprocess the images of one request",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=r,
+        )
         self._stats_source: _StatsSource | None = None
         self.registry.register(_EngineCollector(self._engine_stats))
 

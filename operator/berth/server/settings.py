@@ -80,6 +80,21 @@ class ServerSettings(BaseSettings):
     )
     max_n: int = Field(8, ge=1, description="largest `n` (choices) one request may ask for")
     max_stop_sequences: int = Field(8, ge=0, description="stop sequences one request may give at most")
+    max_images_per_request: int = Field(8, ge=0, description="images one chat request may hold at most")
+    max_image_pixels: int = Field(
+        16_777_216, ge=1, description="pixels (width x height) of one decoded image at most"
+    )
+    max_image_bytes: int = Field(20 * 2**20, ge=1, description="bytes of one encoded image at most")
+    allow_image_urls: bool = Field(
+        False,
+        description="fetch http(s) image URLs from the --image-url-domain hosts (off: data: URLs only)",
+    )
+    image_url_domains: tuple[str, ...] = Field(
+        (),
+        description="a host image URLs may be fetched from (its subdomains too); repeatable",
+        json_schema_extra=_cli(flag="--image-url-domain", metavar="HOST"),
+    )
+    image_fetch_timeout: float = Field(10.0, gt=0.0, description="seconds to fetch one image URL at most")
     log_level: str = Field("info", description="critical | error | warning | info | debug")
     warmup: bool = Field(
         True,

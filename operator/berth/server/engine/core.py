@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from berth.server.engine.detokenizer import Detokenizer
 from berth.server.engine.guided import Guides
 from berth.server.engine.kv_cache import BlockManager
-from berth.server.engine.runner import RUNNERS
+from berth.server.engine.runner import RUNNERS, runner_class
 from berth.server.engine.sampler import Sampler
 from berth.server.engine.scheduler import Scheduler
 from berth.server.engine.sequence import Sequence
@@ -51,7 +51,7 @@ class EngineCore:
         num_blocks = size_cache(model, config)
         self.bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.bm, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = RUNNERS[model.backend](
+        self.runner = runner_class(model.backend, model.model)(
             model.model,
             num_blocks=num_blocks,
             block_size=config.block_size,
@@ -106,6 +106,8 @@ class EngineCore:
         vocab = self.vocab_size
         if any(t < 0 or t >= vocab for t in req.prompt_token_ids):
             raise ValueError(f"the prompt holds token ids outside the vocabulary (0..{vocab - 1})")
+        if req.multimodal is not None and not getattr(self.runner, "supports_images", False):
+            raise ValueError(f"the model {self.model.served_name!r} does not take images")
         adapter_index = self._adapter_index(req.adapter)
         p = req.params
         return Sequence(
@@ -117,6 +119,8 @@ class EngineCore:
             max_tokens=min(p.max_tokens, mml - n, self.capacity_tokens - n),
             seed=p.seed if p.seed is not None else self._rng.getrandbits(63),
             guide=self.guides.guide(p.guided) if p.guided is not None else None,
+            multimodal=req.multimodal,
+            block_salts=req.multimodal.block_salts(self.bm.block_size) if req.multimodal is not None else {},
         )
 
     def add(self, seq: Sequence) -> None:

@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from berth.server.engine.core import EngineCore
 from berth.server.engine.sequence import Sequence
@@ -70,6 +70,7 @@ class Engine:
             adapters=tuple(model.merged_adapters) + tuple(model.adapter_names),
             merged_adapters=tuple(model.merged_adapters),
             backend=model.backend,
+            image_token_id=model.image_token_id,
             extra={
                 "block_size": str(config.block_size),
                 "num_blocks": str(self._core.bm.num_blocks),
@@ -82,6 +83,11 @@ class Engine:
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self._model.tokenizer
+
+    @property
+    def image_processor(self) -> Any:
+        """The model's image processor (None for a text-only model)."""
+        return self._model.image_processor
 
     @property
     def core(self) -> EngineCore:

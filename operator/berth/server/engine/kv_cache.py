@@ -27,6 +27,7 @@ class CacheSequence(Protocol):
     block_hashes: list[bytes]
     adapter: str | None
     all_token_ids: list[int]
+    block_salts: dict[int, bytes]  # block index -> hash of the images starting there
 
 
 @dataclass
@@ -88,6 +89,11 @@ class BlockManager:
         while len(hashes) < num_full_blocks:
             i = len(hashes)
             parent = hashes[i - 1] if i else None
+            salt = seq.block_salts.get(i)
+            if salt is not None:  # an image's placeholders start here: its content is part of the key
+                parent = hashlib.blake2b(
+                    (parent or b"root:" + (seq.adapter or "").encode()) + b"image:" + salt, digest_size=16
+                ).digest()
             hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs], seq.adapter))
         return hashes[:num_full_blocks]
 

@@ -27,6 +27,9 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     seed: int = 0
     generator: Any = None  # torch.Generator, created by the sampler on first use
+    multimodal: Any = None  # multimodal.MultiModalInput (images of the prompt), None for text
+    mm_state: Any = None  # the runner's per-sequence image embeddings / M-RoPE positions
+    block_salts: dict[int, bytes] = field(default_factory=dict)  # block index -> image hash
 
     status: SeqStatus = SeqStatus.WAITING
     all_token_ids: list[int] = field(default_factory=list)  # prompt + output, filled in __post_init__

@@ -100,6 +100,7 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter: str | None = None  # LoRA adapter name, None = base model
+    multimodal: Any = None  # a multimodal.MultiModalInput for a prompt with images
 
 
 @dataclass
@@ -197,6 +198,7 @@ class ModelInfo:
     merged_adapters: tuple[str, ...] = ()  # merged into the base weights at load
     backend: str = "native"  # the model runner's backend: native | transformers
     extra: dict[str, str] = field(default_factory=dict)
+    image_token_id: int | None = None  # set for image-text-to-text models: the placeholder token
 
 
 @dataclass
@@ -223,6 +225,14 @@ class LoadedModel:
     adapters: list[LoraWeights] = field(default_factory=list)  # served side by side
     merged_adapters: list[str] = field(default_factory=list)  # merged into the weights at load
     backend: str = "native"  # the model runner: "native" (Berth's own forward) or "transformers"
+    image_processor: Any = None  # the model's image processor (image-text-to-text models)
+
+    @property
+    def image_token_id(self) -> int | None:
+        if self.image_processor is None:
+            return None
+        tid = getattr(self.model.config, "image_token_id", None)
+        return int(tid) if tid is not None else None
 
     @property
     def has_chat_template(self) -> bool:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from berth.server import reasoning, tool_calls, tool_parsers
+from berth.server.engine.multimodal import MultiModalInput
 from berth.server.engine.types import GenerationRequest
 from berth.server.protocol import (
     AssistantMessage,
@@ -20,9 +21,10 @@ from berth.server.protocol import (
     ChatDelta,
     ChatMessage,
 )
+from berth.server.serving import images
 from berth.server.serving.base import SSE_DONE, ServedModel, for_choice, openai_finish, sse
 from berth.server.serving.context import RequestContext
-from berth.server.serving.errors import bad_param
+from berth.server.serving.errors import ApiError, bad_param
 from berth.server.serving.guided import ForcedSplitter, forced_calls, forced_tool
 from berth.server.serving.sampling import chat_logprobs, common_checks, openai_params, usage
 from berth.server.serving.stream import Generations
@@ -67,6 +69,7 @@ class OpenAIServingChat:
         self.template = _template_of(model.tokenizer)
         self.tool_format = tool_parsers.for_template(self.template)
         self.thinking = reasoning.teaches_thinking(self.template)
+        self.image_processor = getattr(model.engine, "image_processor", None)
 
     @property
     def supports_tools(self) -> bool:
@@ -88,26 +91,48 @@ class OpenAIServingChat:
         if req.audio is not None:
             raise bad_param("audio", f"the model {name!r} only produces text")
 
-    def _content(self, i: int, msg: ChatMessage) -> str:
+    def _content(self, i: int, msg: ChatMessage, refs: list[images.ImageRef]) -> str | list[dict[str, Any]]:
+        """The message's content for the template (a list with image parts when it holds images)."""
         if not isinstance(msg.content, list):
             return msg.content if msg.content is not None else ""
-        texts: list[str] = []
+        parts: list[dict[str, Any]] = []
         for j, part in enumerate(msg.content):
-            if part.type != "text" or part.text is None:
+            where = f"messages[{i}].content[{j}]"
+            if part.type == "text" and part.text is not None:
+                parts.append({"type": "text", "text": part.text})
+                continue
+            if part.type != "image_url":
+                raise bad_param(where, f"unknown content part type {part.type!r} (text, image_url)")
+            if not self.accepts_images:
                 raise bad_param(
-                    f"messages[{i}].content[{j}]",
+                    where,
                     f"content parts of type {part.type!r} are not supported: "
                     f"the model {self.model.served_name!r} is text-only",
                 )
-            texts.append(part.text)
-        return "".join(texts)
+            refs.append(
+                images.ImageRef(where, images.url_of(where, (part.model_extra or {}).get("image_url")))
+            )
+            if len(refs) > self.model.settings.max_images_per_request:
+                raise bad_param(
+                    where, f"more than {self.model.settings.max_images_per_request} images in one request"
+                )
+            parts.append({"type": "image"})
+        if all(p["type"] == "text" for p in parts):
+            return "".join(p["text"] for p in parts)
+        return parts
 
-    def _template_messages(self, req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    @property
+    def accepts_images(self) -> bool:
+        return self.image_processor is not None and self.model.info.image_token_id is not None
+
+    def _template_messages(
+        self, req: ChatCompletionRequest, refs: list[images.ImageRef]
+    ) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []
         for i, msg in enumerate(req.messages):
             entry: dict[str, Any] = {
                 "role": "system" if msg.role == "developer" else msg.role,
-                "content": self._content(i, msg),
+                "content": self._content(i, msg, refs),
             }
             if msg.name is not None:
                 entry["name"] = msg.name
@@ -120,8 +145,14 @@ class OpenAIServingChat:
 
     def prompt(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
         """Apply the model's chat template and tokenize; 400 for what a text-only model can't take."""
+        text, ids, _ = self.prompt_with_images(req)
+        return text, ids
+
+    def prompt_with_images(self, req: ChatCompletionRequest) -> tuple[str, list[int], list[images.ImageRef]]:
+        """``prompt``, and the image parts in prompt order (their placeholders not yet expanded)."""
         self._check(req)
-        messages = self._template_messages(req)
+        refs: list[images.ImageRef] = []
+        messages = self._template_messages(req, refs)
         kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
         if req.tools:
             kwargs["tools"] = req.tools
@@ -129,7 +160,27 @@ class OpenAIServingChat:
             text = self.model.tokenizer.apply_chat_template(messages, **kwargs)
         except Exception as exc:  # jinja raise_exception() in templates: e.g. roles out of order
             raise bad_param("messages", f"the chat template rejected the messages: {exc}") from exc
-        return str(text), self.model.encode(str(text), add_special_tokens=False)
+        return str(text), self.model.encode(str(text), add_special_tokens=False), refs
+
+    async def _images(
+        self, refs: list[images.ImageRef], ids: list[int], ctx: RequestContext
+    ) -> tuple[list[int], MultiModalInput]:
+        model = self.model
+        name = ctx.model or model.served_name
+        token = model.info.image_token_id
+        assert token is not None
+        started = time.monotonic()
+        try:
+            expanded, mm = await images.prepare(refs, model.settings, self.image_processor, ids, token)
+        except ApiError:
+            model.metrics.image_rejected.inc()
+            raise
+        model.metrics.image_preprocess_seconds.observe(time.monotonic() - started)
+        model.metrics.image_requests.labels(name).inc()
+        model.metrics.images.labels(name).inc(len(refs))
+        model.metrics.image_tokens.labels(name).inc(mm.num_image_tokens)
+        ctx.images = len(refs)
+        return expanded, mm
 
     # ---------------------------------------------------------------------------- answers
 
@@ -142,7 +193,10 @@ class OpenAIServingChat:
         stops = common_checks(model, req)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_param("top_logprobs", "top_logprobs requires logprobs=true")
-        prompt_text, prompt_ids = self.prompt(req)
+        prompt_text, prompt_ids, refs = self.prompt_with_images(req)
+        mm: MultiModalInput | None = None
+        if refs:
+            prompt_ids, mm = await self._images(refs, prompt_ids, ctx)
         ctx.prompt_tokens = len(prompt_ids)
         if model.settings.log_content:
             ctx.prompt_text = prompt_text
@@ -162,7 +216,8 @@ class OpenAIServingChat:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         ctx.request_id = rid
         greqs = [
-            GenerationRequest(f"{rid}-{i}", prompt_ids, for_choice(params, i), adapter) for i in range(req.n)
+            GenerationRequest(f"{rid}-{i}", prompt_ids, for_choice(params, i), adapter, multimodal=mm)
+            for i in range(req.n)
         ]
         gens = await model.open(greqs, ctx, "messages")
         tools = req.tools if find_calls else None

@@ -23,6 +23,7 @@ class RequestContext:
     prompt_text: str | None = None
     completion_text: str | None = None
     error: str | None = None
+    images: int = 0  # images in the prompt (chat)
 
     @property
     def is_warmup(self) -> bool:

@@ -50,6 +50,7 @@ class Generation:
     finish_reason: str | None = None
     last_token_id: int | None = None
     events: list[TokenEvent] = field(default_factory=list)
+    cached_prompt_tokens: int = 0
 
     async def events_from_engine(self) -> AsyncIterator[TokenEvent]:
         first = self.first
@@ -72,6 +73,7 @@ class Generation:
         self.text += event.text
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
+            self.cached_prompt_tokens = event.num_cached_prompt_tokens
             self.done = True
 
     async def close(self) -> None:
@@ -223,6 +225,9 @@ class Generations:
         self.metrics.prompt_tokens.labels(ctx.key_id, model).inc(ctx.prompt_tokens)
         self.metrics.generation_tokens.labels(ctx.key_id, model).inc(ctx.completion_tokens)
         self.metrics.e2e_latency.labels(ctx.route).observe(time.monotonic() - ctx.arrival)
+        if ctx.images:
+            cached = sum(g.cached_prompt_tokens for g in self.gens)
+            self.metrics.image_cached_prompt_tokens.labels(model).inc(cached)
 
     async def collect(self, keep_events: bool) -> None:
         """Run every engine request to its end (non-streamed answers)."""

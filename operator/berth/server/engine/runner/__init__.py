@@ -25,6 +25,7 @@ from berth.server.engine.runner.model_runner import (
     check_supported,
     sliding_window,
 )
+from berth.server.engine.runner.vision import VisionRunner, is_vision_model
 
 Backend = Literal["auto", "native", "transformers"]
 BACKENDS: tuple[str, ...] = ("native", "transformers")
@@ -44,8 +45,17 @@ __all__ = [
     "UnsupportedModelError",
     "check_supported",
     "choose_backend",
+    "is_vision_model",
+    "runner_class",
     "sliding_window",
 ]
+
+
+def runner_class(backend: str, model: Any) -> type[ModelRunner] | type[TransformersRunner]:
+    """The runner for ``model`` on ``backend`` (image-text-to-text models: the vision runner)."""
+    if backend == "transformers" and is_vision_model(model):
+        return VisionRunner
+    return RUNNERS[backend]
 
 
 def _native_problem(model: Any) -> str | None:

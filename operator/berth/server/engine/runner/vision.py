@@ -1,0 +1,140 @@
+"""Image-text-to-text models on the transformers backend (Qwen2-VL/2.5-VL/3-VL, GLM-4.xV).
+
+A sequence with images gets, on its first scheduled chunk, its image embeddings (the model's vision
+tower, once per request: ``get_image_features`` over the processor's ``pixel_values``) and its
+multimodal rotary positions (the model's own ``get_rope_index``: ``[3, prompt_len]`` and the delta that
+decode positions continue with), kept on the sequence (``Sequence.mm_state``; recomputation after a
+preemption reuses them). Every step then runs the language model on ``inputs_embeds``: the token
+embeddings of all scheduled tokens with the rows of image placeholders replaced by the slice of the
+image embeddings they stand for, so a chunk may start or end inside an image; positions are
+``[3, 1, T]``: text-only sequences (and decodes) use their position on all three axes (plus their
+delta). Image and text requests share a step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from berth.server.engine.runner import attention, hf_attention
+from berth.server.engine.runner.hf import TransformersRunner
+from berth.server.engine.runner.hf_attention import PagedStep
+from berth.server.engine.scheduler import ScheduledSeq
+from berth.server.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe")
+
+
+def is_vision_model(model: Any) -> bool:
+    """True for a transformers image-text-to-text model with the interface this runner uses."""
+    inner = getattr(model, "model", None)
+    return (
+        getattr(model.config, "model_type", None) in MROPE_MODEL_TYPES
+        and inner is not None
+        and hasattr(inner, "get_image_features")
+        and hasattr(inner, "get_rope_index")
+    )
+
+
+@dataclass
+class _State:
+    embeds: torch.Tensor  # [num image tokens, hidden] in prompt order
+    positions: torch.Tensor  # [3, prompt_len]
+    delta: int  # decode position p (>= prompt_len) has rotary position p + delta
+    before: list[int]  # before[p]: image tokens in the prompt before position p (len prompt_len + 1)
+
+
+class VisionRunner(TransformersRunner):
+    """The transformers backend for image-text-to-text models with M-RoPE."""
+
+    supports_images = True
+
+    def __init__(self, model: Any, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self.inner = model.model
+        self.embed = model.get_input_embeddings()
+        self.image_features = 0  # images through the vision tower (tests, metrics)
+        self._rope_params = set(inspect.signature(self.inner.get_rope_index).parameters)
+
+    def _state(self, seq: Sequence) -> _State:
+        st: _State | None = seq.mm_state
+        if st is not None:
+            return st
+        mm = seq.multimodal
+        data = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in mm.data.items()}
+        ids = torch.tensor([seq.prompt_token_ids], dtype=torch.long, device=self.device)
+        pixel = data["pixel_values"].to(self.dtype)
+        grid = data["image_grid_thw"]
+        out = self.inner.get_image_features(pixel_values=pixel, image_grid_thw=grid)
+        feats = getattr(out, "pooler_output", out)
+        embeds = torch.cat(list(feats), dim=0) if isinstance(feats, list | tuple) else feats
+        self.image_features += int(grid.shape[0])
+        kwargs: dict[str, Any] = {"image_grid_thw": grid}
+        if "mm_token_type_ids" in self._rope_params:
+            kwargs["mm_token_type_ids"] = data.get("mm_token_type_ids", (ids == mm.image_token_id).int())
+        if "attention_mask" in self._rope_params:
+            kwargs["attention_mask"] = torch.ones_like(ids)
+        positions, delta = self.inner.get_rope_index(ids, **kwargs)
+        flags = [1 if t == mm.image_token_id else 0 for t in seq.prompt_token_ids]
+        before = [0]
+        for f in flags:
+            before.append(before[-1] + f)
+        if before[-1] != embeds.shape[0]:
+            raise ValueError(
+                f"the prompt holds {before[-1]} image tokens but the images give {embeds.shape[0]} embeddings"
+            )
+        st = _State(embeds.to(self.dtype), positions[:, 0, :], int(delta.flatten()[0]), before)
+        seq.mm_state = st
+        return st
+
+    @torch.inference_mode()
+    def execute(self, batch: Seq[ScheduledSeq]) -> torch.Tensor:
+        inp = attention.prepare(batch, self.block_size, self.device)
+        embeds = self.embed(inp.input_ids)  # [T, hidden]
+        pos3 = inp.positions[None].expand(3, -1).clone()
+        flat = 0
+        for s in batch:
+            seq, n = s.seq, s.num_tokens
+            if seq.multimodal is not None:
+                st = self._state(seq)
+                plen = seq.num_prompt_tokens
+                end = min(s.start + n, plen)
+                if s.start < plen:
+                    pos3[:, flat : flat + end - s.start] = st.positions[:, s.start : end]
+                    a, b = st.before[s.start], st.before[end]
+                    if b > a:
+                        rows = torch.tensor(
+                            [
+                                flat + p - s.start
+                                for p in range(s.start, end)
+                                if st.before[p + 1] > st.before[p]
+                            ],
+                            dtype=torch.long,
+                            device=self.device,
+                        )
+                        embeds = embeds.index_copy(0, rows, st.embeds[a:b].to(embeds.dtype))
+                if s.start + n > plen:
+                    lo = max(s.start, plen)
+                    pos3[:, flat + lo - s.start : flat + n] += st.delta
+            flat += n
+        step = PagedStep(inp.groups, inp.positions, inp.slots, self.caches)
+        self._adapter_rows = inp.adapter_rows
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if self._keep_arg:
+            kwargs["logits_to_keep"] = inp.sample_idx
+        try:
+            with hf_attention.installed(self.model), hf_attention.running(step):
+                out = self.model(inputs_embeds=embeds[None], position_ids=pos3[:, None, :], **kwargs)
+        finally:
+            self._adapter_rows = []
+        logits: torch.Tensor = out.logits[0]
+        if not self._keep_arg:
+            logits = logits.index_select(0, inp.sample_idx.to(logits.device))
+        return logits.float().to(self.device)

@@ -1,0 +1,190 @@
+"""Images in chat requests: ``image_url`` content parts -> decoded images -> the engine's multimodal input.
+
+- ``data:`` URLs (base64 PNG, JPEG, WebP, GIF's first frame) always; ``http(s)`` URLs only with
+  ``--allow-image-urls`` and a host on the ``--image-url-domain`` allow-list (its subdomains too), with
+  the byte and time limits, without following redirects to another host, and never to a loopback,
+  private, link-local or otherwise non-public address unless that host is itself on the list by name.
+- Limits: ``--max-images-per-request``, ``--max-image-bytes``, ``--max-image-pixels`` (checked on the
+  header before the pixels are decoded).
+- Decoding and preprocessing run in a worker thread (``asyncio.to_thread``), off the event loop.
+- Each problem is a 400 naming ``messages[i].content[j]``.
+
+The model's own image processor resizes and patches the images; the templated prompt's single image
+placeholder per image is expanded to the image's merged patch count (``mm_prompt.expand_placeholders``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import ipaddress
+import logging
+import socket
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any
+
+from berth.server.engine.mm_prompt import expand_placeholders
+from berth.server.engine.multimodal import MultiModalInput, image_hash
+from berth.server.serving.errors import bad_param
+from berth.server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+
+
+@dataclass
+class ImageRef:
+    param: str  # messages[i].content[j]
+    url: str
+
+
+@dataclass
+class DecodedImage:
+    param: str
+    image: Any  # PIL.Image.Image, RGB
+    digest: bytes
+
+
+def url_of(param: str, image_url: Any) -> str:
+    """The URL of an ``image_url`` part (``{"url": ...}``, or a bare string as some clients send)."""
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    if not isinstance(url, str) or not url:
+        raise bad_param(param, 'an image_url part needs "image_url": {"url": "data:image/png;base64,..."}')
+    return url
+
+
+def _data_url_bytes(ref: ImageRef, limit: int) -> bytes:
+    header, sep, payload = ref.url.partition(",")
+    if not sep or not header.startswith("data:image/") or not header.endswith(";base64"):
+        raise bad_param(
+            ref.param, "a data: image URL must look like data:image/<png|jpeg|webp>;base64,<data>"
+        )
+    if len(payload) * 3 // 4 > limit:
+        raise bad_param(ref.param, f"the image is larger than {limit} bytes")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise bad_param(ref.param, f"the image's base64 data does not decode: {e}") from e
+
+
+def _host_allowed(host: str, domains: tuple[str, ...]) -> bool:
+    host = host.lower().rstrip(".")
+    return any(host == d.lower() or host.endswith("." + d.lower().lstrip(".")) for d in domains)
+
+
+def _public(host: str, domains: tuple[str, ...]) -> bool:
+    """True when every address ``host`` resolves to is public, or the host is listed by name."""
+    if host.lower().rstrip(".") in {d.lower() for d in domains}:
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0])
+        if not addr.is_global:
+            return False
+    return True
+
+
+def _fetch(ref: ImageRef, settings: ServerSettings) -> bytes:
+    import httpx
+
+    url = ref.url
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if not settings.allow_image_urls:
+        raise bad_param(ref.param, "image URLs are not enabled on this server: send the image as a data: URL")
+    if not _host_allowed(host, settings.image_url_domains):
+        raise bad_param(ref.param, f"image URLs from {host!r} are not allowed on this server")
+    if not _public(host, settings.image_url_domains):
+        raise bad_param(ref.param, f"{host!r} is not a public address")
+    limit = settings.max_image_bytes
+    try:
+        with httpx.Client(timeout=settings.image_fetch_timeout, follow_redirects=False) as client:
+            for _ in range(4):
+                with client.stream("GET", url) as resp:
+                    if resp.is_redirect:
+                        nxt = urllib.parse.urljoin(url, resp.headers.get("location", ""))
+                        if urllib.parse.urlsplit(nxt).hostname != host:
+                            raise bad_param(ref.param, "the image URL redirects to another host")
+                        url = nxt
+                        continue
+                    if resp.status_code != 200:
+                        raise bad_param(ref.param, f"fetching the image answered HTTP {resp.status_code}")
+                    body = bytearray()
+                    for chunk in resp.iter_bytes():
+                        body += chunk
+                        if len(body) > limit:
+                            raise bad_param(ref.param, f"the image is larger than {limit} bytes")
+                    return bytes(body)
+    except httpx.HTTPError as e:
+        raise bad_param(ref.param, f"fetching the image failed: {type(e).__name__}") from e
+    raise bad_param(ref.param, "the image URL redirects too often")
+
+
+def decode_one(ref: ImageRef, settings: ServerSettings) -> DecodedImage:
+    """Bytes -> an RGB PIL image (blocking: call it in a thread); 400 naming the part for any problem."""
+    from PIL import Image, UnidentifiedImageError
+
+    if ref.url.startswith("data:"):
+        raw = _data_url_bytes(ref, settings.max_image_bytes)
+    elif ref.url.startswith(("http://", "https://")):
+        raw = _fetch(ref, settings)
+    else:
+        raise bad_param(
+            ref.param, "an image URL must be a data: URL (or http(s), where the server allows it)"
+        )
+    if len(raw) > settings.max_image_bytes:
+        raise bad_param(ref.param, f"the image is larger than {settings.max_image_bytes} bytes")
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            if img.format not in _FORMATS:
+                raise bad_param(ref.param, f"image format {img.format} is not accepted (PNG, JPEG, WebP)")
+            w, h = img.size
+            if w * h > settings.max_image_pixels:
+                raise bad_param(
+                    ref.param, f"the image has {w}x{h} pixels, more than {settings.max_image_pixels}"
+                )
+            rgb = img.convert("RGB")
+            rgb.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise bad_param(ref.param, f"the image cannot be decoded: {type(e).__name__}") from e
+    return DecodedImage(ref.param, rgb, image_hash(raw))
+
+
+def _prepare(
+    refs: list[ImageRef], settings: ServerSettings, processor: Any, ids: list[int], image_token_id: int
+) -> tuple[list[int], MultiModalInput]:
+    images = [decode_one(r, settings) for r in refs]
+    try:
+        data = dict(processor(images=[d.image for d in images], return_tensors="pt"))
+    except Exception as e:  # the processor refusing an image (too small, odd aspect ratio)
+        raise bad_param(images[0].param, f"the model's image processor rejected the images: {e}") from e
+    merge = int(getattr(processor, "merge_size", 1) or 1)
+    counts = [int(g.prod()) // merge**2 for g in data["image_grid_thw"]]
+    try:
+        expanded, starts = expand_placeholders(ids, image_token_id, counts)
+    except ValueError as e:
+        raise bad_param(
+            "messages", f"the chat template's image placeholders do not match the images: {e}"
+        ) from e
+    mm = MultiModalInput(
+        data=data,
+        image_hashes=[d.digest for d in images],
+        image_starts=starts,
+        image_token_id=image_token_id,
+        num_image_tokens=sum(counts),
+        pixels=sum(d.image.size[0] * d.image.size[1] for d in images),
+    )
+    return expanded, mm
+
+
+async def prepare(
+    refs: list[ImageRef], settings: ServerSettings, processor: Any, ids: list[int], image_token_id: int
+) -> tuple[list[int], MultiModalInput]:
+    """Decode and preprocess the images in a worker thread; (expanded prompt ids, multimodal input)."""
+    return await asyncio.to_thread(_prepare, refs, settings, processor, ids, image_token_id)

@@ -1,0 +1,113 @@
+"""Tiny random-weight vision-language models (no download): config from transformers' classes, the
+built-in SmolLM2 tokenizer plus the model's image tokens, the model's own (PIL) image processor and
+processor, saved as a Hugging Face directory ``berth serve --model DIR`` loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TEXT: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+}
+# small images: 28 px per merged patch, at most 16 merged patches (image tokens) per image
+PIXELS = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 16}
+QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+GLM_TOKENS = ["<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|video|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}{{ IMAGE }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+MODEL_TYPES = ("qwen2_5_vl", "glm4v")
+
+
+def build(model_type: str, directory: Path, tokenizer: Any) -> Path:
+    import copy
+
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    tok = copy.deepcopy(tokenizer)
+    torch.manual_seed(0)
+    if model_type == "qwen2_5_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        tok.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
+        ids = tok.convert_tokens_to_ids(QWEN_TOKENS)
+        config = AutoConfig.for_model(
+            model_type,
+            text_config={
+                **TEXT,
+                "vocab_size": len(tok),
+                "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+            },
+            vision_config={
+                "depth": 2,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_heads": 2,
+                "out_hidden_size": 64,
+                "fullatt_block_indexes": [1],
+                "window_size": 56,
+            },
+            vision_start_token_id=ids[0],
+            vision_end_token_id=ids[1],
+            image_token_id=ids[2],
+            video_token_id=ids[3],
+        )
+        image = "<|vision_start|><|image_pad|><|vision_end|>"
+        tok.chat_template = CHAT_TEMPLATE.replace("{{ IMAGE }}", image)
+        processor: Any = Qwen2VLImageProcessorPil(**PIXELS)
+    elif model_type == "glm4v":
+        from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+        tok.add_special_tokens({"additional_special_tokens": GLM_TOKENS})
+        ids = tok.convert_tokens_to_ids(GLM_TOKENS)
+        config = AutoConfig.for_model(
+            model_type,
+            text_config={
+                **TEXT,
+                "vocab_size": len(tok),
+                "head_dim": 16,
+                "pad_token_id": 0,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "mrope_section": [1, 1, 2],
+                    "partial_rotary_factor": 0.5,
+                },
+            },
+            vision_config={
+                "depth": 2,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_heads": 2,
+                "out_hidden_size": 64,
+                "image_size": 56,
+                "patch_size": 14,
+            },
+            image_start_token_id=ids[0],
+            image_end_token_id=ids[1],
+            image_token_id=ids[2],
+            video_token_id=ids[3],
+        )
+        image = "<|begin_of_image|><|image|><|end_of_image|>"
+        tok.chat_template = CHAT_TEMPLATE.replace("{{ IMAGE }}", image)
+        processor = Glm4vImageProcessorPil(
+            size={"shortest_edge": PIXELS["min_pixels"], "longest_edge": PIXELS["max_pixels"]}
+        )
+    else:
+        raise ValueError(model_type)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.generation_config.pad_token_id = tok.eos_token_id
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
