@@ -157,6 +157,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # Pure decode steps through the static-shape path, captured as CUDA graphs on CUDA (eager on CPU).
     cuda_graphs: bool = False
+    # Native backend on CPU: "none" (the model's dtype), "int8" or "fp16" packed weights (runner/packed.py).
+    weight_format: str = "none"
     seed: int = 0  # seeds the RNG that gives requests without a seed their own seed
     prebuild_json_vocab: bool = True  # build JSON mode's token-text table when the engine starts
 
