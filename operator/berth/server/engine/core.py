@@ -58,6 +58,7 @@ class EngineCore:
             adapters=model.adapters,
             sampler=Sampler(),
             static_decode=config.cuda_graphs,
+            **({"weight_format": config.weight_format} if config.weight_format != "none" else {}),
             max_num_seqs=config.max_num_seqs,
             max_model_len=model.max_model_len,
         )

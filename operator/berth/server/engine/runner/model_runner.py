@@ -31,6 +31,7 @@ import torch
 from berth.server.engine.families import NATIVE_MODEL_TYPES
 from berth.server.engine.runner import attention
 from berth.server.engine.runner.attention import AttnGroup
+from berth.server.engine.runner.packed import WEIGHT_FORMATS, PackedLinear, pack_module
 from berth.server.engine.runner.static_decode import StaticDecode
 from berth.server.engine.sampler import Sampler
 from berth.server.engine.scheduler import ScheduledSeq
@@ -87,6 +88,7 @@ class ModelRunner:
         static_decode: bool = False,
         max_num_seqs: int = 0,
         max_model_len: int = 0,
+        weight_format: str = "none",
     ) -> None:
         self.model_type = check_supported(model)
         self.model = model
@@ -112,6 +114,11 @@ class ModelRunner:
         self.scaling = float(getattr(attn0, "scaling", self.head_dim**-0.5))
         self.adapters = list(adapters)
         self.sampler = sampler
+        self.weight_format = weight_format
+        self.packed: dict[tuple[int, str], PackedLinear] = {}
+        self.packed_head: PackedLinear | None = None
+        if weight_format != "none":
+            self._pack(weight_format)
 
         # One block more than the block manager hands out: the scratch block padded decode rows write to.
         self.scratch_block = num_blocks
@@ -138,6 +145,25 @@ class ModelRunner:
                 max_model_len=max_model_len,
                 cuda_graphs=self.device.type == "cuda" and self._graphs_capturable(),
             )
+
+    def _pack(self, fmt: str) -> None:
+        """Every projection and the LM head packed in ``fmt`` (CPU, fbgemm); see ``packed.py``."""
+        if fmt not in WEIGHT_FORMATS:
+            raise UnsupportedModelError(
+                f"unknown weight format {fmt!r}: use one of {', '.join(WEIGHT_FORMATS)}"
+            )
+        if self.device.type != "cpu":
+            raise UnsupportedModelError(
+                f"weight format {fmt} runs on CPU only (the model is on {self.device})"
+            )
+        for li, layer in enumerate(self.layers):
+            for name in LORA_TARGETS:
+                parent = (
+                    layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp
+                )
+                self.packed[(li, name)] = pack_module(getattr(parent, name), fmt)
+        self.packed_head = pack_module(self.lm_head, fmt)
+        logger.info("native forward: projections and LM head packed as %s (fbgemm, CPU)", fmt)
 
     def _graphs_capturable(self) -> bool:
         rope_type = str(getattr(self.rotary, "rope_type", "default"))
@@ -180,7 +206,8 @@ class ModelRunner:
     def _linear(
         self, x: torch.Tensor, mod: Any, layer: int, name: str, adapter_rows: list[tuple[int, torch.Tensor]]
     ) -> torch.Tensor:
-        y: torch.Tensor = mod(x)
+        packed = self.packed.get((layer, name)) if self.packed else None
+        y: torch.Tensor = mod(x) if packed is None else packed(x)
         for a, rows in adapter_rows:
             w = self.adapters[a].weights.get((layer, name))
             if w is None:
@@ -236,7 +263,7 @@ class ModelRunner:
             h = h + self._linear(o, attn.o_proj, li, "o_proj", adapter_rows)
             x = layer.post_attention_layernorm(h)
             mlp = layer.mlp
-            if adapter_rows:
+            if adapter_rows or self.packed:
                 gate = self._linear(x, mlp.gate_proj, li, "gate_proj", adapter_rows)
                 up = self._linear(x, mlp.up_proj, li, "up_proj", adapter_rows)
                 m = self._linear(mlp.act_fn(gate) * up, mlp.down_proj, li, "down_proj", adapter_rows)
@@ -244,7 +271,7 @@ class ModelRunner:
                 m = mlp(x)
             h = h + m
         last = self.norm(h if sample_idx is None else h.index_select(0, sample_idx))
-        logits: torch.Tensor = self.lm_head(last)
+        logits: torch.Tensor = self.lm_head(last) if self.packed_head is None else self.packed_head(last)
         return logits.float()
 
     @torch.inference_mode()
