@@ -19,7 +19,7 @@ PROMPTS = ["What is the capital of France?", "Name three colors of the rainbow."
 def _greedy(model: LoadedModel, prompts: list[list[int]], fmt: str, n: int) -> list[list[int]]:
     from berth.server.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams
 
-    core = EngineCore(model, EngineConfig(max_num_seqs=8, prebuild_json_vocab=False, weight_format=fmt))
+    core = EngineCore(model, EngineConfig(max_num_seqs=8, prepare_guided=False, weight_format=fmt))
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     out = core.run(GenerationRequest(f"{fmt}-{i}", p, params) for i, p in enumerate(prompts))
     return [[e.token_id for e in out[f"{fmt}-{i}"] if e.token_id is not None] for i in range(len(prompts))]
