@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from berth.api.models import GROUP, PLURAL, VERSION
 from berth.controller import metrics
+from berth.controller.backoff import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +53,17 @@ class ApiError(Exception):
 
     `KubeClient` raises the subclass for the statuses callers act on (`for_status` picks it)."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{status} {reason}: {message}")
         self.status = status
         self.reason = reason
         self.message = message
+        self.retry_after = retry_after  # seconds, from a Retry-After header (429, some 5xx)
 
     @staticmethod
-    def for_status(status: int, reason: str, message: str) -> ApiError:
+    def for_status(status: int, reason: str, message: str, retry_after: float | None = None) -> ApiError:
         """The ApiError (subclass) for an HTTP status."""
-        return _BY_STATUS.get(status, ApiError)(status, reason, message)
+        return _BY_STATUS.get(status, ApiError)(status, reason, message, retry_after)
 
 
 class Rejected(ApiError):
@@ -75,7 +78,37 @@ class Conflict(ApiError):
     """409: the object exists already, or a write raced another."""
 
 
-_BY_STATUS: dict[int, type[ApiError]] = {400: Rejected, 422: Rejected, 404: NotFound, 409: Conflict}
+class Forbidden(ApiError):
+    """403: RBAC, a ResourceQuota or an admission plugin forbade the request; the message says which."""
+
+
+class TooManyRequests(ApiError):
+    """429: the API server (priority and fairness, a webhook) asks the client to slow down."""
+
+
+class Gone(ApiError):
+    """410: a watch's resourceVersion is too old; list again."""
+
+
+_BY_STATUS: dict[int, type[ApiError]] = {
+    400: Rejected,
+    422: Rejected,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    410: Gone,
+    429: TooManyRequests,
+}
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header's delay in seconds (the API server sends whole seconds), None if absent."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
 
 
 class Kube(Protocol):
@@ -112,10 +145,18 @@ def _path(kind: Kind, namespace: str, name: str | None = None, sub: str | None =
     return path
 
 
-class KubeClient:
-    """`Kube` over the official client's ApiClient (in-cluster config, else kubeconfig)."""
+# The Accept header that makes the API server send PartialObjectMetadata(List): metadata only.
+METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
+METADATA_ONLY_WATCH = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
-    def __init__(self, api_client: Any | None = None) -> None:
+
+class KubeClient:
+    """`Kube` over the official client's ApiClient (in-cluster config, else kubeconfig).
+
+    Every request but a watch takes a token from `limiter` first (the operator's QPS/burst)."""
+
+    def __init__(self, api_client: Any | None = None, limiter: TokenBucket | None = None) -> None:
+        self.limiter = limiter or TokenBucket(0, 1)
         if api_client is None:
             import kubernetes
 
@@ -134,33 +175,146 @@ class KubeClient:
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
     ) -> dict[str, Any]:
+        response = self._send(method, path, body, query, content_type)
+        try:
+            data = response.read()
+        except Exception as e:  # the connection broke while reading the body
+            raise ApiError(0, type(e).__name__, str(e)) from None
+        return self._payload(int(response.status), data, response.getheader("Retry-After"))
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+        accept: str = "application/json",
+        timeout: Any = 30,
+        limited: bool = True,
+    ) -> Any:
+        """Send one request; the response (not read yet), any status. Transport errors: ApiError(0)."""
         from kubernetes.client.exceptions import ApiException
 
+        if limited:
+            self.limiter.acquire()
         verb, url, headers, payload_body, post = self._api.param_serialize(
             method,
             path,
             query_params=query or [],
-            header_params={"Accept": "application/json", "Content-Type": content_type},
+            header_params={"Accept": accept, "Content-Type": content_type},
             body=body,
             auth_settings=["BearerToken"],
         )
         try:
-            response = self._api.call_api(verb, url, headers, payload_body, post, _request_timeout=30)
-            status = int(response.status)
-            data = response.read()
+            response = self._api.call_api(verb, url, headers, payload_body, post, _request_timeout=timeout)
         except ApiException as e:  # transport errors (status 0)
             metrics.API_REQUESTS.labels(verb=method, code=str(e.status)).inc()
             raise ApiError.for_status(int(e.status or 0), str(e.reason or ""), str(e.reason or "")) from None
-        metrics.API_REQUESTS.labels(verb=method, code=str(status)).inc()
+        except Exception as e:  # urllib3: connection refused, reset, timed out
+            metrics.API_REQUESTS.labels(verb=method, code="0").inc()
+            raise ApiError(0, type(e).__name__, str(e)) from None
+        metrics.API_REQUESTS.labels(verb=method, code=str(response.status)).inc()
+        return response
+
+    @staticmethod
+    def _payload(status: int, data: Any, retry_after: str | None) -> dict[str, Any]:
         try:
             payload: dict[str, Any] = json.loads(data) if data else {}
         except ValueError:
             payload = {"message": data.decode(errors="replace") if isinstance(data, bytes) else str(data)}
         if not 200 <= status < 300:
             raise ApiError.for_status(
-                status, str(payload.get("reason", "")), str(payload.get("message", payload))
+                status,
+                str(payload.get("reason", "")),
+                str(payload.get("message", payload)),
+                retry_after_seconds(retry_after),
             )
         return payload
+
+    def list_page(
+        self,
+        kind: Kind,
+        namespace: str,
+        label_selector: str,
+        metadata_only: bool = False,
+        limit: int = 500,
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Every object of a LIST (in pages of `limit`) and the list's resourceVersion, to watch from."""
+        items: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            query = [("limit", str(limit))]
+            if label_selector:
+                query.append(("labelSelector", label_selector))
+            if token:
+                query.append(("continue", token))
+            response = self._send(
+                "GET",
+                _path(kind, namespace),
+                query=query,
+                accept=METADATA_ONLY if metadata_only else "application/json",
+            )
+            out = self._payload(int(response.status), response.read(), response.getheader("Retry-After"))
+            items += out.get("items") or []
+            meta = out.get("metadata") or {}
+            token = str(meta.get("continue") or "")
+            if not token:
+                return items, str(meta.get("resourceVersion") or "")
+
+    def watch(
+        self,
+        kind: Kind,
+        namespace: str,
+        label_selector: str,
+        resource_version: str,
+        timeout_seconds: int,
+        metadata_only: bool = False,
+    ) -> Iterator[dict[str, Any]]:
+        """The events ({"type", "object"}) of one WATCH from `resource_version`, with bookmarks, until the
+        server ends it after `timeout_seconds`. An ERROR event is raised as its ApiError (410: Gone)."""
+        query = [
+            ("watch", "true"),
+            ("allowWatchBookmarks", "true"),
+            ("resourceVersion", resource_version),
+            ("timeoutSeconds", str(timeout_seconds)),
+        ]
+        if label_selector:
+            query.append(("labelSelector", label_selector))
+        response = self._send(
+            "GET",
+            _path(kind, namespace),
+            query=query,
+            accept=METADATA_ONLY_WATCH if metadata_only else "application/json",
+            timeout=(10, timeout_seconds + 30),
+            limited=False,
+        )
+        raw = response.response
+        try:
+            if not 200 <= int(response.status) < 300:
+                self._payload(int(response.status), raw.read(), response.getheader("Retry-After"))
+            buffer = b""
+            for chunk in raw.stream(64 * 1024, decode_content=True):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    event: dict[str, Any] = json.loads(line)
+                    if event.get("type") == "ERROR":
+                        obj = event.get("object") or {}
+                        raise ApiError.for_status(
+                            int(obj.get("code") or 0),
+                            str(obj.get("reason") or ""),
+                            str(obj.get("message") or ""),
+                        )
+                    yield event
+        except ApiError:
+            raise
+        except Exception as e:  # a broken stream (urllib3's errors, OSError) or a garbled line
+            raise ApiError(0, type(e).__name__, str(e)) from None
+        finally:
+            raw.release_conn()
 
     def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
         try:

@@ -1,0 +1,468 @@
+"""Watch caches: the operator reads ModelDeployments and their children from memory, not from GETs.
+
+- `Store`: objects of one kind by (namespace, name), indexed by the ModelDeployment that owns them
+  (the `berth.dev/model-deployment` label), trimmed on the way in (no managedFields; metadata only
+  where that is all that is read).
+- `Informer`: a thread per kind and namespace that LISTs (paged), then WATCHes from the list's
+  resourceVersion with bookmarks; a watch that ends is resumed from the last version seen, an
+  expired one (410) or a broken one is followed by a fresh LIST whose result replaces the store (so
+  deletions missed meanwhile are noticed). Every change calls `on_change(old, new)`.
+- `CachedKube`: the `kube.Kube` that reconcile is given: reads of cached kinds come from the stores,
+  everything else and every write goes to the API, and a write's response is put into the store at
+  once (a reconcile that follows before the watch event sees its own write).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from berth.api.models import API_VERSION, KIND
+from berth.controller import kube, names
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, name)
+Transform = Callable[[dict[str, Any]], dict[str, Any]]
+OnChange = Callable[[dict[str, Any] | None, dict[str, Any] | None], None]
+
+
+def strip(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object without what nothing reads: managedFields and the last-applied annotation."""
+    meta = dict(obj.get("metadata") or {})
+    meta.pop("managedFields", None)
+    annotations = meta.get("annotations")
+    if annotations and "kubectl.kubernetes.io/last-applied-configuration" in annotations:
+        meta["annotations"] = {
+            k: v for k, v in annotations.items() if k != "kubectl.kubernetes.io/last-applied-configuration"
+        }
+    out = dict(obj)
+    out["metadata"] = meta
+    return out
+
+
+def strip_pod(obj: dict[str, Any]) -> dict[str, Any]:
+    """A pod as status.py reads it: metadata and status (the spec is the Deployment's business)."""
+    out = strip(obj)
+    out.pop("spec", None)
+    return out
+
+
+def strip_md(obj: dict[str, Any]) -> dict[str, Any]:
+    """A ModelDeployment, with the apiVersion and kind a LIST's items lack."""
+    out = strip(obj)
+    out.setdefault("apiVersion", API_VERSION)
+    out.setdefault("kind", KIND)
+    return out
+
+
+def metadata_only(obj: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": strip(obj)["metadata"]}
+
+
+def owner_of(obj: dict[str, Any]) -> str | None:
+    """The ModelDeployment an object belongs to: its controller ownerReference, else the selector label."""
+    owner = names.owner_name(obj)
+    if owner:
+        return owner
+    label = ((obj.get("metadata") or {}).get("labels") or {}).get(names.SELECTOR_LABEL)
+    return str(label) if label else None
+
+
+def _key(obj: dict[str, Any]) -> Key:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace") or ""), str(meta.get("name") or "")
+
+
+def _version(obj: dict[str, Any] | None) -> str | None:
+    return None if obj is None else (obj.get("metadata") or {}).get("resourceVersion")
+
+
+class Store:
+    """Objects of one kind, by key and by owning ModelDeployment; thread-safe; values are not copied
+    (callers must not mutate what they get)."""
+
+    def __init__(self, kind: kube.Kind, transform: Transform = strip, by_owner: bool = True) -> None:
+        self.kind = kind
+        self.transform = transform
+        self.by_owner = by_owner
+        self._objects: dict[Key, dict[str, Any]] = {}
+        self._owned: dict[Key, set[str]] = {}  # (namespace, owner) -> names
+        self._lock = threading.Lock()
+        self.synced = threading.Event()  # set after the first complete LIST
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._objects)
+
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._objects.get((namespace, name))
+
+    def owned(self, namespace: str, owner: str) -> list[dict[str, Any]]:
+        """The objects that `owner` (a ModelDeployment of `namespace`) owns, by name."""
+        with self._lock:
+            return [self._objects[(namespace, n)] for n in sorted(self._owned.get((namespace, owner), ()))]
+
+    def items(self, namespace: str = "") -> list[dict[str, Any]]:
+        with self._lock:
+            return [o for (ns, _), o in self._objects.items() if namespace in ("", ns)]
+
+    def keys(self) -> list[Key]:
+        with self._lock:
+            return list(self._objects)
+
+    def _index(self, key: Key, obj: dict[str, Any] | None, add: bool) -> None:
+        if not self.by_owner or obj is None:
+            return
+        owner = owner_of(obj)
+        if owner is None:
+            return
+        bucket = (key[0], owner)
+        if add:
+            self._owned.setdefault(bucket, set()).add(key[1])
+        else:
+            names_ = self._owned.get(bucket)
+            if names_ is not None:
+                names_.discard(key[1])
+                if not names_:
+                    del self._owned[bucket]
+
+    def upsert(self, obj: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """Put `obj` in (unless the stored copy is newer); (old, new) as stored."""
+        new = self.transform(obj)
+        key = _key(new)
+        with self._lock:
+            old = self._objects.get(key)
+            if old is not None and _newer(old, new):
+                return old, old
+            self._index(key, old, add=False)
+            self._objects[key] = new
+            self._index(key, new, add=True)
+        return old, new
+
+    def delete(self, namespace: str, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            old = self._objects.pop((namespace, name), None)
+            self._index((namespace, name), old, add=False)
+        return old
+
+    def replace(
+        self, namespace: str, objects: Iterable[dict[str, Any]]
+    ) -> list[tuple[dict[str, Any] | None, dict[str, Any] | None]]:
+        """Make the store's objects of `namespace` ("" = all) exactly `objects` (a fresh LIST); the
+        changes, as (old, new) pairs (new None: deleted)."""
+        fresh = {}
+        for obj in objects:
+            t = self.transform(obj)
+            fresh[_key(t)] = t
+        changes: list[tuple[dict[str, Any] | None, dict[str, Any] | None]] = []
+        with self._lock:
+            for key in [k for k in self._objects if namespace in ("", k[0]) and k not in fresh]:
+                gone = self._objects.pop(key)
+                self._index(key, gone, add=False)
+                changes.append((gone, None))
+            for key, new in fresh.items():
+                old = self._objects.get(key)
+                if old is not None and _version(old) == _version(new):
+                    continue
+                self._index(key, old, add=False)
+                self._objects[key] = new
+                self._index(key, new, add=True)
+                changes.append((old, new))
+        return changes
+
+
+def _newer(stored: dict[str, Any], incoming: dict[str, Any]) -> bool:
+    """Whether the stored copy is newer than `incoming` (resourceVersions of one object are integers
+    in practice; compare them only when both are)."""
+    a, b = _version(stored), _version(incoming)
+    if a is None or b is None or not (a.isdigit() and b.isdigit()):
+        return False
+    return int(a) > int(b)
+
+
+class Source(Protocol):
+    """What an Informer needs from the API client (kube.KubeClient has both)."""
+
+    def list_page(
+        self,
+        kind: kube.Kind,
+        namespace: str,
+        label_selector: str,
+        metadata_only: bool = False,
+        limit: int = 500,
+    ) -> tuple[list[dict[str, Any]], str]: ...
+
+    def watch(
+        self,
+        kind: kube.Kind,
+        namespace: str,
+        label_selector: str,
+        resource_version: str,
+        timeout_seconds: int,
+        metadata_only: bool = False,
+    ) -> Iterable[dict[str, Any]]: ...
+
+
+@dataclass
+class InformerSpec:
+    kind: kube.Kind
+    label_selector: str = ""
+    metadata_only: bool = False
+    transform: Transform = strip
+    by_owner: bool = True
+
+
+class Informer:
+    """Keep `store` equal to the API server's objects of one kind in one namespace ("" = all)."""
+
+    def __init__(
+        self,
+        source: Source,
+        spec: InformerSpec,
+        store: Store,
+        namespace: str = "",
+        on_change: OnChange = lambda old, new: None,
+        watch_timeout: int = 300,
+        retry: Callable[[int], float] = lambda n: min(30.0, 0.5 * 2**n) * (0.8 + 0.4 * random.random()),
+    ) -> None:
+        self.source = source
+        self.spec = spec
+        self.store = store
+        self.namespace = namespace
+        self.on_change = on_change
+        self.watch_timeout = watch_timeout
+        self.retry = retry
+        self.stopped = threading.Event()
+        self.resource_version = ""
+        self.lists = 0  # LISTs made (the first one and every relist)
+        self.thread = threading.Thread(
+            target=self.run, name=f"berth-watch-{spec.kind.plural}-{namespace or 'all'}", daemon=True
+        )
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _notify(self, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+        try:
+            self.on_change(old, new)
+        except Exception:  # a failing listener must not stop the watch
+            log.exception("%s watch: change handler failed", self.spec.kind.kind)
+
+    def relist(self) -> None:
+        items, self.resource_version = self.source.list_page(
+            self.spec.kind, self.namespace, self.spec.label_selector, self.spec.metadata_only
+        )
+        self.lists += 1
+        for old, new in self.store.replace(self.namespace, items):
+            self._notify(old, new)
+        self.store.synced.set()
+
+    def apply(self, event: dict[str, Any]) -> None:
+        """One watch event into the store (and to the listener when it changed something)."""
+        kind = event.get("type")
+        obj = event.get("object") or {}
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        if rv:
+            self.resource_version = str(rv)
+        if kind == "BOOKMARK":
+            return
+        if kind == "DELETED":
+            ns, name = _key(obj)
+            old = self.store.delete(ns, name)
+            if old is not None:
+                self._notify(old, None)
+            return
+        if kind in ("ADDED", "MODIFIED"):
+            old, new = self.store.upsert(obj)
+            if old is not new and _version(old) != _version(new):
+                self._notify(old, new)
+
+    def run_once(self) -> None:
+        """One WATCH (after a LIST when there is no resourceVersion to resume from)."""
+        if not self.resource_version:
+            self.relist()
+        for event in self.source.watch(
+            self.spec.kind,
+            self.namespace,
+            self.spec.label_selector,
+            self.resource_version,
+            self.watch_timeout,
+            self.spec.metadata_only,
+        ):
+            if self.stopped.is_set():
+                return
+            self.apply(event)
+
+    def run(self) -> None:
+        failures = 0
+        while not self.stopped.is_set():
+            try:
+                self.run_once()
+                failures = 0
+            except kube.Gone:
+                log.info("%s watch expired; listing again", self.spec.kind.kind)
+                self.resource_version = ""
+            except Exception as e:  # API server away, connection broken: list again after a pause
+                self.resource_version = ""
+                delay = self.retry(failures)
+                failures += 1
+                log.warning("%s watch failed (%s); listing again in %.1fs", self.spec.kind.kind, e, delay)
+                if self.stopped.wait(delay):
+                    return
+
+
+class Caches:
+    """The stores the operator reads, and the informers that fill them. A `remembered` kind has a store
+    but no watch: it holds what the operator itself created or found (the Secrets: the operator does
+    not list Secrets, see CachedKube)."""
+
+    def __init__(self, specs: Iterable[InformerSpec], remembered: Iterable[InformerSpec] = ()) -> None:
+        specs, remembered = list(specs), list(remembered)
+        self.stores: dict[str, Store] = {
+            s.kind.kind: Store(s.kind, s.transform, s.by_owner) for s in [*specs, *remembered]
+        }
+        for s in remembered:
+            self.stores[s.kind.kind].synced.set()
+        self.specs = {s.kind.kind: s for s in specs}
+        self.informers: list[Informer] = []
+
+    def store(self, kind: kube.Kind) -> Store | None:
+        return self.stores.get(kind.kind)
+
+    def start(
+        self,
+        source_factory: Callable[[], Source],
+        namespaces: list[str],
+        on_change: Callable[[kube.Kind], OnChange],
+        watch_timeout: int = 300,
+    ) -> None:
+        for spec in self.specs.values():
+            for ns in namespaces or [""]:
+                informer = Informer(
+                    source_factory(),
+                    spec,
+                    self.stores[spec.kind.kind],
+                    ns,
+                    on_change(spec.kind),
+                    # spread the reconnects of the watches over time
+                    watch_timeout=int(watch_timeout * (0.9 + 0.2 * random.random())),
+                )
+                self.informers.append(informer)
+                informer.start()
+
+    def wait_synced(self, timeout: float) -> bool:
+        """Whether every store got its first complete LIST within `timeout` seconds."""
+        return all(s.synced.wait(timeout) for s in self.stores.values())
+
+    def stop(self) -> None:
+        for informer in self.informers:
+            informer.stop()
+
+
+def operator_specs() -> list[InformerSpec]:
+    """What the operator watches: its ModelDeployments and the children they own (by the managed-by label)."""
+    managed = ",".join(f"{k}={v}" for k, v in names.MANAGED_LABELS.items())
+    return [
+        InformerSpec(kube.MODEL_DEPLOYMENT, by_owner=False, transform=strip_md),
+        InformerSpec(kube.DEPLOYMENT, managed),
+        InformerSpec(kube.SERVICE, managed),
+        InformerSpec(kube.NETWORK_POLICY, managed),
+        InformerSpec(kube.PDB, managed),
+        InformerSpec(kube.POD, managed, transform=strip_pod),
+    ]
+
+
+def remembered_specs() -> list[InformerSpec]:
+    """Kinds kept from the operator's own writes and reads, not watched: Secrets (metadata only), as
+    the operator may not list Secrets (RBAC: get and create only)."""
+    return [InformerSpec(kube.SECRET, metadata_only=True, transform=metadata_only)]
+
+
+class CachedKube:
+    """`kube.Kube` for reconcile: reads from the caches, writes to the API (and into the caches).
+
+    A miss in a remembered store (Secrets) goes to the API unless `authoritative` says the store has
+    the last word on that name: for the Secret Berth generates, a miss means "create it" (a 409 says
+    it exists, and is remembered too); a Secret named by spec.auth.apiKeySecretRef is looked up with
+    a GET until it is found. (So a generated Secret deleted by hand comes back at the next start.)"""
+
+    def __init__(
+        self,
+        client: kube.Kube,
+        caches: Caches,
+        authoritative: Callable[[kube.Kind, str, str], bool] = lambda kind, ns, name: kind.kind != "Secret",
+    ) -> None:
+        self.client = client
+        self.caches = caches
+        self.authoritative = authoritative
+
+    def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        store = self.caches.store(kind)
+        if store is None:
+            return self.client.get(kind, namespace, name)
+        found = store.get(namespace, name)
+        if found is not None or self.authoritative(kind, namespace, name):
+            return found
+        fetched = self.client.get(kind, namespace, name)
+        self._remember(kind, fetched)
+        return fetched
+
+    def list(self, kind: kube.Kind, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        store = self.caches.store(kind)
+        if store is None or not namespace:
+            return self.client.list(kind, namespace, label_selector)
+        wanted = dict(p.split("=", 1) for p in label_selector.split(",")) if label_selector else {}
+        owner = wanted.get(names.SELECTOR_LABEL)
+        candidates = store.owned(namespace, owner) if owner and store.by_owner else store.items(namespace)
+        return [
+            o
+            for o in candidates
+            if all(((o.get("metadata") or {}).get("labels") or {}).get(a) == b for a, b in wanted.items())
+        ]
+
+    def _remember(self, kind: kube.Kind, obj: dict[str, Any] | None) -> None:
+        store = self.caches.store(kind)
+        if store is not None and obj and (obj.get("metadata") or {}).get("name"):
+            store.upsert(obj)
+
+    def create(self, kind: kube.Kind, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        created = self.client.create(kind, namespace, body)
+        store = self.caches.store(kind)
+        if created is None and store is not None and kind.kind not in self.caches.specs:
+            # 409 on a kind no watch reports: it exists; remember its name
+            meta = body.get("metadata") or {}
+            store.upsert(
+                {"metadata": {"namespace": namespace, "name": meta.get("name"), "labels": meta.get("labels")}}
+            )
+        self._remember(kind, created)
+        return created
+
+    def patch(self, kind: kube.Kind, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        patched = self.client.patch(kind, namespace, name, body)
+        self._remember(kind, patched)
+        return patched
+
+    def delete(self, kind: kube.Kind, namespace: str, name: str) -> None:
+        self.client.delete(kind, namespace, name)
+        store = self.caches.store(kind)
+        if store is not None:
+            store.delete(namespace, name)
+
+    def patch_status(
+        self, kind: kube.Kind, namespace: str, name: str, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        patched = self.client.patch_status(kind, namespace, name, status)
+        self._remember(kind, patched)
+        return patched
+
+    def patch_scale(self, kind: kube.Kind, namespace: str, name: str, replicas: int) -> dict[str, Any]:
+        return self.client.patch_scale(kind, namespace, name, replicas)
