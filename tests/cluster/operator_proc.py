@@ -79,8 +79,13 @@ class OperatorProcess:
         if k("get", "namespace", OPERATOR_NAMESPACE).returncode != 0:
             k("create", "namespace", OPERATOR_NAMESPACE, check=True)
         rbac = [o for o in render_chart(self.cluster) if o.get("kind") in RBAC_KINDS]
-        accounts = [o for o in rbac if o["kind"] == "ServiceAccount"]
-        assert len(accounts) == 1, f"the chart should render one ServiceAccount, got {accounts}"
+        accounts = [
+            o
+            for o in rbac
+            if o["kind"] == "ServiceAccount"
+            and (o["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "operator"
+        ]
+        assert len(accounts) == 1, f"the chart should render one operator ServiceAccount, got {accounts}"
         self.service_account = accounts[0]["metadata"]["name"]
         k(
             "apply",
