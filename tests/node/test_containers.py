@@ -201,7 +201,10 @@ def test_operator_image_runs_with_the_charts_service_account(
     # What kubelet adds to every pod: the downward-API values the chart asks for and the in-cluster
     # API address (here the apiserver on loopback, reached through the machine's network).
     container = next(x for x in pod["containers"] if x["name"] == "operator")
-    fields = {"metadata.namespace": ns_op}
+    fields = {
+        "metadata.namespace": ns_op,
+        "metadata.name": "berth-operator-container-test",
+    }  # the downward API
     container["env"] = [
         {"name": e["name"], "value": fields[e["valueFrom"]["fieldRef"]["fieldPath"]]}
         if "valueFrom" in e
