@@ -110,18 +110,27 @@ def check(md: ModelDeployment, settings: OperatorSettings) -> None:
                 f"toleration of taint key {key or '(any: no key)'!r} is not allowed "
                 f"(BERTH_ALLOWED_TOLERATION_KEYS: {_listed(settings.allowed_toleration_keys)})",
             )
-    for key in template.node_selector:
-        if not key_allowed(key, settings.allowed_node_selector_keys):
-            raise PolicyViolation(
-                f"spec.podTemplate.nodeSelector[{key}]",
-                f"node label key {key!r} is not allowed "
-                f"(BERTH_ALLOWED_NODE_SELECTOR_KEYS: {_listed(settings.allowed_node_selector_keys)})",
-            )
-    for key in template.annotations:
-        if not key_allowed(key, settings.allowed_annotation_keys):
-            raise PolicyViolation(
-                f"spec.podTemplate.annotations[{key}]",
-                f"pod annotation key {key!r} is not allowed "
-                f"(BERTH_ALLOWED_ANNOTATION_KEYS: {_listed(settings.allowed_annotation_keys)})",
-            )
+    keyed = (
+        (
+            "nodeSelector",
+            template.node_selector,
+            "node label",
+            settings.allowed_node_selector_keys,
+            "NODE_SELECTOR",
+        ),
+        (
+            "annotations",
+            template.annotations,
+            "pod annotation",
+            settings.allowed_annotation_keys,
+            "ANNOTATION",
+        ),
+    )
+    for field_name, keys, what, allowed, env in keyed:
+        for key in keys:
+            if not key_allowed(key, allowed):
+                raise PolicyViolation(
+                    f"spec.podTemplate.{field_name}[{key}]",
+                    f"{what} key {key!r} is not allowed (BERTH_ALLOWED_{env}_KEYS: {_listed(allowed)})",
+                )
     _check_env(md)

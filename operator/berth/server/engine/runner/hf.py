@@ -192,6 +192,10 @@ class TransformersRunner:
     def execute(self, batch: Seq[ScheduledSeq]) -> torch.Tensor:
         """Run one step; returns float32 logits [num sampling sequences, vocab]."""
         inp = attention.prepare(batch, self.block_size, self.device)
+        return self._forward(inp, input_ids=inp.input_ids[None], position_ids=inp.positions[None])
+
+    def _forward(self, inp: Any, **model_inputs: Any) -> torch.Tensor:
+        """The model over Berth's paged cache for one prepared step; float32 logits of its sampling rows."""
         step = PagedStep(inp.groups, inp.positions, inp.slots, self.caches)
         self._adapter_rows = inp.adapter_rows
         kwargs: dict[str, Any] = {"use_cache": False}
@@ -199,7 +203,7 @@ class TransformersRunner:
             kwargs["logits_to_keep"] = inp.sample_idx
         try:
             with hf_attention.installed(self.model), hf_attention.running(step):
-                out = self.model(input_ids=inp.input_ids[None], position_ids=inp.positions[None], **kwargs)
+                out = self.model(**model_inputs, **kwargs)
         finally:
             self._adapter_rows = []
         logits: torch.Tensor = out.logits[0]

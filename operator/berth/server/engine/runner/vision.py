@@ -21,9 +21,8 @@ from typing import Any
 
 import torch
 
-from berth.server.engine.runner import attention, hf_attention
+from berth.server.engine.runner import attention
 from berth.server.engine.runner.hf import TransformersRunner
-from berth.server.engine.runner.hf_attention import PagedStep
 from berth.server.engine.scheduler import ScheduledSeq
 from berth.server.engine.sequence import Sequence
 
@@ -124,17 +123,4 @@ class VisionRunner(TransformersRunner):
                     lo = max(s.start, plen)
                     pos3[:, flat + lo - s.start : flat + n] += st.delta
             flat += n
-        step = PagedStep(inp.groups, inp.positions, inp.slots, self.caches)
-        self._adapter_rows = inp.adapter_rows
-        kwargs: dict[str, Any] = {"use_cache": False}
-        if self._keep_arg:
-            kwargs["logits_to_keep"] = inp.sample_idx
-        try:
-            with hf_attention.installed(self.model), hf_attention.running(step):
-                out = self.model(inputs_embeds=embeds[None], position_ids=pos3[:, None, :], **kwargs)
-        finally:
-            self._adapter_rows = []
-        logits: torch.Tensor = out.logits[0]
-        if not self._keep_arg:
-            logits = logits.index_select(0, inp.sample_idx.to(logits.device))
-        return logits.float().to(self.device)
+        return self._forward(inp, inputs_embeds=embeds[None], position_ids=pos3[:, None, :])
