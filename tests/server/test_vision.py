@@ -1,6 +1,6 @@
 """Vision-language models through a real ``berth serve`` (transformers backend, tiny random weights).
 
-For tiny Qwen2.5-VL and GLM-4V models assembled here (``tiny_vlms.py``: transformers config classes,
+For tiny Qwen2.5-VL, GLM-4V, Idefics3 and SmolVLM models assembled here (``tiny_vlms.py``: transformers config classes,
 the built-in tokenizer plus the image tokens, the model's own image processor), the greedy answer of
 ``berth serve`` to chats with one and with two ``data:`` images equals transformers ``generate`` on the
 same processor inputs token for token; image and text requests sent at once answer as alone; a
@@ -106,6 +106,8 @@ class Reference:
                 content = parts
             tmpl.append({"role": m["role"], "content": content})
         text = self.tok.apply_chat_template(tmpl, add_generation_prompt=True, tokenize=False)
+        if images and self.model.config.model_type in tiny_vlms.SPLIT_MODEL_TYPES:
+            return self._generate(self.split_inputs(text, images))
         ids = self.tok.encode(text, add_special_tokens=False)
         inputs: dict[str, Any] = {}
         if images:
@@ -117,9 +119,43 @@ class Reference:
         inputs.update(input_ids=t, attention_mask=torch.ones_like(t))
         if images:
             inputs["mm_token_type_ids"] = (t == self.model.config.image_token_id).int()
+        return self._generate(inputs)
+
+    def split_inputs(self, text: str, images: list[Any]) -> dict[str, Any]:
+        """Idefics3 / SmolVLM: the model's processor expands each ``<image>`` in the text (crops, rows,
+        the global image), then tokenizes the whole text: ``Idefics3Processor`` itself; SmolVLM's
+        processor cannot be built without torchvision (its video processor), so its steps here:
+        its image processor, its ``get_image_prompt_string`` in place of each ``<image>``, the tokenizer."""
+        seq_len = int(self.model.model.image_seq_len)
+        if self.model.config.model_type == "idefics3":
+            import copy
+
+            from transformers.models.idefics3.processing_idefics3 import Idefics3Processor
+
+            proc = Idefics3Processor(self.proc, copy.deepcopy(self.tok), image_seq_len=seq_len)
+            inputs = dict(proc(text=[text], images=[images], return_tensors="pt"))
+            inputs.pop("mm_token_type_ids", None)
+            return inputs
+        from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+        inputs = dict(self.proc(images=[images], return_row_col_info=True, return_tensors="pt"))
+        rows, cols = inputs.pop("rows")[0], inputs.pop("cols")[0]
+        pieces = text.split("<image>")
+        assert len(pieces) == len(images) + 1
+        full = pieces[0]
+        for k, piece in enumerate(pieces[1:]):
+            full += get_image_prompt_string(
+                rows[k], cols[k], seq_len, "<fake_token_around_image>", "<image>", "<global-img>"
+            )
+            full += piece
+        t = torch.tensor([self.tok.encode(full, add_special_tokens=False)])
+        inputs.update(input_ids=t, attention_mask=torch.ones_like(t))
+        return inputs
+
+    def _generate(self, inputs: dict[str, Any]) -> list[int]:
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
-        return [int(x) for x in out[0, len(ids) :]]
+        return [int(x) for x in out[0, inputs["input_ids"].shape[1] :]]
 
     def text(self, messages: list[dict[str, Any]]) -> tuple[str, int]:
         toks = self.tokens(messages)

@@ -26,7 +26,12 @@ CHAT_TEMPLATE = (
     "{% if c['type'] == 'image' %}{{ IMAGE }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-MODEL_TYPES = ("qwen2_5_vl", "glm4v")
+# Idefics3 / SmolVLM: the image token, crop frames, the global-image tag and the crop grid tags
+SPLIT_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
+    f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)
+]
+SPLIT_MODEL_TYPES = ("idefics3", "smolvlm")
+MODEL_TYPES = ("qwen2_5_vl", "glm4v", *SPLIT_MODEL_TYPES)
 
 
 def build(model_type: str, directory: Path, tokenizer: Any) -> Path:
@@ -102,6 +107,36 @@ def build(model_type: str, directory: Path, tokenizer: Any) -> Path:
         tok.chat_template = CHAT_TEMPLATE.replace("{{ IMAGE }}", image)
         processor = Glm4vImageProcessorPil(
             size={"shortest_edge": PIXELS["min_pixels"], "longest_edge": PIXELS["max_pixels"]}
+        )
+    elif model_type in SPLIT_MODEL_TYPES:
+        # 32 px crops of 8 px patches, pixel-shuffled by 2: 4 image tokens per crop; an image's longest
+        # edge is resized to 64 px: up to 2x2 crops plus the global image
+        if model_type == "idefics3":
+            from transformers.models.idefics3.image_processing_pil_idefics3 import (
+                Idefics3ImageProcessorPil as SplitProcessor,
+            )
+        else:
+            from transformers.models.smolvlm.image_processing_pil_smolvlm import (
+                SmolVLMImageProcessorPil as SplitProcessor,
+            )
+        tok.add_special_tokens({"additional_special_tokens": SPLIT_TOKENS})
+        config = AutoConfig.for_model(
+            model_type,
+            text_config={"model_type": "llama", **TEXT, "vocab_size": len(tok)},
+            vision_config={
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "image_size": 32,
+                "patch_size": 8,
+            },
+            scale_factor=2,
+            image_token_id=tok.convert_tokens_to_ids("<image>"),
+        )
+        tok.chat_template = CHAT_TEMPLATE.replace("{{ IMAGE }}", "<image>")
+        processor = SplitProcessor(
+            size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True
         )
     else:
         raise ValueError(model_type)
