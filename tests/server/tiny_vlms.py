@@ -31,7 +31,17 @@ SPLIT_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<
     f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)
 ]
 SPLIT_MODEL_TYPES = ("idefics3", "smolvlm")
-MODEL_TYPES = ("qwen2_5_vl", "glm4v", *SPLIT_MODEL_TYPES)
+MODEL_TYPES = ("qwen2_5_vl", "glm4v", "glm4v_moe", *SPLIT_MODEL_TYPES)
+# GLM-4.5V's text model: layer 0 dense, layer 1 a mixture of 4 routed experts (2 per token) and a shared one
+GLM_MOE = {
+    "moe_intermediate_size": 32,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "n_group": 1,
+    "topk_group": 1,
+}
 
 
 def build(model_type: str, directory: Path, tokenizer: Any) -> Path:
@@ -71,7 +81,7 @@ def build(model_type: str, directory: Path, tokenizer: Any) -> Path:
         image = "<|vision_start|><|image_pad|><|vision_end|>"
         tok.chat_template = CHAT_TEMPLATE.replace("{{ IMAGE }}", image)
         processor: Any = Qwen2VLImageProcessorPil(**PIXELS)
-    elif model_type == "glm4v":
+    elif model_type in ("glm4v", "glm4v_moe"):
         from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
         tok.add_special_tokens({"additional_special_tokens": GLM_TOKENS})
@@ -83,6 +93,7 @@ def build(model_type: str, directory: Path, tokenizer: Any) -> Path:
                 "vocab_size": len(tok),
                 "head_dim": 16,
                 "pad_token_id": 0,
+                **(GLM_MOE if model_type == "glm4v_moe" else {}),
                 "rope_parameters": {
                     "rope_type": "default",
                     "mrope_section": [1, 1, 2],
