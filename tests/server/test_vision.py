@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.slow
 NEW = 12
+CHUNK = 16  # --max-num-batched-tokens: prefill chunks of 16 tokens
 MAX_PIXELS = 200 * 150
 
 
@@ -86,6 +87,15 @@ class Reference:
         self.tok = AutoTokenizer.from_pretrained(directory)
         self.proc = AutoImageProcessor.from_pretrained(directory)
         self.model = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32).eval()
+        self.prompt: list[int] = []  # the last prompt's ids, image tokens expanded
+
+    def chunk_cuts_an_image(self) -> bool:
+        """True when a prefill chunk boundary (every CHUNK tokens) falls inside a run of image tokens."""
+        image = self.model.config.image_token_id
+        return any(
+            self.prompt[p - 1] == image and self.prompt[p] == image
+            for p in range(CHUNK, len(self.prompt), CHUNK)
+        )
 
     def tokens(self, messages: list[dict[str, Any]]) -> list[int]:
         from PIL import Image
@@ -153,6 +163,7 @@ class Reference:
         return inputs
 
     def _generate(self, inputs: dict[str, Any]) -> list[int]:
+        self.prompt = [int(x) for x in inputs["input_ids"][0]]
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
         return [int(x) for x in out[0, inputs["input_ids"].shape[1] :]]
@@ -176,7 +187,7 @@ def vlm(
     directory = tiny_vlms.build(request.param, where / "model", smollm2.tokenizer)
     args = [
         "--model", str(directory), "--device", "cpu", "--dtype", "float32", "--served-model-name", "vlm",
-        "--max-num-batched-tokens", "16", "--max-image-pixels", str(MAX_PIXELS), "--max-images-per-request", "3",
+        "--max-num-batched-tokens", str(CHUNK), "--max-image-pixels", str(MAX_PIXELS), "--max-images-per-request", "3",
     ]  # fmt: skip
     with ServerProcess(args, where / "logs") as server:
         yield server, Reference(directory)
@@ -209,6 +220,7 @@ def test_answers_equal_generate_with_one_and_two_images(vlm: tuple[ServerProcess
         want, n = ref.text(messages)
         got, m = answer(server, messages)
         assert (got, m) == (want, n)
+    assert ref.chunk_cuts_an_image()  # the two-image prompt's prefill is cut inside an image
     assert metric(server, "berth_images_total") >= 4
     assert metric(server, "berth_image_prompt_tokens_total") > 0
 

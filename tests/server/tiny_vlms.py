@@ -31,7 +31,7 @@ SPLIT_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<
     f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)
 ]
 SPLIT_MODEL_TYPES = ("idefics3", "smolvlm")
-MODEL_TYPES = ("qwen2_5_vl", "glm4v", "glm4v_moe", *SPLIT_MODEL_TYPES)
+MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl", "glm4v", "glm4v_moe", *SPLIT_MODEL_TYPES)
 # GLM-4.5V's text model: layer 0 dense, layer 1 a mixture of 4 routed experts (2 per token) and a shared one
 GLM_MOE = {
     "moe_intermediate_size": 32,
@@ -81,6 +81,48 @@ def build(model_type: str, directory: Path, tokenizer: Any) -> Path:
         image = "<|vision_start|><|image_pad|><|vision_end|>"
         tok.chat_template = CHAT_TEMPLATE.replace("{{ IMAGE }}", image)
         processor: Any = Qwen2VLImageProcessorPil(**PIXELS)
+    elif model_type == "qwen3_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        tok.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
+        ids = tok.convert_tokens_to_ids(QWEN_TOKENS)
+        config = AutoConfig.for_model(
+            model_type,
+            text_config={
+                **TEXT,
+                "vocab_size": len(tok),
+                "head_dim": 16,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "mrope_section": [2, 3, 3],
+                    "mrope_interleaved": True,
+                },
+            },
+            vision_config={  # deepstack: vision layers 0 and 1 feed decoder layers 0 and 1
+                "depth": 2,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_heads": 2,
+                "out_hidden_size": 64,
+                "patch_size": 16,
+                "num_position_embeddings": 64,
+                "deepstack_visual_indexes": [0, 1],
+            },
+            vision_start_token_id=ids[0],
+            vision_end_token_id=ids[1],
+            image_token_id=ids[2],
+            video_token_id=ids[3],
+        )
+        image = "<|vision_start|><|image_pad|><|vision_end|>"
+        tok.chat_template = CHAT_TEMPLATE.replace("{{ IMAGE }}", image)
+        # 16 px patches: 32 px per merged patch
+        processor = Qwen2VLImageProcessorPil(
+            patch_size=16,
+            min_pixels=32 * 32 * 4,
+            max_pixels=32 * 32 * 16,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        )
     elif model_type in ("glm4v", "glm4v_moe"):
         from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 

@@ -1,4 +1,4 @@
-"""Image-text-to-text models on the transformers backend (Qwen2-VL/2.5-VL, GLM-4.xV, Idefics3/SmolVLM).
+"""Image-text-to-text models on the transformers backend (Qwen2-VL/2.5-VL/3-VL, GLM-4.xV, Idefics3/SmolVLM).
 
 A sequence with images gets, on its first scheduled chunk, its image embeddings (the model's vision
 tower, once per request: ``get_image_features`` over the processor's ``pixel_values``) and its
@@ -9,6 +9,12 @@ embeddings of all scheduled tokens with the rows of image placeholders replaced 
 image embeddings they stand for, so a chunk may start or end inside an image; positions are
 ``[3, 1, T]``: text-only sequences (and decodes) use their position on all three axes (plus their
 delta). Image and text requests share a step.
+
+Qwen3-VL's deepstack: the vision tower also gives intermediate features per image token for the first
+few decoder layers; forward hooks on those layers add, after each, its features to the hidden states
+of the step's image-token rows (the model's own ``_deepstack_process``, which runs only when the
+language model gets ``visual_pos_masks``, which Berth never passes), so a chunk that cuts through an
+image adds the slice of its tokens, as for the input embeddings.
 
 Idefics3 and SmolVLM have no M-RoPE: their image tokens are placeholders for the connector's output
 (``get_image_features`` over all crops of the prompt's images, ``pixel_attention_mask`` marking the
@@ -54,6 +60,7 @@ class _State:
     positions: torch.Tensor | None  # [3, prompt_len] (M-RoPE models; None: the 1-D positions)
     delta: int  # decode position p (>= prompt_len) has rotary position p + delta
     before: list[int]  # before[p]: image tokens in the prompt before position p (len prompt_len + 1)
+    deepstack: list[torch.Tensor]  # Qwen3-VL: per early decoder layer, [num image tokens, hidden]
 
 
 class VisionRunner(TransformersRunner):
@@ -69,9 +76,30 @@ class VisionRunner(TransformersRunner):
         self.mrope = model.config.model_type in MROPE_MODEL_TYPES
         rope = getattr(self.inner, "get_rope_index", None)
         self._rope_params = set(inspect.signature(rope).parameters) if self.mrope and rope else set()
+        # Qwen3-VL's deepstack: the vision tower's intermediate features are added to the hidden states
+        # of the image tokens after each of the first len(deepstack_visual_indexes) decoder layers
+        vision = getattr(model.config, "vision_config", None)
+        self.deepstack_layers = len(getattr(vision, "deepstack_visual_indexes", None) or ())
+        self._deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None  # this step's (rows, embeds)
+        layers = model.get_decoder().layers
+        self._deepstack_hooks = [
+            layers[i].register_forward_hook(self._deepstack_hook(i)) for i in range(self.deepstack_layers)
+        ]
 
-    def _features(self, data: dict[str, Any]) -> torch.Tensor:
-        """The image embeddings of a prompt, in order: [image tokens, hidden]."""
+    def _deepstack_hook(self, layer: int) -> Any:
+        def hook(_: Any, args: tuple[Any, ...], output: Any) -> Any:
+            if self._deepstack is None:
+                return output
+            rows, embeds = self._deepstack
+            hidden = output[0] if isinstance(output, tuple) else output  # [1, T, hidden]
+            # the model's own _deepstack_process: hidden[visual rows] + the layer's visual embeddings
+            hidden = hidden.index_add(1, rows, embeds[layer][None].to(hidden.dtype))
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
+    def _features(self, data: dict[str, Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The image embeddings of a prompt, in order: [image tokens, hidden]; and the deepstack ones."""
         pixel = data["pixel_values"].to(self.dtype)
         if self.mrope:
             out = self.inner.get_image_features(pixel_values=pixel, image_grid_thw=data["image_grid_thw"])
@@ -80,7 +108,13 @@ class VisionRunner(TransformersRunner):
             out = self.inner.get_image_features(pixel_values=pixel, pixel_attention_mask=mask)
         feats = getattr(out, "pooler_output", out)
         embeds = torch.cat(list(feats), dim=0) if isinstance(feats, list | tuple) else feats
-        return embeds.reshape(-1, embeds.shape[-1])
+        deepstack = [
+            (torch.cat(list(f), dim=0) if isinstance(f, list | tuple) else f).to(self.dtype)
+            for f in (getattr(out, "deepstack_features", None) or [])[: self.deepstack_layers]
+        ]
+        if len(deepstack) != self.deepstack_layers:
+            raise ValueError(f"the vision tower gave {len(deepstack)} deepstack features")
+        return embeds.reshape(-1, embeds.shape[-1]), deepstack
 
     def _state(self, seq: Sequence) -> _State:
         st: _State | None = seq.mm_state
@@ -88,7 +122,7 @@ class VisionRunner(TransformersRunner):
             return st
         mm = seq.multimodal
         data = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in mm.data.items()}
-        embeds = self._features(data)
+        embeds, deepstack = self._features(data)
         self.image_features += len(mm.image_hashes)
         positions: torch.Tensor | None = None
         delta = 0
@@ -109,7 +143,7 @@ class VisionRunner(TransformersRunner):
             raise ValueError(
                 f"the prompt holds {before[-1]} image tokens but the images give {embeds.shape[0]} embeddings"
             )
-        st = _State(embeds.to(self.dtype), positions, delta, before)
+        st = _State(embeds.to(self.dtype), positions, delta, before, deepstack)
         seq.mm_state = st
         return st
 
@@ -118,6 +152,8 @@ class VisionRunner(TransformersRunner):
         inp = attention.prepare(batch, self.block_size, self.device)
         embeds = self.embed(inp.input_ids)  # [T, hidden]
         pos3 = inp.positions[None].expand(3, -1).clone() if self.mrope else None
+        ds_rows: list[torch.Tensor] = []
+        ds_embeds: list[list[torch.Tensor]] = [[] for _ in range(self.deepstack_layers)]
         flat = 0
         for s in batch:
             seq, n = s.seq, s.num_tokens
@@ -140,9 +176,18 @@ class VisionRunner(TransformersRunner):
                             device=self.device,
                         )
                         embeds = embeds.index_copy(0, rows, st.embeds[a:b].to(embeds.dtype))
+                        if self.deepstack_layers:
+                            ds_rows.append(rows)
+                            for layer, feats in enumerate(st.deepstack):
+                                ds_embeds[layer].append(feats[a:b])
                 if pos3 is not None and s.start + n > plen:
                     lo = max(s.start, plen)
                     pos3[:, flat + lo - s.start : flat + n] += st.delta
             flat += n
         positions = pos3[:, None, :] if pos3 is not None else inp.positions[None]
-        return self._forward(inp, inputs_embeds=embeds[None], position_ids=positions)
+        if ds_rows:
+            self._deepstack = (torch.cat(ds_rows), [torch.cat(e) for e in ds_embeds])
+        try:
+            return self._forward(inp, inputs_embeds=embeds[None], position_ids=positions)
+        finally:
+            self._deepstack = None
