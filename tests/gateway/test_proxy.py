@@ -428,3 +428,26 @@ def test_dashscope_held_stream_wake_timeout_is_an_error_event(env: Env) -> None:
     assert "event:error\n:HTTP_STATUS/503\ndata:" in text
     data = json.loads(text.split("data:", 1)[1])
     assert data["code"] == "ServiceUnavailable" and "zero" in data["message"]
+
+
+def test_held_requests_are_exported_per_modeldeployment(env: Env) -> None:
+    """berth_gateway_waiting_requests{namespace, modeldeployment}: what the operator's autoscaler reads."""
+    _scaled_to_zero(env)
+    threads = [threading.Thread(target=post, args=(env, {"model": "chat"})) for _ in range(2)]
+    for t in threads:
+        t.start()
+    line = 'berth_gateway_waiting_requests{model="chat",modeldeployment="chat",namespace="team-a"}'
+
+    def held() -> float:
+        from berth.server.testing import parse_metrics
+
+        return parse_metrics(httpx.get(env.server.url + "/metrics").text).get(line, 0.0)
+
+    deadline = time.monotonic() + 5
+    while held() < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert held() == 2
+    env.add_upstream("team-a", "chat", "team-a/chat/0")
+    for t in threads:
+        t.join(5)
+    assert held() == 0

@@ -339,7 +339,7 @@ async def _wait_ready(gw: Gateway, inst: Instance, deadline: float) -> bool:
     """Wake a scaled-to-zero instance and wait for a ready endpoint (or the deadline)."""
     if gw.waker is not None and inst.capacity == 0:
         await gw.waker(inst)
-    labels = gw.metrics.waiting.labels(inst.namespace, inst.served_name)
+    labels = gw.metrics.waiting.labels(inst.namespace, inst.name, inst.served_name)
     labels.inc()
     try:
         while time.monotonic() < deadline:
