@@ -21,6 +21,7 @@ from berth.controller import builders, kube, names, policy
 from berth.controller.events import EventSpec, emit, status_events
 from berth.controller.settings import OperatorSettings
 from berth.controller.status import Observed, compute_status, managed_status
+from berth.gateway.registry import instance_credential
 
 log = logging.getLogger(__name__)
 
@@ -198,12 +199,31 @@ def generate_api_key() -> str:
     return "sk-berth-" + secrets.token_urlsafe(32)
 
 
+def gateway_key_child(md: ModelDeployment, settings: OperatorSettings) -> Desired:
+    """The instance's gateway-credential Secret ([] when no gateway master key is mounted or auth is off).
+
+    Created once like every Secret: after rotating the master key, delete the ``<name>-gateway-key``
+    Secrets and the operator writes them anew."""
+    master = settings.gateway_master_key()
+    if master is None:
+        return []
+    secret = builders.build_gateway_key_secret(md, instance_credential(master, md.namespace, md.name))
+    if secret is None:
+        return []  # auth off: nothing to mount (a Secret left from before goes with the ModelDeployment)
+    return [(kube.SECRET, names.gateway_key_secret_name(md), secret)]
+
+
 def desired_children(md: ModelDeployment, settings: OperatorSettings, api_key: Callable[[], str]) -> Desired:
     children: Desired = []
     if names.generates_api_key_secret(md):
         children.append((kube.SECRET, names.generated_api_key_secret_name(md), _LazySecret(md, api_key)))
+    gateway_key = gateway_key_child(md, settings)
+    children += gateway_key
+    deployment = builders.build_deployment(md, settings)
+    if gateway_key:
+        deployment = builders.mount_gateway_key(deployment, md)
     children += [
-        (kube.DEPLOYMENT, names.deployment_name(md), builders.build_deployment(md, settings)),
+        (kube.DEPLOYMENT, names.deployment_name(md), deployment),
         (kube.SERVICE, names.service_name(md), builders.build_service(md)),
         (kube.NETWORK_POLICY, names.network_policy_name(md), builders.build_network_policy(md, settings)),
         (kube.PDB, names.pdb_name(md), builders.build_pdb(md)),
