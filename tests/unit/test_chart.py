@@ -318,6 +318,8 @@ EXPECTED_OPERATOR_RULES = {
     ("", "pods", "list"),
     ("", "pods", "watch"),
     ("", "events", "create"),
+    ("", "events", "list"),  # why a pod stays ContainerCreating (Multi-Attach), only then
+    ("autoscaling", "horizontalpodautoscalers", "list"),  # the autoscaler stands aside for an HPA
 }
 
 
