@@ -20,7 +20,7 @@ from berth.api.quantity import parse_quantity
 from berth.controller import builders, kube, names, policy
 from berth.controller.events import EventSpec, emit, status_events
 from berth.controller.settings import OperatorSettings
-from berth.controller.status import Observed, compute_status, managed_status
+from berth.controller.status import Observed, compute_status, managed_status, pod_events_needed, volume_events
 from berth.gateway.registry import instance_credential
 
 log = logging.getLogger(__name__)
@@ -320,7 +320,10 @@ def reconcile(
 
     pods = client.list(kube.POD, ns, names.selector_string(md)) if deployment is not None else []
     previous = dict(body.get("status") or {})
-    status = compute_status(md, Observed(deployment, pods, missing_secret, taken), settings, now, previous)
+    pod_events = _pod_events(client, ns, pods)
+    status = compute_status(
+        md, Observed(deployment, pods, missing_secret, taken, pod_events), settings, now, previous
+    )
     result.status = status
     if managed_status(status) != managed_status(previous):
         client.patch_status(kube.MODEL_DEPLOYMENT, ns, md.name, status)
@@ -330,3 +333,11 @@ def reconcile(
     result.events += status_events(previous, status)
     emit(client, body, result.events, now)
     return result
+
+
+# (issue 14, tenancy helper) Why a pod stays ContainerCreating is only in its Events (Multi-Attach, a
+# failed mount): they are read only while some pod is in that state, one LIST of the namespace's Events.
+def _pod_events(client: kube.Kube, namespace: str, pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not pod_events_needed(pods):
+        return []
+    return volume_events(client.list(kube.EVENT, namespace, ""))

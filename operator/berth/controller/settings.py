@@ -96,6 +96,14 @@ class OperatorSettings(BaseSettings):
     startup_seconds: int = Field(
         1800, description="Budget for a model download and load before the startup probe gives up.", ge=60
     )
+    model_cache_size: str = Field(
+        "50Gi",
+        description=(
+            "Size of an hf:// model's download volume when spec.model.cacheSize is not set: the emptyDir's "
+            "sizeLimit and the ephemeral-storage the download container requests."
+        ),
+        pattern=r"^[0-9]+(\.[0-9]+)?(k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$",
+    )
     autoscale_interval_seconds: float = Field(
         15.0, description="How often the autoscaler samples load.", gt=0
     )
