@@ -170,12 +170,12 @@ class OperatorSettings(BaseSettings):
         le=64,
     )
     api_qps: float = Field(
-        50.0,
+        100.0,
         description="The operator's own client-side limit on Kubernetes API requests per second (0: none).",
         ge=0,
     )
     api_burst: int = Field(
-        100, description="Requests the operator may send at once above api_qps (token bucket size).", ge=1
+        200, description="Requests the operator may send at once above api_qps (token bucket size).", ge=1
     )
     backoff_base_seconds: float = Field(
         1.0, description="First retry delay of a ModelDeployment whose reconcile failed (doubles).", gt=0
