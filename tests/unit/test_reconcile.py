@@ -539,3 +539,27 @@ def test_a_referenced_secret_is_checked_with_a_dry_run_create_not_a_read(setting
     feed(ctx, api)
     reconcile(_current(api), ctx.client, settings, NOW + timedelta(seconds=6))
     assert [c for c in api.calls if c[1] == "Secret"] == []  # found once: remembered
+
+
+def test_a_foreign_secret_stays_foreign_after_an_invalid_edit_in_between(settings: OperatorSettings) -> None:
+    """The record of the generated Secret is removed while the name is someone else's, so a Failed
+    status in between (which replaces the ChildConflict condition) does not turn the 409 into "ours"."""
+    api = RecordingKube()
+    _store_md(api, md_body())
+    api.objects[("Secret", "team-a", "chat-api-keys")] = {
+        "metadata": {"name": "chat-api-keys", "namespace": "team-a"}
+    }
+    ctx = _cached(settings, api)
+    result = reconcile(_current(api), ctx.client, settings, NOW)
+    assert "apiKeySecret" not in api.objects[("ModelDeployment", "team-a", "chat")]["status"]
+    assert result.status["apiKeySecret"] is None
+    body = _current(api)
+    body["status"]["conditions"] = [
+        {"type": "Ready", "status": "False", "reason": "InvalidSpec", "message": "x"}
+    ]  # what a Failed status leaves
+    _store_md(api, body)
+    feed(ctx, api)
+    result = reconcile(_current(api), ctx.client, settings, NOW + timedelta(seconds=5))
+    ready = next(c for c in result.status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "ChildConflict"
+    assert ("Deployment", "team-a", "chat") not in api.objects

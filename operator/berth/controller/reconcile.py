@@ -276,8 +276,9 @@ def _generated_secret(
     known to be its own Secret, a stub without it (someone else's: a ChildConflict) otherwise.
 
     Whose is a 409? The status records the Secret (status.apiKeySecret, written by `record` before
-    the first create): a 409 after such a record is the operator's own Secret (created by an earlier
-    reconcile, which may have died before its status write), one without it someone else's."""
+    the first create, and removed while the name is someone else's): a 409 after such a record is the
+    operator's own Secret (created by an earlier reconcile, which may have died before its status
+    write), one without it someone else's."""
     name = names.generated_api_key_secret_name(md)
     child = f"{kube.SECRET.kind}/{name}"
     recorded = previous.get("apiKeySecret") == name and not _conflict_named(previous, child)
@@ -368,11 +369,7 @@ def reconcile(
         (kind.kind, name): client.get(kind, ns, name) for kind, name, _ in desired
     }
     secret_key = (kube.SECRET.kind, names.generated_api_key_secret_name(md))
-    stale = observed.get(secret_key)
-    if stale is not None and isinstance(client, CachedKube) and not owned_by(stale, uid):
-        # remembered for an earlier ModelDeployment of this name (its Secret goes with it): ask again
-        client.forget(kube.SECRET, ns, secret_key[1])
-        observed[secret_key] = None
+    _forget_stale_secret(client, observed, secret_key, ns, uid)
     missing_secret = _missing_secret(md, client)
     deployment_key = (kube.DEPLOYMENT.kind, names.deployment_name(md))
 
@@ -380,7 +377,12 @@ def reconcile(
         if deployment is not None and not owned_by(deployment, uid):
             deployment = None  # someone else's Deployment says nothing about this ModelDeployment's instances
         pods = client.list(kube.POD, ns, names.selector_string(md)) if deployment is not None else []
-        return compute_status(md, Observed(deployment, pods, missing_secret, taken), settings, now, previous)
+        status = compute_status(
+            md, Observed(deployment, pods, missing_secret, taken), settings, now, previous
+        )
+        if f"{kube.SECRET.kind}/{secret_key[1]}" in taken:
+            status["apiKeySecret"] = None  # someone else's: no record that it is ours (_generated_secret)
+        return status
 
     def write_status(status: dict[str, Any]) -> None:
         nonlocal previous
@@ -389,16 +391,13 @@ def reconcile(
             result.status_written = True
             previous = {**previous, **status}
 
+    body_status = dict(previous)
     if names.generates_api_key_secret(md) and observed.get(secret_key) is None:
-        before = dict(previous)
 
         def record() -> None:
             write_status(observe(conflicts(desired, observed, uid), observed.get(deployment_key)))
 
         observed[secret_key] = _generated_secret(md, client, desired, previous, record)
-        body_status = before
-    else:
-        body_status = dict(previous)
     taken = conflicts(desired, observed, uid)
     if any(c.startswith(f"{kube.SECRET.kind}/") for c in taken):
         # someone else's Secret under the generated name: the instances must not mount it as their keys
@@ -415,8 +414,20 @@ def reconcile(
     if taken and _ready(status).get("message") != _ready(body_status).get("message"):
         result.events.append(EventSpec("Warning", "ChildConflict", str(_ready(status).get("message", ""))))
     result.events += status_events(body_status, status)
-    if recorder is not None:
-        recorder.emit(client, body, result.events, now)
-    else:
-        emit(client, body, result.events, now)
+    (recorder.emit if recorder is not None else emit)(client, body, result.events, now)
     return result
+
+
+def _forget_stale_secret(
+    client: kube.Kube,
+    observed: dict[tuple[str, str], dict[str, Any] | None],
+    key: tuple[str, str],
+    namespace: str,
+    uid: str,
+) -> None:
+    """A generated Secret remembered for an earlier ModelDeployment of this name (it goes with that
+    one): forget it and ask again."""
+    stale = observed.get(key)
+    if stale is not None and isinstance(client, CachedKube) and not owned_by(stale, uid):
+        client.forget(kube.SECRET, namespace, key[1])
+        observed[key] = None
