@@ -61,8 +61,8 @@ def _autoscale(ctx: OperatorContext, listed: dict[str, Any]) -> None:
 def start_loops(ctx: OperatorContext) -> list[Loop]:
     """The resync (enqueues every key) and autoscaling loops, run only while this replica holds the
     leader Lease (controller/leader.py); the resync also runs at once when the lease is won."""
-    elector = ctx.make_elector()
-    elector.start()
+    if ctx.elector is None:
+        ctx.make_elector().start()
 
     def resync(body: dict[str, Any]) -> None:
         meta = body["metadata"]
@@ -91,7 +91,9 @@ def start_loops(ctx: OperatorContext) -> list[Loop]:
 
 
 def start_runtime(ctx: OperatorContext) -> None:
-    """Watches (waiting for their first LIST), the workers, then the leader election and loops."""
+    """The leader election, the watches (waiting for their first LIST), the workers (which act only
+    while this replica leads), then the loops (whose resync enqueues every key when the lease is won)."""
+    ctx.make_elector().start()
     ctx.start_watches()
     assert ctx.queue is not None
     ctx.queue.start()
