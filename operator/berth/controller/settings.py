@@ -172,6 +172,39 @@ class OperatorSettings(BaseSettings):
             "/ allows every key of that prefix, * allows any."
         ),
     )
+    workers: int = Field(
+        4,
+        description=(
+            "Reconcile workers: ModelDeployments reconciled at once (one key is never processed by two "
+            "workers at once; events of one ModelDeployment are coalesced while it waits)."
+        ),
+        ge=1,
+        le=64,
+    )
+    api_qps: float = Field(
+        100.0,
+        description="The operator's own client-side limit on Kubernetes API requests per second (0: none).",
+        ge=0,
+    )
+    api_burst: int = Field(
+        200, description="Requests the operator may send at once above api_qps (token bucket size).", ge=1
+    )
+    backoff_base_seconds: float = Field(
+        1.0, description="First retry delay of a ModelDeployment whose reconcile failed (doubles).", gt=0
+    )
+    backoff_max_seconds: float = Field(
+        300.0, description="Longest retry delay of a failing ModelDeployment (before jitter).", gt=0
+    )
+    watch_timeout_seconds: int = Field(
+        300,
+        description="How long one WATCH of the caches lasts before it is resumed (spread by 10%).",
+        ge=30,
+    )
+    event_repeat_seconds: float = Field(
+        600.0,
+        description="An Event identical to one recorded for the same ModelDeployment within this long is not sent again.",
+        ge=0,
+    )
     log_level: str = Field("INFO", description="Operator log level.")
     gateway_master_key_file: str = Field(
         "/etc/berth/gateway/master",
