@@ -31,7 +31,15 @@ SPLIT_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<
     f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)
 ]
 SPLIT_MODEL_TYPES = ("idefics3", "smolvlm")
-MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl", "glm4v", "glm4v_moe", *SPLIT_MODEL_TYPES)
+MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", *SPLIT_MODEL_TYPES)
+# Qwen3-VL-30B-A3B's text model: layer 0 dense, layer 1 a mixture of 4 experts (2 per token)
+QWEN3_MOE = {
+    "moe_intermediate_size": 32,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [0],
+}
 # GLM-4.5V's text model: layer 0 dense, layer 1 a mixture of 4 routed experts (2 per token) and a shared one
 GLM_MOE = {
     "moe_intermediate_size": 32,
@@ -81,7 +89,7 @@ def build(model_type: str, directory: Path, tokenizer: Any) -> Path:
         image = "<|vision_start|><|image_pad|><|vision_end|>"
         tok.chat_template = CHAT_TEMPLATE.replace("{{ IMAGE }}", image)
         processor: Any = Qwen2VLImageProcessorPil(**PIXELS)
-    elif model_type == "qwen3_vl":
+    elif model_type in ("qwen3_vl", "qwen3_vl_moe"):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         tok.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
@@ -97,6 +105,7 @@ def build(model_type: str, directory: Path, tokenizer: Any) -> Path:
                     "mrope_section": [2, 3, 3],
                     "mrope_interleaved": True,
                 },
+                **(QWEN3_MOE if model_type == "qwen3_vl_moe" else {}),
             },
             vision_config={  # deepstack: vision layers 0 and 1 feed decoder layers 0 and 1
                 "depth": 2,

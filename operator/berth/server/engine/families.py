@@ -93,6 +93,12 @@ VISION_FAMILIES: tuple[VisionFamily, ...] = (
     VisionFamily(
         "qwen3_vl", "Qwen3-VL (dense)", "interleaved M-RoPE", ("deepstack features in early layers",)
     ),
+    VisionFamily(
+        "qwen3_vl_moe",
+        "Qwen3-VL MoE (30B-A3B, 235B-A22B)",
+        "interleaved M-RoPE",
+        ("deepstack features", "MoE"),
+    ),
     VisionFamily("glm4v", "GLM-4.1V-Thinking, GLM-4.6V-Flash", "M-RoPE", ("partial rotary",)),
     VisionFamily("glm4v_moe", "GLM-4.5V, GLM-4.6V", "M-RoPE", ("partial rotary", "MoE")),
     VisionFamily("idefics3", "Idefics3", "1-D", ("image splitting into crops", "pixel-shuffle connector")),
