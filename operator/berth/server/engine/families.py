@@ -89,6 +89,7 @@ class VisionFamily:
 
 # What tests/server/test_vision.py checks token for token against transformers generate.
 VISION_FAMILIES: tuple[VisionFamily, ...] = (
+    VisionFamily("qwen2_vl", "Qwen2-VL", "M-RoPE (get_rope_index)"),
     VisionFamily("qwen2_5_vl", "Qwen2.5-VL", "M-RoPE (get_rope_index)", ("window attention vision tower",)),
     VisionFamily(
         "qwen3_vl", "Qwen3-VL (dense)", "interleaved M-RoPE", ("deepstack features in early layers",)
