@@ -5,7 +5,8 @@ to loopback addresses: a name resolving to 127.0.0.1 is refused unless it is on 
 exact name; an allowed fetch connects to the address that was checked (the Host header carries the
 name); a name that answers a public address to the check and a loopback one afterwards is connected at
 the checked public address (seen through a mock transport: no traffic leaves the machine), never at
-the second answer, and the name is looked up once.
+the second answer, and the name is looked up once; HTTPS to the pinned address sends the name as SNI
+and verifies the certificate for the name (a real TLS server on 127.0.0.1, a self-signed certificate).
 """
 
 from __future__ import annotations
@@ -157,3 +158,74 @@ def test_a_redirect_to_another_host_is_refused(resolver: Callable[[list[str]], l
     with pytest.raises(ApiError) as e:
         fetch(f"http://{NAME}/x.png", settings("cluster.test"), httpx.MockTransport(handle))
     assert "another host" in e.value.message
+
+
+def self_signed(name: str, directory: Any) -> tuple[str, str, bytes]:
+    """(cert file, key file, cert PEM) of a self-signed certificate for the DNS name ``name``."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(pem)
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return str(cert_file), str(key_file), pem
+
+
+@pytest.mark.parametrize("cert_name", [NAME, "other.test"])
+def test_https_at_the_checked_address_verifies_the_certificate_for_the_name(
+    cert_name: str, tmp_path: Any, resolver: Callable[[list[str]], list[str]]
+) -> None:
+    """A real TLS server on 127.0.0.1: the pinned connection sends the name as SNI and verifies the
+    certificate against it (not against the address): a certificate for another name is refused."""
+    import ssl
+
+    pytest.importorskip("cryptography")
+    cert_file, key_file, pem = self_signed(cert_name, tmp_path)
+    Handler.hosts = []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert_file, key_file)
+    httpd.socket = server_ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        port = httpd.server_address[1]
+        resolver(["127.0.0.1"])
+        client_ctx = ssl.create_default_context(cadata=pem.decode())
+        transport = httpx.HTTPTransport(verify=client_ctx)
+        url = f"https://{NAME}:{port}/x.png"
+        if cert_name == NAME:
+            assert fetch(url, settings(NAME), transport) == png_bytes()
+            assert Handler.hosts == [f"{NAME}:{port}"]
+        else:
+            with pytest.raises(ApiError) as e:
+                fetch(url, settings(NAME), transport)
+            assert "fetching the image failed" in e.value.message
+            assert "CERTIFICATE_VERIFY_FAILED" in repr(e.value.__cause__)
+            assert Handler.hosts == []
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
