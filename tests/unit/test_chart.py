@@ -291,7 +291,7 @@ def test_health_and_metrics_can_be_turned_off() -> None:
 
 # ---------------------------------------------------------------- RBAC
 
-# Exactly the calls of kube.py/reconcile.py/events.py/autoscaler.py/handlers.py, plus kopf's watches.
+# Exactly the calls of kube.py/reconcile.py/events.py/autoscaler.py/cache.py (the watches), plus kopf's.
 EXPECTED_OPERATOR_RULES = {
     ("berth.dev", "modeldeployments", "get"),
     ("berth.dev", "modeldeployments", "list"),
@@ -311,15 +311,20 @@ EXPECTED_OPERATOR_RULES = {
     ("apps", "deployments", "create"),
     ("apps", "deployments", "patch"),
     ("", "services", "get"),
+    ("", "services", "list"),
+    ("", "services", "watch"),
     ("", "services", "create"),
     ("", "services", "patch"),
-    ("", "secrets", "get"),
-    ("", "secrets", "create"),
+    ("", "secrets", "create"),  # no get, list or watch: the operator reads no Secret
     ("networking.k8s.io", "networkpolicies", "get"),
+    ("networking.k8s.io", "networkpolicies", "list"),
+    ("networking.k8s.io", "networkpolicies", "watch"),
     ("networking.k8s.io", "networkpolicies", "create"),
     ("networking.k8s.io", "networkpolicies", "patch"),
     ("networking.k8s.io", "networkpolicies", "delete"),
     ("policy", "poddisruptionbudgets", "get"),
+    ("policy", "poddisruptionbudgets", "list"),
+    ("policy", "poddisruptionbudgets", "watch"),
     ("policy", "poddisruptionbudgets", "create"),
     ("policy", "poddisruptionbudgets", "patch"),
     ("policy", "poddisruptionbudgets", "delete"),
@@ -361,7 +366,8 @@ def test_rbac_covers_every_kind_the_client_knows(default: list[dict[str, Any]]) 
     rules = one(default, "ClusterRole", "berth-operator")["rules"]
     for k in kube.KINDS_BY_NAME.values():
         group = "" if k.prefix == "api/v1" else k.prefix.split("/")[1]
-        assert allowed(rules, group, k.plural, "create" if k is kube.EVENT else "get"), k
+        assert allowed(rules, group, k.plural, "create" if k in (kube.EVENT, kube.SECRET) else "get"), k
+    assert not any(allowed(rules, "", "secrets", v) for v in ("get", "list", "watch"))  # never read
 
 
 def test_rbac_covers_kopf_watches(default: list[dict[str, Any]]) -> None:
@@ -380,8 +386,14 @@ def test_rbac_covers_kopf_watches(default: list[dict[str, Any]]) -> None:
     selectors = {
         (h.selector.group or "", h.selector.plural or h.selector.any_name) for h in handlers if h.selector
     }
-    assert ("berth.dev", "modeldeployments") in selectors and ("", "pods") in selectors
     assert ("berth.dev", "apikeys") in selectors
+    # and every kind the operator's own watch caches list and watch (cache.operator_specs)
+    from berth.controller.cache import operator_specs
+
+    for spec in operator_specs():
+        prefix = spec.kind.prefix
+        selectors.add(("" if prefix == "api/v1" else prefix.split("/")[1], spec.kind.plural))
+    assert ("berth.dev", "modeldeployments") in selectors and ("", "pods") in selectors
     rules = one(default, "ClusterRole", "berth-operator")["rules"]
     for group, plural in selectors:
         for verb in ("list", "watch", "get"):

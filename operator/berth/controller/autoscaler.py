@@ -1,7 +1,8 @@
 """Autoscaling on load through spec.capacity (the scale subresource), HPA-style.
 
 Signal: in-flight requests (running + waiting) of each *ready* instance, read from its /metrics
-(`PodMetricsSource`; the `MetricsSource` protocol lets Prometheus take its place later), summed and
+(`PodMetricsSource`; the `MetricsSource` protocol lets Prometheus take its place later), plus the
+requests the gateway holds for the ModelDeployment while it scales up (`GatewayWaiting`), summed and
 averaged over a window; a ready instance that does not answer (in time, within the size cap, with
 finite values) counts as loaded at the target and in `berth_operator_unreadable_pods`. Decision (`decide`, pure): desired = ceil(in-flight / target per instance),
 clamped to [minCapacity, maxCapacity]; up at once by a bounded step (like the HPA's default policy:
@@ -268,6 +269,79 @@ class PodMetricsSource:
         return out
 
 
+# The gateway's gauge of requests held while a ModelDeployment scales up (berth/gateway/metrics.py),
+# and the label the chart puts on the gateway's pods.
+GATEWAY_WAITING_METRIC = "berth_gateway_waiting_requests"
+GATEWAY_POD_SELECTOR = "berth.dev/gateway=true"
+
+
+def parse_gateway_waiting(text: str) -> dict[tuple[str, str], float]:
+    """(namespace, ModelDeployment) -> requests held, from one gateway replica's exposition."""
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != GATEWAY_WAITING_METRIC:
+            continue
+        for sample in family.samples:
+            ns, md = sample.labels.get("namespace"), sample.labels.get("modeldeployment")
+            if sample.name != family.name or not ns or not md:
+                continue
+            if math.isfinite(sample.value) and sample.value > 0:
+                out[(ns, md)] = out.get((ns, md), 0.0) + sample.value
+    return out
+
+
+class GatewayWaiting:
+    """The requests every gateway replica holds per ModelDeployment, read from their /metrics (the
+    ready pods labelled berth.dev/gateway=true in the gateway namespace) at most once per
+    ``max_age`` seconds for all ModelDeployments. A replica that cannot be read adds nothing."""
+
+    def __init__(
+        self,
+        client: kube.Kube,
+        settings: OperatorSettings,
+        max_age: float | None = None,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.max_age = settings.autoscale_interval_seconds / 2 if max_age is None else max_age
+        self.clock = clock
+        self._read_at: float | None = None
+        self._held: dict[tuple[str, str], float] = {}
+
+    def _read(self, ip: str) -> dict[tuple[str, str], float]:
+        s = self.settings
+        text = fetch_metrics(
+            ip, s.gateway_metrics_port, s.metrics_scrape_timeout_seconds, s.metrics_scrape_max_bytes
+        )
+        return parse_gateway_waiting(text)
+
+    def refresh(self) -> None:
+        held: dict[tuple[str, str], float] = {}
+        try:
+            pods = self.client.list(kube.POD, self.settings.gateway_ns(), GATEWAY_POD_SELECTOR)
+        except Exception as e:  # e.g. no RBAC for pods in the gateway namespace (namespaced install)
+            log.debug("cannot list the gateway pods: %s", e)
+            pods = []
+        for pod in pods:
+            ip = (pod.get("status") or {}).get("podIP")
+            if not ip or not _ready(pod):
+                continue
+            try:
+                for key, value in self._read(ip).items():
+                    held[key] = held.get(key, 0.0) + value
+            except (OSError, ValueError) as e:
+                metrics.SCRAPE_FAILURES.labels(_failure_reason(e)).inc()
+                log.debug("no metrics from gateway pod %s: %s", (pod.get("metadata") or {}).get("name"), e)
+        self._held = held
+        self._read_at = self.clock()
+
+    def waiting(self, namespace: str, name: str) -> float:
+        if self._read_at is None or self.clock() - self._read_at >= self.max_age:
+            self.refresh()
+        return self._held.get((namespace, name), 0.0)
+
+
 class Autoscaler:
     """Per-operator autoscaling loop body: one `tick` per ModelDeployment per interval."""
 
@@ -282,7 +356,12 @@ class Autoscaler:
             settings.metrics_scrape_max_bytes,
         )
         self.states: dict[tuple[str, str], State] = {}
+        self.gateway = GatewayWaiting(client, settings) if settings.gateway_metrics_port else None
         self._hpa_forbidden_logged = False
+
+    def gateway_waiting(self, md: ModelDeployment) -> float:
+        """Requests the gateway holds for `md` (waiting for it to scale up): load with no pod to show it."""
+        return self.gateway.waiting(md.namespace, md.name) if self.gateway is not None else 0.0
 
     def forget(self, namespace: str, name: str) -> None:
         self.states.pop((namespace, name), None)
@@ -345,7 +424,7 @@ class Autoscaler:
         unread = len(unreadable)
         metrics.UNREADABLE_PODS.labels(md.namespace, md.name).set(unread)
         self._record(body, md, AutoscalerStatus(read_pods=len(per_pod), unreadable_pods=unreadable))
-        total = sum(per_pod.values()) + unread * policy.target_per_instance
+        total = sum(per_pod.values()) + unread * policy.target_per_instance + self.gateway_waiting(md)
         busy = sum(1 for v in per_pod.values() if v > 0) + unread
         current = md.spec.capacity
         decision = decide(current, busy, policy, state, monotonic, total)

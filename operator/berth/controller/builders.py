@@ -470,6 +470,7 @@ def build_network_policy(md: ModelDeployment, settings: OperatorSettings) -> Man
         }
     ]
     peers += [{"ipBlock": {"cidr": cidr}} for cidr in access.allowed_cidrs]
+    peers.append(gateway_peer(settings))
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -496,4 +497,64 @@ def build_pdb(md: ModelDeployment) -> Manifest | None:
             # a crash-looping or never-ready instance never blocks a node drain
             "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
+    }
+
+
+# ------------------------------------------------------------------------------------- the gateway
+
+# The key id the server trusts to name the tenant's key (berth.server.auth.GATEWAY_KEY_ID; the
+# operator imports no server code) and the label the chart puts on the gateway's pods.
+GATEWAY_KEY_ID = "berth-gateway"
+GATEWAY_POD_LABELS = {"berth.dev/gateway": "true"}
+
+
+def gateway_peer(settings: OperatorSettings) -> dict[str, Any]:
+    """The NetworkPolicy peer of the gateway's pods: an instance with spec.access always admits them."""
+    return {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": settings.gateway_ns()}},
+        "podSelector": {"matchLabels": dict(GATEWAY_POD_LABELS)},
+    }
+
+
+def build_gateway_key_secret(md: ModelDeployment, credential: str) -> Manifest | None:
+    """The Secret with the instance's gateway credential (entry ``berth-gateway``, derived by HMAC from
+    the gateway master key; no tenant holds it); None when the instance's auth is off."""
+    if names.api_key_secret_name(md) is None:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(md, names.gateway_key_secret_name(md)),
+        "type": "Opaque",
+        "data": {GATEWAY_KEY_ID: base64.b64encode(credential.encode()).decode()},
+    }
+
+
+def mount_gateway_key(deployment: Manifest, md: ModelDeployment) -> Manifest:
+    """The Deployment with its API-key volume projected from the instance's keys *and* the gateway
+    key Secret, so the server, which reads one directory, accepts both. Unchanged when auth is off."""
+    keys = names.api_key_secret_name(md)
+    if keys is None:
+        return deployment
+    volume = {
+        "name": "api-keys",
+        "projected": {
+            "defaultMode": 0o440,
+            "sources": [
+                {"secret": {"name": keys}},
+                {
+                    "secret": {
+                        "name": names.gateway_key_secret_name(md),
+                        "items": [{"key": GATEWAY_KEY_ID, "path": GATEWAY_KEY_ID}],
+                    }
+                },
+            ],
+        },
+    }
+    template = deployment["spec"]["template"]
+    pod = template["spec"]
+    volumes = [volume if v.get("name") == "api-keys" else v for v in pod.get("volumes") or []]
+    return {
+        **deployment,
+        "spec": {**deployment["spec"], "template": {**template, "spec": {**pod, "volumes": volumes}}},
     }
