@@ -495,7 +495,7 @@ def _ready_condition(v: _View, phase: Phase) -> _Cond:
 
 
 def _progress(v: _View) -> str:
-    """ "; 1 creating containers, 1 downloading the model, 1 starting (loading the model)" or ""."""
+    """The progress detail of the Ready message, e.g. "; 1 creating containers, 1 starting ...", or ""."""
     parts = [
         f"{n} {what}"
         for n, what in (
