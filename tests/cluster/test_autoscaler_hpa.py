@@ -8,6 +8,7 @@ answer "idle", so the built-in autoscaler would scale down whenever it is not st
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import threading
@@ -33,16 +34,45 @@ class _Idle(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _Drip(http.server.BaseHTTPRequestHandler):
+    """Headers, then one byte every 0.2 s for as long as the client stays."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        try:
+            while True:
+                self.wfile.write(b"#")
+                self.wfile.flush()
+                time.sleep(0.2)
+        except OSError:
+            pass
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class _Huge(_Idle):
+    """10 MB of comment before the gauges."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            self.wfile.write(b"# " + b"x" * (10 << 20) + b"\nberth_running_requests 0\n")
+
+
 class IdleMetrics:
-    """An idle /metrics on each given pod IP and the server port."""
+    """A /metrics (idle by default) on each given pod IP and the server port."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.servers: dict[str, http.server.HTTPServer] = {}
 
-    def serve(self, ip: str) -> None:
+    def serve(self, ip: str, handler: type[http.server.BaseHTTPRequestHandler] = _Idle) -> None:
         assert ip.startswith("127."), f"pod IP {ip} is not on loopback"
-        server = http.server.HTTPServer((ip, self.port), _Idle)
+        server = http.server.ThreadingHTTPServer((ip, self.port), handler)
+        server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
         self.servers[ip] = server
 
@@ -123,6 +153,41 @@ def test_unreadable_instances_are_named_in_the_autoscaling_condition(
     idle.serve(pods[1]["status"]["podIP"])
     got = wait_md(cluster, operator, namespace, "lumpy", unreadable([]), "every pod read")
     assert got["status"]["autoscaler"]["readPods"] == 2
+
+
+def _failures(op: OperatorProcess, reason: str) -> float:
+    return op.metrics().get(f"berth_operator_metrics_scrape_failures_total{{reason={reason}}}", 0.0)
+
+
+def test_a_dripping_pod_and_a_10_mb_pod_do_not_slow_the_autoscaler(
+    cluster: Any, operator: OperatorProcess, namespace: str, idle: IdleMetrics
+) -> None:
+    """One instance drips its /metrics a byte at a time, another sends 10 MB: each is cut off (deadline,
+    size cap) on every tick, so the loop keeps its 2 s interval, and both are named as unreadable."""
+    autoscaling = {"enabled": True, "minCapacity": 2, "maxCapacity": 3, "scaleDownDelaySeconds": 2}
+    apply(cluster, namespace, md("noisy", capacity=2, auth={"mode": "none"}, autoscaling=autoscaling))
+    wait_md(cluster, operator, namespace, "noisy", lambda s: s.get("readyCapacity") == 2, "2 ready")
+    drip, huge = _pods(cluster, namespace, "noisy")
+    idle.serve(drip["status"]["podIP"], _Drip)
+    idle.serve(huge["status"]["podIP"], _Huge)
+    both = sorted([drip["metadata"]["name"], huge["metadata"]["name"]])
+    wait_md(
+        cluster,
+        operator,
+        namespace,
+        "noisy",
+        lambda s: (
+            (s.get("autoscaler") or {}).get("unreadablePods") == both
+            and condition(s, "Autoscaling").get("reason") == "UnreadableInstances"
+        ),
+        "both pods named unreadable",
+    )
+    before = (_failures(operator, "deadline"), _failures(operator, "too_large"))
+    time.sleep(14)  # about five passes of the loop (2 s apart, plus the 0.5 s scrape deadline)
+    after = (_failures(operator, "deadline"), _failures(operator, "too_large"))
+    # a loop held by the drip would count none in this window; one read per pass counts about five
+    assert after[0] - before[0] >= 3, (before, after)
+    assert after[1] - before[1] >= 3, (before, after)
 
 
 def test_an_hpa_on_the_model_deployment_is_reported_and_the_autoscaler_stands_aside(
