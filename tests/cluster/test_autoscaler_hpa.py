@@ -133,9 +133,13 @@ def test_unreadable_instances_are_named_in_the_autoscaling_condition(
 
     def unreadable(want: list[str]) -> Any:
         def check(s: dict[str, Any]) -> bool:
+            # status.autoscaler is the autoscaler's; the condition follows at the next reconcile
             c = condition(s, "Autoscaling")
-            return (s.get("autoscaler") or {}).get("unreadablePods", []) == want and (
-                c.get("reason") == ("UnreadableInstances" if want else "Active")
+            named = [n for n in names if n in c.get("message", "")]
+            return (
+                (s.get("autoscaler") or {}).get("unreadablePods", []) == want
+                and c.get("reason") == ("UnreadableInstances" if want else "Active")
+                and named == want
             )
 
         return check
