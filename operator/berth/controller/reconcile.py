@@ -17,7 +17,7 @@ from typing import Any
 
 from berth.api.models import KIND, ModelDeployment
 from berth.api.quantity import parse_quantity
-from berth.controller import builders, kube, names, policy
+from berth.controller import builders, inference_pool, kube, names, policy
 from berth.controller.events import EventSpec, emit, status_events
 from berth.controller.settings import OperatorSettings
 from berth.controller.status import Observed, compute_status, managed_status
@@ -300,6 +300,8 @@ def reconcile(
     result = Result()
 
     desired = desired_children(md, settings, api_key)
+    pool = inference_pool.desired(md, settings, client)  # [] unless the cluster has the InferencePool CRD
+    desired += pool
     observed: dict[tuple[str, str], dict[str, Any] | None] = {
         (kind.kind, name): client.get(kind, ns, name) for kind, name, _ in desired
     }
@@ -321,6 +323,10 @@ def reconcile(
     pods = client.list(kube.POD, ns, names.selector_string(md)) if deployment is not None else []
     previous = dict(body.get("status") or {})
     status = compute_status(md, Observed(deployment, pods, missing_secret, taken), settings, now, previous)
+    pool_key = (kube.INFERENCE_POOL.kind, names.inference_pool_name(md))
+    status["inferencePool"] = inference_pool.pool_status(
+        md, observed.get(pool_key), any(m is not None for _, _, m in pool)
+    )
     result.status = status
     if managed_status(status) != managed_status(previous):
         client.patch_status(kube.MODEL_DEPLOYMENT, ns, md.name, status)
