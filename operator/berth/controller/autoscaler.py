@@ -10,6 +10,12 @@ at most max(4 instances, 100%) per decision); down only to the highest recommend
 `scaleDownDelaySeconds`, and never below the instances that still have requests in flight.
 Action (`Autoscaler.tick`): write through the scale subresource, emit an Event with the reason,
 record status.desiredCapacity / status.lastScaleTime, export desired vs actual capacity.
+
+An autoscaling/v2 HorizontalPodAutoscaler whose scaleTargetRef is the ModelDeployment takes precedence:
+the autoscaler then makes no decision at all (two controllers writing spec.capacity would fight), emits a
+Warning Event `ExternalAutoscaler` naming the HPA once, and records it in status.autoscaler. What each
+sample saw (the HPA, the pods read and the ones that could not be) goes to status.autoscaler, written
+only when it changes; the reconcile shows it as the Autoscaling condition (status.py).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any, Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from berth.api.models import ModelDeployment, ModelDeploymentStatus
+from berth.api.models import GROUP, KIND, AutoscalerStatus, ModelDeployment, ModelDeploymentStatus
 from berth.controller import kube, metrics, names
 from berth.controller.events import EventSpec, emit
 from berth.controller.settings import OperatorSettings
@@ -37,6 +43,20 @@ log = logging.getLogger(__name__)
 
 # Server gauges that make up "in flight" (operator/berth/server/metrics.py).
 IN_FLIGHT_METRICS = ("berth_running_requests", "berth_waiting_requests")
+
+HPA = kube.Kind("HorizontalPodAutoscaler", "apis/autoscaling/v2", "horizontalpodautoscalers")
+
+
+def hpas_targeting(hpas: list[dict[str, Any]], name: str) -> list[str]:
+    """Names of the HPAs (autoscaling/v2 objects of one namespace) whose scaleTargetRef is the
+    ModelDeployment `name` (any berth.dev version), sorted."""
+    found = []
+    for hpa in hpas:
+        ref = (hpa.get("spec") or {}).get("scaleTargetRef") or {}
+        group = str(ref.get("apiVersion") or "").partition("/")[0]
+        if ref.get("kind") == KIND and ref.get("name") == name and group == GROUP:
+            found.append(str((hpa.get("metadata") or {}).get("name")))
+    return sorted(found)
 
 
 @dataclass(frozen=True)
@@ -337,6 +357,7 @@ class Autoscaler:
         )
         self.states: dict[tuple[str, str], State] = {}
         self.gateway = GatewayWaiting(client, settings) if settings.gateway_metrics_port else None
+        self._hpa_forbidden_logged = False
 
     def gateway_waiting(self, md: ModelDeployment) -> float:
         """Requests the gateway holds for `md` (waiting for it to scale up): load with no pod to show it."""
@@ -344,6 +365,26 @@ class Autoscaler:
 
     def forget(self, namespace: str, name: str) -> None:
         self.states.pop((namespace, name), None)
+
+    def _external(self, md: ModelDeployment) -> str | None:
+        """ "HorizontalPodAutoscaler/<name>" of an HPA that targets this ModelDeployment, or None."""
+        try:
+            hpas = self.client.list(HPA, md.namespace, "")
+        except kube.Forbidden as e:  # an RBAC without the rule (older chart): scale, but say so once
+            if not self._hpa_forbidden_logged:
+                log.warning("cannot list HorizontalPodAutoscalers (%s): HPA detection is off", e.message)
+                self._hpa_forbidden_logged = True
+            return None
+        found = hpas_targeting(hpas, md.name)
+        return ", ".join(f"{HPA.kind}/{n}" for n in found) if found else None
+
+    def _record(self, body: dict[str, Any], md: ModelDeployment, seen: AutoscalerStatus) -> None:
+        """status.autoscaler, only when it changed."""
+        before = (body.get("status") or {}).get("autoscaler")
+        if before is not None and AutoscalerStatus.model_validate(before) == seen:
+            return
+        patch = ModelDeploymentStatus(autoscaler=seen).patch({"autoscaler"})
+        self.client.patch_status(kube.MODEL_DEPLOYMENT, md.namespace, md.name, patch)
 
     def tick(self, body: dict[str, Any], now: datetime, monotonic: float) -> Decision | None:
         md = ModelDeployment.model_validate(
@@ -353,6 +394,21 @@ class Autoscaler:
         if not md.spec.autoscaling.enabled:
             self.forget(*key)
             return None
+        external = self._external(md)
+        if external is not None:
+            # someone else scales this ModelDeployment: no decision, no sample window kept
+            self.forget(*key)
+            metrics.UNREADABLE_PODS.labels(md.namespace, md.name).set(0)
+            before = ((body.get("status") or {}).get("autoscaler") or {}).get("externalAutoscaler")
+            self._record(body, md, AutoscalerStatus(external_autoscaler=external))
+            if before != external:
+                message = (
+                    f"{external} targets this ModelDeployment: the built-in autoscaler (spec.autoscaling) "
+                    "stands aside while it exists"
+                )
+                emit(self.client, body, [EventSpec("Warning", "ExternalAutoscaler", message)], now)
+                log.warning("%s/%s: %s", md.namespace, md.name, message)
+            return None
         state = self.states.setdefault(key, State())
         pods = self.client.list(kube.POD, md.namespace, names.selector_string(md))
         per_pod = self.source.in_flight(pods, self.settings.server_port)
@@ -360,8 +416,14 @@ class Autoscaler:
         # A ready pod whose /metrics did not answer counts as loaded at the target (as the HPA assumes
         # 100% for missing pods when scaling down): an overloaded server answering slowly must not
         # read as idle.
-        unread = sum(1 for p in pods if _ready(p) and (p.get("metadata") or {}).get("name") not in per_pod)
+        unreadable = sorted(
+            str((p.get("metadata") or {}).get("name"))
+            for p in pods
+            if _ready(p) and (p.get("metadata") or {}).get("name") not in per_pod
+        )
+        unread = len(unreadable)
         metrics.UNREADABLE_PODS.labels(md.namespace, md.name).set(unread)
+        self._record(body, md, AutoscalerStatus(read_pods=len(per_pod), unreadable_pods=unreadable))
         total = sum(per_pod.values()) + unread * policy.target_per_instance + self.gateway_waiting(md)
         busy = sum(1 for v in per_pod.values() if v > 0) + unread
         current = md.spec.capacity
@@ -380,7 +442,7 @@ class Autoscaler:
                 kube.MODEL_DEPLOYMENT,
                 md.namespace,
                 md.name,
-                scaled.patch(ModelDeploymentStatus.AUTOSCALER_FIELDS),
+                scaled.patch({"desired_capacity", "last_scale_time"}),
             )
             emit(self.client, body, [EventSpec("Normal", "Autoscaled", decision.reason)], now)
             log.info("%s/%s: %s", md.namespace, md.name, decision.reason)

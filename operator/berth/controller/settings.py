@@ -96,6 +96,14 @@ class OperatorSettings(BaseSettings):
     startup_seconds: int = Field(
         1800, description="Budget for a model download and load before the startup probe gives up.", ge=60
     )
+    model_cache_size: str = Field(
+        "50Gi",
+        description=(
+            "Size of an hf:// model's download volume when spec.model.cacheSize is not set: the emptyDir's "
+            "sizeLimit and the ephemeral-storage the download container requests."
+        ),
+        pattern=r"^[0-9]+(\.[0-9]+)?(k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$",
+    )
     autoscale_interval_seconds: float = Field(
         15.0, description="How often the autoscaler samples load.", gt=0
     )
@@ -163,6 +171,39 @@ class OperatorSettings(BaseSettings):
             "Pod annotation keys podTemplate.annotations may set (comma-separated); an entry ending in "
             "/ allows every key of that prefix, * allows any."
         ),
+    )
+    workers: int = Field(
+        4,
+        description=(
+            "Reconcile workers: ModelDeployments reconciled at once (one key is never processed by two "
+            "workers at once; events of one ModelDeployment are coalesced while it waits)."
+        ),
+        ge=1,
+        le=64,
+    )
+    api_qps: float = Field(
+        100.0,
+        description="The operator's own client-side limit on Kubernetes API requests per second (0: none).",
+        ge=0,
+    )
+    api_burst: int = Field(
+        200, description="Requests the operator may send at once above api_qps (token bucket size).", ge=1
+    )
+    backoff_base_seconds: float = Field(
+        1.0, description="First retry delay of a ModelDeployment whose reconcile failed (doubles).", gt=0
+    )
+    backoff_max_seconds: float = Field(
+        300.0, description="Longest retry delay of a failing ModelDeployment (before jitter).", gt=0
+    )
+    watch_timeout_seconds: int = Field(
+        300,
+        description="How long one WATCH of the caches lasts before it is resumed (spread by 10%).",
+        ge=30,
+    )
+    event_repeat_seconds: float = Field(
+        600.0,
+        description="An Event identical to one recorded for the same ModelDeployment within this long is not sent again.",
+        ge=0,
     )
     log_level: str = Field("INFO", description="Operator log level.")
     gateway_master_key_file: str = Field(
