@@ -75,12 +75,16 @@ class RecordingKube:
             and all((o["metadata"].get("labels") or {}).get(a) == b for a, b in wanted.items())
         ]
 
-    def create(self, kind: kube.Kind, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    def create(
+        self, kind: kube.Kind, namespace: str, body: dict[str, Any], dry_run: bool = False
+    ) -> dict[str, Any] | None:
         name = body["metadata"].get("name") or f"{body['metadata'].get('generateName', 'x')}{next(self._uid)}"
-        self.calls.append(("create", kind.kind, name, copy.deepcopy(body)))
+        self.calls.append(("dry-run create" if dry_run else "create", kind.kind, name, copy.deepcopy(body)))
         key = (kind.kind, namespace, name)
         if key in self.objects:
             return None
+        if dry_run:
+            return copy.deepcopy(body)
         obj = copy.deepcopy(body)
         obj["metadata"].update({"name": name, "uid": f"u{next(self._uid)}", "generation": 1})
         self.objects[key] = obj
@@ -127,3 +131,21 @@ def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
 @pytest.fixture
 def recording() -> RecordingKube:
     return RecordingKube()
+
+
+def feed(ctx: Any, client: RecordingKube) -> None:
+    """What the watches would deliver to an OperatorContext's caches: every object the fake API holds
+    (but Secrets, which the operator never watches nor reads)."""
+    for (kind, _, _), o in client.objects.items():
+        store = ctx.caches.stores.get(kind)
+        if store is not None and kind != "Secret":
+            store.upsert(copy.deepcopy(o))
+    for store in ctx.caches.stores.values():
+        store.synced.set()
+
+
+def reconcile_key(ctx: Any, client: RecordingKube, namespace: str = "team-a", name: str = "chat") -> Any:
+    """One work-queue step for a ModelDeployment key, its caches fed from the fake API first; returns
+    the retry delay the reconciler asked for (None: done)."""
+    feed(ctx, client)
+    return ctx.queue.handler((namespace, name))

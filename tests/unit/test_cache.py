@@ -1,15 +1,16 @@
-"""Watch caches and the queue-driven handlers against in-memory fakes: reads from the cache, writes to
-the API, relists after a watch expires, 429 backs off, 403 becomes a condition."""
+"""Watch caches and the queue wiring against in-memory fakes: reads from the cache (never a Secret),
+relists after a watch expires, events only enqueue (a burst is one key), Events are aggregated."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from berth.controller import handlers, kube
+from berth.controller import kube
 from berth.controller.cache import (
     CachedKube,
     Caches,
@@ -18,11 +19,15 @@ from berth.controller.cache import (
     Store,
     operator_specs,
     remembered_specs,
+    strip_pod,
 )
 from berth.controller.context import OperatorContext
+from berth.controller.events import EventRecorder, EventSpec
 from berth.controller.settings import OperatorSettings
 
-from .conftest import RecordingKube
+from .conftest import RecordingKube, md_body
+
+NOW = datetime(2026, 11, 23, 10, 5, 0, tzinfo=UTC)
 
 
 def obj(name: str, rv: str, owner: str | None = None, ns: str = "team-a", **extra: Any) -> dict[str, Any]:
@@ -127,48 +132,94 @@ def test_informer_lists_watches_resumes_and_relists_after_410() -> None:
     assert store.synced.is_set() and informer.lists == 2
 
 
-def _context(settings: OperatorSettings, client: RecordingKube) -> OperatorContext:
-    ctx = OperatorContext.create(settings, client=client)
-    handlers.make_runtime(ctx)
-    assert ctx.caches is not None
-    for store in ctx.caches.stores.values():
-        store.synced.set()
-    return ctx
-
-
-def _feed(ctx: OperatorContext, client: RecordingKube) -> None:
-    """What the watches would deliver: every object the fake API holds, into its store."""
-    assert ctx.caches is not None
-    for (kind, _, _), o in client.objects.items():
-        store = ctx.caches.stores.get(kind)
-        if store is not None and kind != "Secret":
-            store.upsert(copy.deepcopy(o))
-
-
-def test_a_referenced_secret_is_looked_up_until_found(settings: OperatorSettings) -> None:
+def test_the_cache_reads_are_memory_and_secrets_are_never_read() -> None:
     client = RecordingKube()
     caches = Caches(operator_specs(), remembered_specs())
-    reader = CachedKube(client, caches, lambda k, ns, n: k.kind != "Secret")
-    assert reader.get(kube.SECRET, "team-a", "team-keys") is None
+    reader = CachedKube(client, caches)
     client.objects[("Secret", "team-a", "team-keys")] = {
         "metadata": {"name": "team-keys", "namespace": "team-a"}
     }
-    assert reader.get(kube.SECRET, "team-a", "team-keys") is not None
-    client.clear()
+    assert reader.get(kube.SECRET, "team-a", "team-keys") is None  # not known: never a GET
+    assert reader.get(kube.SERVICE, "team-a", "chat") is None
+    assert reader.list(kube.POD, "team-a", "berth.dev/model-deployment=chat") == []
+    assert reader.list(kube.MODEL_DEPLOYMENT, "", "") == []  # all namespaces: from the store too
+    assert client.calls == []
+    reader.remember(
+        kube.SECRET, {"metadata": {"name": "team-keys", "namespace": "team-a"}, "data": {"k": "eA=="}}
+    )
     assert reader.get(kube.SECRET, "team-a", "team-keys") == {
         "metadata": {"name": "team-keys", "namespace": "team-a"}
     }
-    assert client.calls == []  # remembered, metadata only
+    assert reader.fetch(kube.SERVICE, "team-a", "chat") is None and client.calls == [
+        ("get", "Service", "chat", None)
+    ]
 
 
-class Throttled(RecordingKube):
-    def __init__(self, error: kube.ApiError) -> None:
-        super().__init__()
-        self.error = error
-        self.failures = 1
+def test_a_pod_keeps_what_status_and_the_autoscaler_read() -> None:
+    pod = obj(
+        "chat-1",
+        "3",
+        "chat",
+        spec={"nodeName": "n1", "containers": [{"name": "server", "env": [{"name": "X", "value": "y"}]}]},
+        status={"podIP": "10.0.0.1", "phase": "Running"},
+    )
+    assert strip_pod(pod) == {
+        "metadata": {k: v for k, v in pod["metadata"].items() if k != "managedFields"},
+        "spec": {"nodeName": "n1"},
+        "status": {"podIP": "10.0.0.1", "phase": "Running"},
+    }
 
-    def create(self, kind: kube.Kind, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        if kind.kind == "Deployment" and self.failures:
-            self.failures -= 1
-            raise self.error
-        return super().create(kind, namespace, body)
+
+def _md(rv: str, generation: int = 1, status: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "chat", "namespace": "team-a", "resourceVersion": rv, "generation": generation},
+        "spec": {"capacity": 1},
+        "status": status or {},
+    }
+
+
+def test_events_only_enqueue_and_a_burst_of_pod_events_is_one_key(settings: OperatorSettings) -> None:
+    ctx = OperatorContext.create(settings, client=RecordingKube())
+    assert ctx.queue is not None
+    on_pod = ctx.on_change(kube.POD)
+    for i in range(50):
+        on_pod(obj("chat-1", str(i), "chat"), obj("chat-1", str(i + 1), "chat"))
+    assert ctx.queue.pending() == {("team-a", "chat")} and len(ctx.queue) == 0  # delayed, once
+    on_md = ctx.on_change(kube.MODEL_DEPLOYMENT)
+    on_md(_md("1"), _md("2", status={"phase": "Running"}))  # its own status write: nothing to do
+    assert len(ctx.queue) == 0
+    on_md(_md("2"), _md("3", generation=2))  # a spec change: at once (and supersedes the delayed add)
+    assert len(ctx.queue) == 1 and ctx.queue.pending() == {("team-a", "chat")}
+    assert ctx.take_trigger(("team-a", "chat")) == "pod"  # the first reason it was queued for
+
+
+def test_a_deleted_model_deployment_is_forgotten(settings: OperatorSettings) -> None:
+    ctx = OperatorContext.create(settings, client=RecordingKube())
+    ctx.client.remember(
+        kube.SECRET,
+        {
+            "metadata": {
+                "name": "chat-api-keys",
+                "namespace": "team-a",
+                "labels": {"berth.dev/model-deployment": "chat"},
+            }
+        },
+    )
+    ctx.backoff.failure(("team-a", "chat"))
+    ctx.on_change(kube.MODEL_DEPLOYMENT)(_md("4"), None)
+    assert ctx.client.get(kube.SECRET, "team-a", "chat-api-keys") is None
+    assert ctx.backoff.failures(("team-a", "chat")) == 0
+
+
+def test_the_event_recorder_sends_an_identical_event_once_per_window() -> None:
+    t = [0.0]
+    recorder = EventRecorder(repeat_seconds=600, clock=lambda: t[0])
+    client = RecordingKube()
+    body = md_body()
+    for _ in range(5):
+        recorder.emit(client, body, [EventSpec("Warning", "Forbidden", "quota")], NOW)
+    recorder.emit(client, body, [EventSpec("Warning", "Forbidden", "another message")], NOW)
+    t[0] = 601.0
+    recorder.emit(client, body, [EventSpec("Warning", "Forbidden", "quota")], NOW)
+    sent = [c[3]["message"] for c in client.writes() if c[:2] == ("create", "Event")]
+    assert sent == ["quota", "another message", "quota"] and recorder.suppressed == 4

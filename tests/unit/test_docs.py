@@ -99,10 +99,10 @@ def _status_reasons() -> set[str]:
                 and isinstance(second.value, str)
             ):
                 reasons.add(second.value)
-    # failed_status takes its reason from the handler that records the failure
-    handlers = ast.parse((Path(status.__file__).parent / "handlers.py").read_text())
-    for node in ast.walk(handlers):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_record_failure":
+    # failed_status takes its reason from the work queue's reconciler that records the failure
+    loops = ast.parse((Path(status.__file__).parent / "loops.py").read_text())
+    for node in ast.walk(loops):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "_failed":
             reasons.update(
                 a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
             )

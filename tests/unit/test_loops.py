@@ -138,3 +138,49 @@ def test_release_hands_over_at_once() -> None:
     a.release()
     assert not a.is_leader()
     assert b.try_acquire_or_renew()  # a free lease needs no waiting
+
+
+def test_the_resync_runs_at_once_when_the_lease_is_won_and_then_every_interval() -> None:
+    import threading
+    import time
+
+    leader = threading.Event()
+    passes: list[float] = []
+    api = RecordingKube()
+    api.objects[("ModelDeployment", "ns1", "a")] = md_body(name="a", namespace="ns1")
+    loop = Loop(
+        "resync",
+        3600,
+        api,
+        ["ns1"],
+        lambda body: passes.append(time.monotonic()),
+        leader.is_set,
+        eager=True,
+        poll=0.01,
+    )
+    loop.start()
+    try:
+        time.sleep(0.1)
+        assert passes == []  # not the leader: nothing
+        leader.set()
+        deadline = time.monotonic() + 5
+        while not passes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(passes) == 1  # won the lease: one pass at once, not after the hour
+        time.sleep(0.1)
+        assert len(passes) == 1
+    finally:
+        loop.stop()
+
+
+def test_a_replica_that_is_not_the_leader_reconciles_nothing(settings: Any) -> None:
+    from berth.controller.context import OperatorContext
+
+    from .conftest import reconcile_key
+
+    api = RecordingKube()
+    api.objects[("ModelDeployment", "team-a", "chat")] = md_body()
+    ctx = OperatorContext.create(settings, client=api)
+    ctx.elector = _elector(LeaseStore(), Clock(), "standby")  # never acquired
+    assert reconcile_key(ctx, api) is None
+    assert api.writes() == []

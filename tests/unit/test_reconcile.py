@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,12 +10,12 @@ import kopf
 import pydantic
 import pytest
 
-from berth.controller import handlers, kube
+from berth.controller import kube
 from berth.controller.context import MEMO_KEY, OperatorContext, from_memo
 from berth.controller.reconcile import diff, reconcile
 from berth.controller.settings import OperatorSettings
 
-from .conftest import RecordingKube, md_body
+from .conftest import RecordingKube, feed, md_body, reconcile_key
 
 NOW = datetime(2026, 11, 23, 10, 5, 0, tzinfo=UTC)
 
@@ -330,34 +329,237 @@ def test_handlers_share_one_context_through_kopfs_memo(
     ctx = OperatorContext.create(settings, namespaces=["team-a"], priority=7, client=recording)
     memo = kopf.Memo({MEMO_KEY: ctx})
     assert from_memo(copy.copy(memo)) is ctx  # kopf hands each object a shallow copy of the operator's memo
-    assert ctx.lock("team-a", "chat") is ctx.lock("team-a", "chat")
-    ctx.forget("team-a", "chat")
+    assert ctx.client.client is recording and ctx.autoscaler.client is ctx.client
     with pytest.raises(RuntimeError, match="no OperatorContext"):
         from_memo(kopf.Memo())
 
 
-def test_a_refused_child_is_recorded_and_retried_later(
+def test_a_refused_child_is_recorded_and_retried_with_backoff(
     recording: RecordingKube, settings: OperatorSettings
 ) -> None:
     _store_md(recording, md_body())
 
     class Refusing(RecordingKube):
-        def create(self, kind: kube.Kind, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        def create(
+            self, kind: kube.Kind, namespace: str, body: dict[str, Any], dry_run: bool = False
+        ) -> dict[str, Any] | None:
             if kind.kind == "Deployment":
                 raise kube.Rejected(422, "Invalid", 'Deployment.apps "chat" is invalid: spec.template: bad')
-            return super().create(kind, namespace, body)
+            return super().create(kind, namespace, body, dry_run)
 
     refusing = Refusing()
     refusing.objects = recording.objects
     ctx = OperatorContext.create(settings, client=refusing)
-    with pytest.raises(kopf.TemporaryError) as raised:
-        handlers.run_reconcile(
-            ctx, "team-a", "chat", "spec", logging.getLogger(__name__), permanent_on_invalid=True
-        )
-    assert raised.value.delay == 60
+    delays = [reconcile_key(ctx, refusing) for _ in range(3)]
+    assert 0.8 <= delays[0] <= 1.2 and 1.6 <= delays[1] <= 2.4 and 3.2 <= delays[2] <= 4.8  # doubling, jitter
     status = refusing.objects[("ModelDeployment", "team-a", "chat")]["status"]
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert status["phase"] == "Failed" and ready["reason"] == "ChildRejected"
     assert ready["message"].startswith("the API server refused a child: Deployment.apps")
     events = [c[3] for c in refusing.writes() if c[:2] == ("create", "Event")]
-    assert [(e["type"], e["reason"]) for e in events] == [("Warning", "ChildRejected")]
+    assert [(e["type"], e["reason"]) for e in events] == [("Warning", "ChildRejected")]  # once, not per retry
+
+
+class Failing(RecordingKube):
+    """Answers creates of one kind with an API error (a given number of times)."""
+
+    def __init__(self, kind: str, error: kube.ApiError, times: int = 1_000) -> None:
+        super().__init__()
+        self.kind, self.error, self.times = kind, error, times
+
+    def create(
+        self, kind: kube.Kind, namespace: str, body: dict[str, Any], dry_run: bool = False
+    ) -> dict[str, Any] | None:
+        if kind.kind == self.kind and self.times > 0:
+            self.times -= 1
+            self.calls.append(("create", kind.kind, str(body["metadata"].get("name")), None))
+            raise self.error
+        return super().create(kind, namespace, body, dry_run)
+
+
+QUOTA = 'services "chat" is forbidden: exceeded quota: no-services, requested: services=1, used: services=0, limited: services=0'
+
+
+def test_a_403_becomes_a_false_condition_quoting_the_api_and_backs_off(settings: OperatorSettings) -> None:
+    api = Failing("Service", kube.Forbidden(403, "Forbidden", QUOTA))
+    _store_md(api, md_body())
+    ctx = OperatorContext.create(settings, client=api)
+    first = reconcile_key(ctx, api)
+    status = api.objects[("ModelDeployment", "team-a", "chat")]["status"]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "Forbidden"
+    assert ready["message"] == f"the API server forbade a write: {QUOTA}"
+    api.clear()
+    second = reconcile_key(ctx, api)
+    assert first is not None and second is not None and second > first  # backing off, not a fixed retry loop
+    assert [c[:2] for c in api.writes()] == [("create", "Service")]  # only the retry: no new status or Event
+    api.times = 0  # the quota is lifted
+    assert reconcile_key(ctx, api) is None
+    ready = next(
+        c
+        for c in api.objects[("ModelDeployment", "team-a", "chat")]["status"]["conditions"]
+        if c["type"] == "Ready"
+    )
+    assert ready["reason"] != "Forbidden"
+    assert ctx.backoff.failures(("team-a", "chat")) == 0
+
+
+def test_a_429_waits_at_least_the_retry_after_and_records_no_failure(settings: OperatorSettings) -> None:
+    api = Failing("Deployment", kube.TooManyRequests(429, "TooManyRequests", "slow down", retry_after=7.0))
+    _store_md(api, md_body())
+    ctx = OperatorContext.create(settings, client=api)
+    assert reconcile_key(ctx, api) == pytest.approx(7.0)
+    assert not [c for c in api.writes() if c[0] == "patch_status" and c[3].get("phase") == "Failed"]
+    api.times = 0
+    assert reconcile_key(ctx, api) is None
+    assert ("Deployment", "team-a", "chat") in api.objects
+
+
+def test_steady_state_from_the_caches_sends_no_request(settings: OperatorSettings) -> None:
+    api = RecordingKube()
+    _store_md(api, md_body(spec={"capacity": 2, "access": {"allowedNamespaces": ["apps"]}}))
+    ctx = OperatorContext.create(settings, client=api)
+    assert reconcile_key(ctx, api) is None
+    assert not any(c[:2] == ("get", "Secret") or c[0] == "list" for c in api.calls)  # no Secret read, no LIST
+    for _ in range(3):
+        api.clear()
+        assert reconcile_key(ctx, api) is None
+        assert api.calls == []  # everything from the caches: no read, no write
+
+
+def test_status_needs_no_pod_list_and_a_fresh_reconcile_writes_status_once(
+    settings: OperatorSettings,
+) -> None:
+    api = RecordingKube()
+    _store_md(api, md_body(spec={"capacity": 1}))
+    ctx = OperatorContext.create(settings, client=api)
+    reconcile_key(ctx, api)
+    assert [c[0] for c in api.calls if c[1] == "ModelDeployment"] == ["patch_status"]  # the record, once
+    pod = {
+        "metadata": {
+            "name": "chat-1",
+            "namespace": "team-a",
+            "labels": {"berth.dev/model-deployment": "chat", "app.kubernetes.io/managed-by": "berth"},
+            "resourceVersion": "9",
+        },
+        "spec": {"nodeName": "n1", "containers": [{"name": "server"}]},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+    dep = api.objects[("Deployment", "team-a", "chat")]
+    dep["status"] = {
+        "replicas": 1,
+        "readyReplicas": 1,
+        "updatedReplicas": 1,
+        "availableReplicas": 1,
+        "observedGeneration": 1,
+    }
+    dep["metadata"]["resourceVersion"] = "10"
+    api.objects[("Pod", "team-a", "chat-1")] = pod
+    api.clear()
+    reconcile_key(ctx, api)
+    assert [c[0] for c in api.calls if c[0] in ("get", "list")] == []
+    (written,) = [c[3] for c in api.calls if c[0] == "patch_status"]
+    assert written["phase"] == "Running" and written["readyCapacity"] == 1
+
+
+def _cached(settings: OperatorSettings, api: RecordingKube) -> OperatorContext:
+    ctx = OperatorContext.create(settings, client=api)
+    feed(ctx, api)
+    return ctx
+
+
+def test_the_generated_secret_is_created_never_read_and_a_409_without_record_is_someone_elses(
+    settings: OperatorSettings,
+) -> None:
+    api = RecordingKube()
+    body = md_body()
+    _store_md(api, body)
+    api.objects[("Secret", "team-a", "chat-api-keys")] = {
+        "metadata": {"name": "chat-api-keys", "namespace": "team-a"},
+        "data": {"billing": "eA=="},
+    }
+    ctx = _cached(settings, api)
+    result = reconcile(_current(api), ctx.client, settings, NOW)
+    ready = next(c for c in result.status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "ChildConflict" and "Secret/chat-api-keys" in ready["message"]
+    assert ("Deployment", "team-a", "chat") not in api.objects  # the foreign Secret is not mounted
+    assert not [c for c in api.calls if c[:2] == ("get", "Secret")]
+    api.clear()
+    feed(ctx, api)
+    reconcile(_current(api), ctx.client, settings, NOW + timedelta(seconds=3))
+    assert [c[:2] for c in api.writes()] == [("create", "Secret")]  # asks again, writes nothing else
+    del api.objects[("Secret", "team-a", "chat-api-keys")]  # its owner removes it
+    feed(ctx, api)
+    result = reconcile(_current(api), ctx.client, settings, NOW + timedelta(seconds=6))
+    ready = next(c for c in result.status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] != "ChildConflict" and ("Deployment", "team-a", "chat") in api.objects
+    assert (
+        api.objects[("Secret", "team-a", "chat-api-keys")]["metadata"]["ownerReferences"][0]["uid"]
+        == "uid-chat"
+    )
+
+
+def test_a_409_after_the_record_is_the_operators_own_secret(settings: OperatorSettings) -> None:
+    """The operator died after creating the Secret, before its status write: a new process gets 409
+    and, as the status recorded the Secret before the create, keeps it (no conflict, no new key)."""
+    api = RecordingKube()
+    _store_md(api, md_body())
+    first = _cached(settings, api)
+    reconcile(_current(api), first.client, settings, NOW, api_key=lambda: "sk-first")
+    key = api.objects[("Secret", "team-a", "chat-api-keys")]["data"]
+    restarted = _cached(settings, api)  # a new process: its Secret memory is empty
+    result = reconcile(_current(api), restarted.client, settings, NOW, api_key=lambda: "sk-second")
+    ready = next(c for c in result.status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] != "ChildConflict"
+    assert api.objects[("Secret", "team-a", "chat-api-keys")]["data"] == key
+    api.clear()
+    reconcile(_current(api), restarted.client, settings, NOW, api_key=lambda: "sk-third")
+    assert api.calls == []  # remembered: no create again
+
+
+def test_a_referenced_secret_is_checked_with_a_dry_run_create_not_a_read(settings: OperatorSettings) -> None:
+    api = RecordingKube()
+    _store_md(api, md_body(spec={"auth": {"apiKeySecretRef": "team-keys"}}))
+    ctx = _cached(settings, api)
+    result = reconcile(_current(api), ctx.client, settings, NOW)
+    ready = next(c for c in result.status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "APIKeySecretNotFound"
+    assert [c[:3] for c in api.calls if c[1] == "Secret"] == [("dry-run create", "Secret", "team-keys")]
+    assert ("Secret", "team-a", "team-keys") not in api.objects  # a dry run stores nothing
+    api.objects[("Secret", "team-a", "team-keys")] = {
+        "metadata": {"name": "team-keys", "namespace": "team-a"}
+    }
+    feed(ctx, api)
+    result = reconcile(_current(api), ctx.client, settings, NOW + timedelta(seconds=3))
+    assert (
+        next(c for c in result.status["conditions"] if c["type"] == "Ready")["reason"]
+        != "APIKeySecretNotFound"
+    )
+    api.clear()
+    feed(ctx, api)
+    reconcile(_current(api), ctx.client, settings, NOW + timedelta(seconds=6))
+    assert [c for c in api.calls if c[1] == "Secret"] == []  # found once: remembered
+
+
+def test_a_foreign_secret_stays_foreign_after_an_invalid_edit_in_between(settings: OperatorSettings) -> None:
+    """The record of the generated Secret is removed while the name is someone else's, so a Failed
+    status in between (which replaces the ChildConflict condition) does not turn the 409 into "ours"."""
+    api = RecordingKube()
+    _store_md(api, md_body())
+    api.objects[("Secret", "team-a", "chat-api-keys")] = {
+        "metadata": {"name": "chat-api-keys", "namespace": "team-a"}
+    }
+    ctx = _cached(settings, api)
+    result = reconcile(_current(api), ctx.client, settings, NOW)
+    assert "apiKeySecret" not in api.objects[("ModelDeployment", "team-a", "chat")]["status"]
+    assert result.status["apiKeySecret"] is None
+    body = _current(api)
+    body["status"]["conditions"] = [
+        {"type": "Ready", "status": "False", "reason": "InvalidSpec", "message": "x"}
+    ]  # what a Failed status leaves
+    _store_md(api, body)
+    feed(ctx, api)
+    result = reconcile(_current(api), ctx.client, settings, NOW + timedelta(seconds=5))
+    ready = next(c for c in result.status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "ChildConflict"
+    assert ("Deployment", "team-a", "chat") not in api.objects

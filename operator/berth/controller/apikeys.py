@@ -1,8 +1,8 @@
 """ApiKey reconcile: generate the key into a Secret the ApiKey owns, publish only its SHA-256.
 
-Level-triggered and idempotent like the ModelDeployment reconcile: the Secret is created once (409
-is success), read back on every pass to publish its hash, and never touched when another owner holds
-the name (a ``ChildConflict`` condition instead). The status carries keyId, keyHash, secretName and
+Level-triggered and idempotent like the ModelDeployment reconcile: the Secret is created once and
+never read (the hash published is that of the key the operator generated, see `reconcile_apikey`),
+and never touched when another owner holds the name (a ``ChildConflict`` condition instead). The status carries keyId, keyHash, secretName and
 a Ready condition that says why a key is refused (Disabled, Expired); ``status.usage`` belongs to the
 gateway and the operator's merge patches never name it.
 """
@@ -74,16 +74,6 @@ def _owned_by(child: dict[str, Any], obj: dict[str, Any]) -> bool:
     return any(r.get("controller") and r.get("uid") == obj["metadata"]["uid"] for r in refs)
 
 
-def _secret_key(secret: dict[str, Any]) -> str | None:
-    raw = (secret.get("data") or {}).get(KEY_FIELD)
-    if not raw:
-        return None
-    try:
-        return base64.b64decode(raw).decode().strip() or None
-    except ValueError:
-        return None
-
-
 def _condition(
     status: str, reason: str, message: str, generation: int | None, old: list[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -100,22 +90,75 @@ def _condition(
     }
 
 
+def _remember(client: kube.Kube, obj: dict[str, Any]) -> None:
+    remember = getattr(client, "remember", None)  # a cache.CachedKube keeps it in memory
+    if remember is not None:
+        remember(kube.SECRET, obj)
+
+
+def _has_conflict(conditions: list[dict[str, Any]]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("reason") == "ChildConflict" for c in conditions)
+
+
 def reconcile_apikey(body: dict[str, Any], client: kube.Kube, now: datetime | None = None) -> dict[str, Any]:
-    """Make the Secret exist and publish the hash; return the status fields written (or {})."""
+    """Make the Secret exist and publish the hash; return the status fields written (or {}).
+
+    The Secret is never read (the operator has no `get` on Secrets): the hash is that of the key the
+    operator generated, recorded in the status *before* the Secret is created, so that a later 409 is
+    known to be this ApiKey's own Secret (an earlier pass may have died before its status write); a
+    409 without that record is someone else's Secret (ChildConflict). A recorded Secret is checked
+    to exist with a dry-run create once per process (it may never have been created)."""
     parsed = ApiKey.model_validate(body)  # raises pydantic.ValidationError on an invalid spec
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     now = now or datetime.now(UTC)
-    secret = client.get(kube.SECRET, ns, secret_name(name))
-    if secret is None:
-        client.create(kube.SECRET, ns, build_secret(body, KEY_PREFIX + secrets.token_urlsafe(32)))
-        secret = client.get(kube.SECRET, ns, secret_name(name))
-    old_status = body.get("status") or {}
+    old_status = dict(body.get("status") or {})
+    sname = secret_name(name)
+    conflict_before = _has_conflict(old_status.get("conditions") or [])
+    recorded = (
+        old_status.get("keyHash") if old_status.get("secretName") == sname and not conflict_before else None
+    )
+    known = client.get(kube.SECRET, ns, sname)
+
+    def write(status: dict[str, Any]) -> dict[str, Any]:
+        current = {k: old_status.get(k) for k in status}
+        if current == status:
+            return {}
+        client.patch_status(APIKEY, ns, name, status)
+        old_status.update(status)
+        return status
+
+    key_hash_value: str | None = None
+    recorded_now: dict[str, Any] = {}
+    if known is not None and _owned_by(known, body) and recorded:
+        key_hash_value = str(recorded)
+    elif recorded:
+        probe_meta = {"name": sname, "namespace": ns}
+        probe = {"apiVersion": "v1", "kind": "Secret", "metadata": probe_meta}
+        if client.create(kube.SECRET, ns, probe, dry_run=True) is None:  # exists: ours, by the record
+            key_hash_value = str(recorded)
+            _remember(client, {"metadata": {**probe_meta, "ownerReferences": [owner_reference(body)]}})
+        else:  # recorded but never created (the pass died in between): create it now
+            key = KEY_PREFIX + secrets.token_urlsafe(32)
+            if client.create(kube.SECRET, ns, build_secret(body, key)) is not None:
+                key_hash_value = key_hash(key)
+    else:
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        if not conflict_before:
+            recorded_now = write(_status(parsed, body, key_hash(key), now, old_status))  # before the create
+        if client.create(kube.SECRET, ns, build_secret(body, key)) is not None:
+            key_hash_value = key_hash(key)
+    return write(_status(parsed, body, key_hash_value, now, old_status)) or recorded_now
+
+
+def _status(
+    parsed: ApiKey, body: dict[str, Any], hash_: str | None, now: datetime, old_status: dict[str, Any]
+) -> dict[str, Any]:
+    meta = body["metadata"]
+    ns, name, gen = meta["namespace"], meta["name"], meta.get("generation")
     old_conditions = old_status.get("conditions") or []
-    gen = meta.get("generation")
     status: dict[str, Any] = {"secretName": secret_name(name), "observedGeneration": gen}
-    key = _secret_key(secret) if secret is not None and _owned_by(secret, body) else None
-    if secret is None or not _owned_by(secret, body):
+    if hash_ is None:
         status.update(keyHash=None, keyId=None)
         cond = _condition(
             "False",
@@ -124,13 +167,8 @@ def reconcile_apikey(body: dict[str, Any], client: kube.Kube, now: datetime | No
             gen,
             old_conditions,
         )
-    elif key is None:
-        status.update(keyHash=None, keyId=None)
-        cond = _condition(
-            "False", "KeyMissing", f"Secret {secret_name(name)} holds no '{KEY_FIELD}'", gen, old_conditions
-        )
     else:
-        status.update(keyHash=key_hash(key), keyId=key_id(ns, name, meta["uid"]))
+        status.update(keyHash=hash_, keyId=key_id(ns, name, meta["uid"]))
         if parsed.spec.disabled:
             cond = _condition(
                 "False",
@@ -156,8 +194,4 @@ def reconcile_apikey(body: dict[str, Any], client: kube.Kube, now: datetime | No
                 old_conditions,
             )
     status["conditions"] = [cond] + [c for c in old_conditions if c.get("type") != "Ready"]
-    current = {k: old_status.get(k) for k in status}
-    if current == status:
-        return {}
-    client.patch_status(APIKEY, ns, name, status)
     return status

@@ -46,9 +46,12 @@ def strip(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def strip_pod(obj: dict[str, Any]) -> dict[str, Any]:
-    """A pod as status.py reads it: metadata and status (the spec is the Deployment's business)."""
+    """A pod as status.py and the autoscaler read it: metadata, status and the node it is bound to
+    (the rest of the spec is the Deployment's business)."""
     out = strip(obj)
-    out.pop("spec", None)
+    spec = out.pop("spec", None) or {}
+    if spec.get("nodeName"):
+        out["spec"] = {"nodeName": spec["nodeName"]}
     return out
 
 
@@ -382,86 +385,83 @@ def operator_specs() -> list[InformerSpec]:
 
 
 def remembered_specs() -> list[InformerSpec]:
-    """Kinds kept from the operator's own writes and reads, not watched: Secrets (metadata only), as
-    the operator may not list Secrets (RBAC: get and create only)."""
+    """Kinds kept from the operator's own writes, not watched: Secrets (metadata only), as the operator
+    may not read Secrets at all (RBAC: create only)."""
     return [InformerSpec(kube.SECRET, metadata_only=True, transform=metadata_only)]
 
 
 class CachedKube:
     """`kube.Kube` for reconcile: reads from the caches, writes to the API (and into the caches).
 
-    A miss in a remembered store (Secrets) goes to the API unless `authoritative` says the store has
-    the last word on that name: for the Secret Berth generates, a miss means "create it" (a 409 says
-    it exists, and is remembered too); a Secret named by spec.auth.apiKeySecretRef is looked up with
-    a GET until it is found. (So a generated Secret deleted by hand comes back at the next start.)"""
+    A watched store has the last word once synced: a miss means "absent" (a create that answers 409
+    then asks the API with `fetch`, e.g. for someone else's object the label-filtered watch does not
+    show). A remembered store (Secrets) holds only what the operator created, or confirmed with a
+    create that answered 409, and never causes an API read: a miss means "not known to exist"."""
 
-    def __init__(
-        self,
-        client: kube.Kube,
-        caches: Caches,
-        authoritative: Callable[[kube.Kind, str, str], bool] = lambda kind, ns, name: kind.kind != "Secret",
-    ) -> None:
+    def __init__(self, client: kube.Kube, caches: Caches) -> None:
         self.client = client
         self.caches = caches
-        self.authoritative = authoritative
 
     def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
         store = self.caches.store(kind)
         if store is None:
             return self.client.get(kind, namespace, name)
-        found = store.get(namespace, name)
-        if found is not None or self.authoritative(kind, namespace, name):
-            return found
-        fetched = self.client.get(kind, namespace, name)
-        self._remember(kind, fetched)
-        return fetched
+        return store.get(namespace, name)
+
+    def fetch(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        """A GET from the API server, not from (nor into) the cache: for the rare object the watches
+        cannot show (someone else's, named like a child)."""
+        return self.client.get(kind, namespace, name)
 
     def list(self, kind: kube.Kind, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         store = self.caches.store(kind)
-        if store is None or not namespace:
+        if store is None or kind.kind not in self.caches.specs:
             return self.client.list(kind, namespace, label_selector)
         wanted = dict(p.split("=", 1) for p in label_selector.split(",")) if label_selector else {}
         owner = wanted.get(names.SELECTOR_LABEL)
-        candidates = store.owned(namespace, owner) if owner and store.by_owner else store.items(namespace)
+        if owner and store.by_owner and namespace:
+            candidates = store.owned(namespace, owner)
+        else:
+            candidates = store.items(namespace)
         return [
             o
             for o in candidates
             if all(((o.get("metadata") or {}).get("labels") or {}).get(a) == b for a, b in wanted.items())
         ]
 
-    def _remember(self, kind: kube.Kind, obj: dict[str, Any] | None) -> None:
+    def remember(self, kind: kube.Kind, obj: dict[str, Any] | None) -> None:
+        """Put an object the operator knows about (its own write's response, a confirmed stub) in the store."""
         store = self.caches.store(kind)
         if store is not None and obj and (obj.get("metadata") or {}).get("name"):
             store.upsert(obj)
 
-    def create(self, kind: kube.Kind, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        created = self.client.create(kind, namespace, body)
+    def forget(self, kind: kube.Kind, namespace: str, name: str) -> None:
         store = self.caches.store(kind)
-        if created is None and store is not None and kind.kind not in self.caches.specs:
-            # 409 on a kind no watch reports: it exists; remember its name
-            meta = body.get("metadata") or {}
-            store.upsert(
-                {"metadata": {"namespace": namespace, "name": meta.get("name"), "labels": meta.get("labels")}}
-            )
-        self._remember(kind, created)
+        if store is not None:
+            store.delete(namespace, name)
+
+    def create(
+        self, kind: kube.Kind, namespace: str, body: dict[str, Any], dry_run: bool = False
+    ) -> dict[str, Any] | None:
+        created = self.client.create(kind, namespace, body, dry_run=dry_run)
+        if not dry_run:
+            self.remember(kind, created)
         return created
 
     def patch(self, kind: kube.Kind, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         patched = self.client.patch(kind, namespace, name, body)
-        self._remember(kind, patched)
+        self.remember(kind, patched)
         return patched
 
     def delete(self, kind: kube.Kind, namespace: str, name: str) -> None:
         self.client.delete(kind, namespace, name)
-        store = self.caches.store(kind)
-        if store is not None:
-            store.delete(namespace, name)
+        self.forget(kind, namespace, name)
 
     def patch_status(
         self, kind: kube.Kind, namespace: str, name: str, status: dict[str, Any]
     ) -> dict[str, Any]:
         patched = self.client.patch_status(kind, namespace, name, status)
-        self._remember(kind, patched)
+        self.remember(kind, patched)
         return patched
 
     def patch_scale(self, kind: kube.Kind, namespace: str, name: str, replicas: int) -> dict[str, Any]:

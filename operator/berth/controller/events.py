@@ -7,6 +7,9 @@ kopf's own event posting is off (handlers.configure): every Event the operator r
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -63,6 +66,46 @@ def emit(client: kube.Kube, md_body: dict[str, Any], events: list[EventSpec], no
             client.create(kube.EVENT, ns, event_body(md_body, event, now))
         except kube.ApiError as e:
             log.warning("could not record event %s on %s: %s", event.reason, ns, e)
+
+
+class EventRecorder:
+    """`emit` with aggregation: an Event identical (object, type, reason, message) to one this process
+    recorded within `repeat_seconds` is not sent again, only counted (so a status that flaps, or a
+    failure retried with backoff, does not make an Event per attempt)."""
+
+    def __init__(self, repeat_seconds: float = 600.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.repeat_seconds = repeat_seconds
+        self._clock = clock
+        self._sent: dict[tuple[str, str, str, str, str, str], float] = {}
+        self._lock = threading.Lock()
+        self.suppressed = 0
+
+    def _fresh(self, md_body: dict[str, Any], event: EventSpec) -> bool:
+        meta = md_body.get("metadata") or {}
+        key = (
+            str(meta.get("namespace")),
+            str(meta.get("name")),
+            str(meta.get("uid")),
+            event.type,
+            event.reason,
+            event.message,
+        )
+        now = self._clock()
+        with self._lock:
+            last = self._sent.get(key)
+            if last is not None and now - last < self.repeat_seconds:
+                self.suppressed += 1
+                return False
+            self._sent[key] = now
+            if len(self._sent) > 10_000:  # forget the old ones
+                horizon = now - self.repeat_seconds
+                self._sent = {k: t for k, t in self._sent.items() if t >= horizon}
+            return True
+
+    def emit(
+        self, client: kube.Kube, md_body: dict[str, Any], events: list[EventSpec], now: datetime
+    ) -> None:
+        emit(client, md_body, [e for e in events if self._fresh(md_body, e)], now)
 
 
 def _condition(status: dict[str, Any], type_: str) -> dict[str, Any]:

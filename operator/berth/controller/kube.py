@@ -118,7 +118,12 @@ class Kube(Protocol):
         """Objects of a kind in a namespace ("" = all namespaces), filtered by a label selector ("" = all)."""
         ...
 
-    def create(self, kind: Kind, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None: ...
+    def create(
+        self, kind: Kind, namespace: str, body: dict[str, Any], dry_run: bool = False
+    ) -> dict[str, Any] | None:
+        """Create; None when it exists already (409). `dry_run`: only ask whether the create would
+        succeed (nothing is stored: an existence check that needs `create`, not `get`)."""
+        ...
 
     def patch(self, kind: Kind, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -155,16 +160,22 @@ class KubeClient:
 
     Every request but a watch takes a token from `limiter` first (the operator's QPS/burst)."""
 
-    def __init__(self, api_client: Any | None = None, limiter: TokenBucket | None = None) -> None:
+    def __init__(
+        self, api_client: Any | None = None, limiter: TokenBucket | None = None, pool_size: int = 16
+    ) -> None:
         self.limiter = limiter or TokenBucket(0, 1)
         if api_client is None:
             import kubernetes
 
+            configuration = kubernetes.client.Configuration()
             try:
-                kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+                kubernetes.config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
             except kubernetes.config.ConfigException:
-                kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
-            api_client = kubernetes.client.ApiClient()
+                kubernetes.config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            # one kept-alive connection per concurrent caller (workers, loops): urllib3 opens and
+            # throws away an extra connection (a TLS handshake) for each request above its pool size
+            configuration.connection_pool_maxsize = pool_size
+            api_client = kubernetes.client.ApiClient(configuration)
         self._api = api_client
 
     def _call(
@@ -328,10 +339,13 @@ class KubeClient:
         items: list[dict[str, Any]] = out.get("items", [])
         return items
 
-    def create(self, kind: Kind, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    def create(
+        self, kind: Kind, namespace: str, body: dict[str, Any], dry_run: bool = False
+    ) -> dict[str, Any] | None:
         """Create; None when it already exists (409 is success for a level-triggered reconcile)."""
         try:
-            return self._call("POST", _path(kind, namespace), body=body)
+            query = [("dryRun", "All")] if dry_run else None
+            return self._call("POST", _path(kind, namespace), body=body, query=query)
         except Conflict:
             log.debug("%s %s/%s exists already", kind.kind, namespace, body["metadata"].get("name"))
             return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from berth.api.models import PHASES
@@ -60,14 +62,24 @@ LEADER = Gauge(
 )
 
 _phases: dict[tuple[str, str], str] = {}
+_counts: dict[str, int] = {}
+_lock = threading.Lock()
 
 
 def record_phase(namespace: str, name: str, phase: str | None) -> None:
-    """Keep BY_PHASE equal to the count of ModelDeployments in each phase (None: the resource is gone)."""
+    """Keep BY_PHASE equal to the count of ModelDeployments in each phase (None: the resource is gone).
+    Constant time: called on every reconcile of every ModelDeployment."""
     key = (namespace, name)
-    if phase is None:
-        _phases.pop(key, None)
-    else:
-        _phases[key] = phase
-    for p in PHASES:
-        BY_PHASE.labels(phase=p).set(sum(1 for v in _phases.values() if v == p))
+    with _lock:
+        old = _phases.get(key)
+        if old == phase:
+            return
+        if phase is None:
+            del _phases[key]
+        else:
+            _phases[key] = phase
+        for p, delta in ((old, -1), (phase, 1)):
+            if p is not None:
+                _counts[p] = _counts.get(p, 0) + delta
+        for p in PHASES:
+            BY_PHASE.labels(phase=p).set(_counts.get(p, 0))

@@ -18,9 +18,18 @@ from typing import Any
 from berth.api.models import KIND, ModelDeployment
 from berth.api.quantity import parse_quantity
 from berth.controller import builders, kube, names, policy
-from berth.controller.events import EventSpec, emit, status_events
+from berth.controller.cache import CachedKube
+from berth.controller.events import EventRecorder, EventSpec, emit, status_events
 from berth.controller.settings import OperatorSettings
-from berth.controller.status import Observed, compute_status, managed_status
+from berth.controller.status import (
+    CHILD_CONFLICT,
+    Observed,
+    compute_status,
+    managed_status,
+    pod_events_needed,
+    volume_events,
+)
+from berth.gateway.registry import instance_credential
 
 log = logging.getLogger(__name__)
 
@@ -198,12 +207,31 @@ def generate_api_key() -> str:
     return "sk-berth-" + secrets.token_urlsafe(32)
 
 
+def gateway_key_child(md: ModelDeployment, settings: OperatorSettings) -> Desired:
+    """The instance's gateway-credential Secret ([] when no gateway master key is mounted or auth is off).
+
+    Created once like every Secret: after rotating the master key, delete the ``<name>-gateway-key``
+    Secrets and the operator writes them anew."""
+    master = settings.gateway_master_key()
+    if master is None:
+        return []
+    secret = builders.build_gateway_key_secret(md, instance_credential(master, md.namespace, md.name))
+    if secret is None:
+        return []  # auth off: nothing to mount (a Secret left from before goes with the ModelDeployment)
+    return [(kube.SECRET, names.gateway_key_secret_name(md), secret)]
+
+
 def desired_children(md: ModelDeployment, settings: OperatorSettings, api_key: Callable[[], str]) -> Desired:
     children: Desired = []
     if names.generates_api_key_secret(md):
         children.append((kube.SECRET, names.generated_api_key_secret_name(md), _LazySecret(md, api_key)))
+    gateway_key = gateway_key_child(md, settings)
+    children += gateway_key
+    deployment = builders.build_deployment(md, settings)
+    if gateway_key:
+        deployment = builders.mount_gateway_key(deployment, md)
     children += [
-        (kube.DEPLOYMENT, names.deployment_name(md), builders.build_deployment(md, settings)),
+        (kube.DEPLOYMENT, names.deployment_name(md), deployment),
         (kube.SERVICE, names.service_name(md), builders.build_service(md)),
         (kube.NETWORK_POLICY, names.network_policy_name(md), builders.build_network_policy(md, settings)),
         (kube.PDB, names.pdb_name(md), builders.build_pdb(md)),
@@ -223,26 +251,104 @@ class _LazySecret(dict[str, Any]):
         return builders.build_api_key_secret(self._md, self._api_key())
 
 
+def _remember(client: kube.Kube, kind: kube.Kind, obj: dict[str, Any]) -> None:
+    if isinstance(client, CachedKube):
+        client.remember(kind, obj)
+
+
+def _fetch(client: kube.Kube, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
+    """The object from the API server itself (a cache has no word on what its watch cannot show)."""
+    return (
+        client.fetch(kind, namespace, name)
+        if isinstance(client, CachedKube)
+        else client.get(kind, namespace, name)
+    )
+
+
 def _missing_secret(md: ModelDeployment, client: kube.Kube) -> str | None:
-    """spec.auth.apiKeySecretRef when it names a Secret that does not exist."""
+    """spec.auth.apiKeySecretRef when it names a Secret that does not exist.
+
+    Without reading it: a dry-run create of that name answers 409 when it exists (nothing is stored;
+    the operator needs `create`, not `get`, on Secrets). A Secret found once is remembered by name."""
     ref = md.spec.auth.api_key_secret_ref
-    if md.spec.auth.mode == "apiKey" and ref and client.get(kube.SECRET, md.namespace, ref) is None:
-        return ref
-    return None
+    if md.spec.auth.mode != "apiKey" or not ref:
+        return None
+    if client.get(kube.SECRET, md.namespace, ref) is not None:
+        return None
+    probe = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": ref, "namespace": md.namespace}}
+    try:
+        would_create = client.create(kube.SECRET, md.namespace, probe, dry_run=True)
+    except kube.Forbidden:  # e.g. a Secret quota that is full: cannot tell; the pods will say
+        return None
+    if would_create is None:
+        _remember(client, kube.SECRET, probe)
+        return None
+    return ref
+
+
+def _conflict_named(status: dict[str, Any], child: str) -> bool:
+    ready = _ready(status)
+    return ready.get("reason") == CHILD_CONFLICT and child in str(ready.get("message") or "")
+
+
+def _generated_secret(
+    md: ModelDeployment,
+    client: kube.Kube,
+    desired: Desired,
+    previous: dict[str, Any],
+    record: Callable[[], None],
+) -> dict[str, Any] | None:
+    """Create the generated API-key Secret (never read: the operator has no `get` on Secrets); the
+    Secret as observed: the created one, a stub with this ModelDeployment's reference when a 409 is
+    known to be its own Secret, a stub without it (someone else's: a ChildConflict) otherwise.
+
+    Whose is a 409? The status records the Secret (status.apiKeySecret, written by `record` before
+    the first create, and removed while the name is someone else's): a 409 after such a record is the
+    operator's own Secret (created by an earlier reconcile, which may have died before its status
+    write), one without it someone else's."""
+    name = names.generated_api_key_secret_name(md)
+    child = f"{kube.SECRET.kind}/{name}"
+    recorded = previous.get("apiKeySecret") == name and not _conflict_named(previous, child)
+    if not recorded and not _conflict_named(previous, child):
+        record()  # from now on a 409 means "ours"
+    manifest = next(m for k, n, m in desired if k is kube.SECRET and n == name)
+    assert isinstance(manifest, _LazySecret)
+    body = prune(manifest.materialise())
+    created = client.create(kube.SECRET, md.namespace, body)
+    if created is not None:
+        log.info("create Secret %s/%s", md.namespace, name)
+        return created
+    stub = {"metadata": {"name": name, "namespace": md.namespace, "labels": body["metadata"].get("labels")}}
+    if recorded:
+        stub["metadata"]["ownerReferences"] = body["metadata"].get("ownerReferences")
+        _remember(client, kube.SECRET, stub)
+    return stub
 
 
 def _apply(
-    action: Action, md: ModelDeployment, client: kube.Kube, deployment: dict[str, Any] | None, result: Result
+    action: Action,
+    md: ModelDeployment,
+    client: kube.Kube,
+    deployment: dict[str, Any] | None,
+    result: Result,
+    taken: list[str],
 ) -> dict[str, Any] | None:
-    """Make one write; returns the Deployment as it is after it (for the status)."""
+    """Make one write; returns the Deployment as it is after it (for the status). A create answered
+    with 409 for an object the caches did not show is looked at: someone else's joins `taken`."""
     ns = md.namespace
     if action.verb == "create":
         manifest = action.body.materialise() if isinstance(action.body, _LazySecret) else action.body
         assert manifest is not None
         created = client.create(action.kind, ns, prune(manifest))
+        if created is None:  # it appeared since the read (409): observe the one that is there
+            there = _fetch(client, action.kind, ns, action.name)
+            if there is not None and not owned_by(there, str(md.metadata.get("uid") or "")):
+                taken.append(f"{action.kind.kind}/{action.name}")
+                return None if action.kind is kube.DEPLOYMENT else deployment
+            if there is not None:
+                _remember(client, action.kind, there)
+            return there if action.kind is kube.DEPLOYMENT else deployment
         if action.kind is kube.DEPLOYMENT:
-            if created is None:  # it appeared since the read (409): observe the one that is there
-                return client.get(kube.DEPLOYMENT, ns, action.name)
             message = f"created Deployment {action.name} with {md.spec.capacity} instances"
             result.events.append(EventSpec("Normal", "Deployed", message))
             return created
@@ -267,10 +373,14 @@ def reconcile(
     settings: OperatorSettings,
     now: datetime,
     api_key: Callable[[], str] = generate_api_key,
+    recorder: EventRecorder | None = None,
 ) -> Result:
     """Bring the children of one ModelDeployment in line with its spec, then its status with the children.
 
-    Raises pydantic.ValidationError for a spec the operator cannot act on (the caller records it).
+    `client` is a `cache.CachedKube` in the operator (reads from the watch caches, writes to the API),
+    so a reconcile with nothing to do sends no request at all.
+    Raises pydantic.ValidationError for a spec the operator cannot act on (the caller records it);
+    kube.ApiError for a write the API server refused (the caller records it and backs off).
     """
     md = ModelDeployment.model_validate(
         {k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec") if body.get(k) is not None}
@@ -278,35 +388,80 @@ def reconcile(
     policy.check(md, settings)
     ns = md.namespace
     result = Result()
+    uid = str(md.metadata.get("uid") or "")
+    previous = dict(body.get("status") or {})
 
     desired = desired_children(md, settings, api_key)
     observed: dict[tuple[str, str], dict[str, Any] | None] = {
         (kind.kind, name): client.get(kind, ns, name) for kind, name, _ in desired
     }
+    secret_key = (kube.SECRET.kind, names.generated_api_key_secret_name(md))
+    _forget_stale_secret(client, observed, secret_key, ns, uid)
     missing_secret = _missing_secret(md, client)
-    uid = str(md.metadata.get("uid") or "")
-    taken = conflicts(desired, observed, uid)
     deployment_key = (kube.DEPLOYMENT.kind, names.deployment_name(md))
+
+    def observe(taken: list[str], deployment: dict[str, Any] | None) -> dict[str, Any]:
+        if deployment is not None and not owned_by(deployment, uid):
+            deployment = None  # someone else's Deployment says nothing about this ModelDeployment's instances
+        pods = client.list(kube.POD, ns, names.selector_string(md)) if deployment is not None else []
+        observed_now = Observed(deployment, pods, missing_secret, taken, _pod_events(client, ns, pods))
+        status = compute_status(md, observed_now, settings, now, previous)
+        if f"{kube.SECRET.kind}/{secret_key[1]}" in taken:
+            status["apiKeySecret"] = None  # someone else's: no record that it is ours (_generated_secret)
+        return status
+
+    def write_status(status: dict[str, Any]) -> None:
+        nonlocal previous
+        if managed_status(status) != managed_status(previous):
+            client.patch_status(kube.MODEL_DEPLOYMENT, ns, md.name, status)
+            result.status_written = True
+            previous = {**previous, **status}
+
+    body_status = dict(previous)
+    if names.generates_api_key_secret(md) and observed.get(secret_key) is None:
+
+        def record() -> None:
+            write_status(observe(conflicts(desired, observed, uid), observed.get(deployment_key)))
+
+        observed[secret_key] = _generated_secret(md, client, desired, previous, record)
+    taken = conflicts(desired, observed, uid)
     if any(c.startswith(f"{kube.SECRET.kind}/") for c in taken):
         # someone else's Secret under the generated name: the instances must not mount it as their keys
         desired = [d for d in desired if d[0] is not kube.DEPLOYMENT]
     result.actions = plan(desired, observed, owner_uid=uid)
     deployment = observed.get(deployment_key)
-    if deployment is not None and not owned_by(deployment, uid):
-        deployment = None  # someone else's Deployment says nothing about this ModelDeployment's instances
     for action in result.actions:
-        deployment = _apply(action, md, client, deployment, result)
+        deployment = _apply(action, md, client, deployment, result, taken)
         log.info("%s %s %s/%s", action.verb, action.kind.kind, ns, action.name)
 
-    pods = client.list(kube.POD, ns, names.selector_string(md)) if deployment is not None else []
-    previous = dict(body.get("status") or {})
-    status = compute_status(md, Observed(deployment, pods, missing_secret, taken), settings, now, previous)
+    status = observe(taken, deployment)
     result.status = status
-    if managed_status(status) != managed_status(previous):
-        client.patch_status(kube.MODEL_DEPLOYMENT, ns, md.name, status)
-        result.status_written = True
-    if taken and _ready(status).get("message") != _ready(previous).get("message"):
+    write_status(status)
+    if taken and _ready(status).get("message") != _ready(body_status).get("message"):
         result.events.append(EventSpec("Warning", "ChildConflict", str(_ready(status).get("message", ""))))
-    result.events += status_events(previous, status)
-    emit(client, body, result.events, now)
+    result.events += status_events(body_status, status)
+    (recorder.emit if recorder is not None else emit)(client, body, result.events, now)
     return result
+
+
+# (issue 14, tenancy helper) Why a pod stays ContainerCreating is only in its Events (Multi-Attach, a
+# failed mount): they are read only while some pod is in that state, one LIST of the namespace's Events.
+def _pod_events(client: kube.Kube, namespace: str, pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not pod_events_needed(pods):
+        return []
+    return volume_events(client.list(kube.EVENT, namespace, ""))
+
+
+def _forget_stale_secret(
+    client: kube.Kube,
+    observed: dict[tuple[str, str], dict[str, Any] | None],
+    key: tuple[str, str],
+    namespace: str,
+    uid: str,
+) -> None:
+    """A generated Secret remembered for an earlier ModelDeployment of this name (it goes with that
+    one): forget it and ask again."""
+    stale = observed.get(key)
+    if stale is not None and isinstance(client, CachedKube) and not owned_by(stale, uid):
+        client.forget(kube.SECRET, namespace, key[1])
+        observed[key] = None
