@@ -28,7 +28,8 @@ INSTALL_KEY := $(shell (cat pyproject.toml; echo $(CURDIR)) | sha256sum | cut -c
 install: $(VENV)/.installed-$(INSTALL_KEY) ## create the cached venv and install berth with all extras
 
 test: install cluster-bin ## the whole suite: unit, server, cluster and, where a real node can start (root, Docker, images), node
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@# the cluster binaries and helm were just built: a chart or cluster test that cannot find them fails (tests/prerequisites.py)
+	BERTH_REQUIRE_CLUSTER_BIN=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: install ## unit tests only (fast)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
@@ -37,7 +38,7 @@ test-server: install ## server tests: real `berth serve` on SmolLM2 (CPU)
 	$(PY) -m pytest tests/server $(PYTEST_ARGS)
 
 test-cluster: install cluster-bin ## cluster tests against the local control plane
-	$(PY) -m pytest tests/cluster $(PYTEST_ARGS)
+	BERTH_REQUIRE_CLUSTER_BIN=1 $(PY) -m pytest tests/cluster $(PYTEST_ARGS)
 
 test-node: install cluster-bin node-bin images ## end to end on a real node (kubelet, containerd): helm install, real pods, DNS, NetworkPolicy
 	$(PY) -m pytest tests/node $(PYTEST_ARGS)

@@ -33,9 +33,13 @@ import pytest
 
 try:  # tests/cluster as a package (tests.cluster.harness) or as a rootdir-less directory
     from tests.cluster import harness
+    from tests.prerequisites import unavailable
 except ImportError:  # pragma: no cover - depends on pytest's import mode
     sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parents[1]))
     import harness  # type: ignore[no-redef]
+
+    from prerequisites import unavailable  # type: ignore[no-redef]
 
 HERE = Path(__file__).parent
 TEST_CONTEXT = re.compile(r"kind|kwok|test|local|minikube", re.IGNORECASE)
@@ -105,10 +109,11 @@ def _current_context(kubeconfig: Path) -> str:
 
 
 def _bin_dir_or_skip() -> Path:
+    """The binaries; a skip without them, a failure under CI=true or `make test` (tests/prerequisites.py)."""
     try:
         return harness.ensure_binaries(build=False)
     except FileNotFoundError as e:
-        pytest.skip(f"local cluster binaries unavailable: {e}")
+        unavailable(f"local cluster binaries unavailable: {e}")
 
 
 @pytest.fixture(scope="session")
@@ -131,10 +136,10 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Any]:
 
     if mode == "kind":
         if importlib.util.find_spec("pytest_kind") is None:
-            pytest.skip("--cluster=kind needs the pytest-kind package (pip install pytest-kind)")
+            unavailable("--cluster=kind needs the pytest-kind package (pip install pytest-kind)")
         docker = shutil.which("docker")
         if docker is None or subprocess.run([docker, "info"], capture_output=True).returncode != 0:
-            pytest.skip("--cluster=kind needs a working Docker engine (`docker info` failed or no docker)")
+            unavailable("--cluster=kind needs a working Docker engine (`docker info` failed or no docker)")
         from pytest_kind import KindCluster
 
         kind_cluster = KindCluster(os.environ.get("BERTH_KIND_CLUSTER", "berth-test"))

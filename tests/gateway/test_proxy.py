@@ -373,3 +373,81 @@ def test_dashscope_native_route_is_routed_and_metered(env: Env) -> None:
     delta = settled_usage(env, 2)
     assert (delta.requests, delta.prompt_tokens, delta.completion_tokens) == (2, 18, 4 + 3)
     assert post(env, {**body, "model": "team-b/chat"}, path=path).status_code == 404
+
+
+DASHSCOPE = "/api/v1/services/aigc/text-generation/generation"
+
+
+def test_dashscope_stream_by_accept_header(env: Env) -> None:
+    up = env.add_upstream("team-a", "chat", "team-a/chat/0", chunks=2)
+    body = {"model": "chat", "input": {"prompt": "hi"}}
+    with httpx.stream(
+        "POST",
+        env.server.url + DASHSCOPE,
+        json=body,
+        timeout=10,
+        headers={"Authorization": f"Bearer {KEY_A}", "Accept": "text/event-stream"},
+    ) as s:
+        text = b"".join(s.iter_raw())
+    assert text.count(b"event:result") == 2
+    assert up.requests[0][0]["x-dashscope-sse"] == "enable"
+
+
+def test_dashscope_route_errors_are_dashscope_shaped(env: Env) -> None:
+    env.add_upstream("team-a", "chat", "team-a/chat/0")
+    body = {"model": "chat", "input": {"prompt": "hi"}}
+    bad = post(env, body, key="nope", path=DASHSCOPE)
+    assert bad.status_code == 401 and bad.json()["code"] == "InvalidApiKey"
+    assert set(bad.json()) == {"code", "message", "request_id"} and bad.headers["www-authenticate"]
+    other = post(env, {**body, "model": "team-b/chat"}, path=DASHSCOPE)
+    assert other.status_code == 404 and other.json()["code"] == "ModelNotFound"
+    assert "does not exist" in other.json()["message"]
+    no_model = post(env, {"input": {}}, path=DASHSCOPE)
+    assert no_model.status_code == 400 and no_model.json()["code"] == "InvalidParameter"
+    env.gw.registry.put_key(
+        Key("team-a", "ci", "ak-a", hash_key(KEY_A), limits=Limits(requests_per_minute=1))
+    )
+    assert post(env, body, path=DASHSCOPE).status_code == 200
+    limited = post(env, body, path=DASHSCOPE)
+    assert limited.status_code == 429 and limited.json()["code"] == "Throttling.RateQuota"
+    assert int(limited.headers["retry-after"]) >= 1
+    # the OpenAI routes keep OpenAI's shape
+    assert post(env, {"model": "chat"}, key="nope").json()["error"]["code"] == "invalid_api_key"
+
+
+def test_dashscope_held_stream_wake_timeout_is_an_error_event(env: Env) -> None:
+    _scaled_to_zero(env, timeout=0.3)
+    with httpx.stream(
+        "POST",
+        env.server.url + DASHSCOPE,
+        json={"model": "chat", "input": {"prompt": "hi"}},
+        timeout=10,
+        headers={"Authorization": f"Bearer {KEY_A}", "X-DashScope-SSE": "enable"},
+    ) as s:
+        text = b"".join(s.iter_raw()).decode()
+    assert "event:error\n:HTTP_STATUS/503\ndata:" in text
+    data = json.loads(text.split("data:", 1)[1])
+    assert data["code"] == "ServiceUnavailable" and "zero" in data["message"]
+
+
+def test_held_requests_are_exported_per_modeldeployment(env: Env) -> None:
+    """berth_gateway_waiting_requests{namespace, modeldeployment}: what the operator's autoscaler reads."""
+    _scaled_to_zero(env)
+    threads = [threading.Thread(target=post, args=(env, {"model": "chat"})) for _ in range(2)]
+    for t in threads:
+        t.start()
+    line = 'berth_gateway_waiting_requests{model="chat",modeldeployment="chat",namespace="team-a"}'
+
+    def held() -> float:
+        from berth.server.testing import parse_metrics
+
+        return parse_metrics(httpx.get(env.server.url + "/metrics").text).get(line, 0.0)
+
+    deadline = time.monotonic() + 5
+    while held() < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert held() == 2
+    env.add_upstream("team-a", "chat", "team-a/chat/0")
+    for t in threads:
+        t.join(5)
+    assert held() == 0

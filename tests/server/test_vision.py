@@ -1,6 +1,6 @@
 """Vision-language models through a real ``berth serve`` (transformers backend, tiny random weights).
 
-For tiny Qwen2.5-VL and GLM-4V models assembled here (``tiny_vlms.py``: transformers config classes,
+For tiny Qwen2.5-VL, GLM-4V, GLM-4.5V (MoE), Idefics3 and SmolVLM models assembled here (``tiny_vlms.py``: transformers config classes,
 the built-in tokenizer plus the image tokens, the model's own image processor), the greedy answer of
 ``berth serve`` to chats with one and with two ``data:`` images equals transformers ``generate`` on the
 same processor inputs token for token; image and text requests sent at once answer as alone; a
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.slow
 NEW = 12
+CHUNK = 16  # --max-num-batched-tokens: prefill chunks of 16 tokens
 MAX_PIXELS = 200 * 150
 
 
@@ -86,6 +87,15 @@ class Reference:
         self.tok = AutoTokenizer.from_pretrained(directory)
         self.proc = AutoImageProcessor.from_pretrained(directory)
         self.model = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32).eval()
+        self.prompt: list[int] = []  # the last prompt's ids, image tokens expanded
+
+    def chunk_cuts_an_image(self) -> bool:
+        """True when a prefill chunk boundary (every CHUNK tokens) falls inside a run of image tokens."""
+        image = self.model.config.image_token_id
+        return any(
+            self.prompt[p - 1] == image and self.prompt[p] == image
+            for p in range(CHUNK, len(self.prompt), CHUNK)
+        )
 
     def tokens(self, messages: list[dict[str, Any]]) -> list[int]:
         from PIL import Image
@@ -106,6 +116,8 @@ class Reference:
                 content = parts
             tmpl.append({"role": m["role"], "content": content})
         text = self.tok.apply_chat_template(tmpl, add_generation_prompt=True, tokenize=False)
+        if images and self.model.config.model_type in tiny_vlms.SPLIT_MODEL_TYPES:
+            return self._generate(self.split_inputs(text, images))
         ids = self.tok.encode(text, add_special_tokens=False)
         inputs: dict[str, Any] = {}
         if images:
@@ -117,9 +129,44 @@ class Reference:
         inputs.update(input_ids=t, attention_mask=torch.ones_like(t))
         if images:
             inputs["mm_token_type_ids"] = (t == self.model.config.image_token_id).int()
+        return self._generate(inputs)
+
+    def split_inputs(self, text: str, images: list[Any]) -> dict[str, Any]:
+        """Idefics3 / SmolVLM: the model's processor expands each ``<image>`` in the text (crops, rows,
+        the global image), then tokenizes the whole text: ``Idefics3Processor`` itself; SmolVLM's
+        processor cannot be built without torchvision (its video processor), so its steps here:
+        its image processor, its ``get_image_prompt_string`` in place of each ``<image>``, the tokenizer."""
+        seq_len = int(self.model.model.image_seq_len)
+        if self.model.config.model_type == "idefics3":
+            import copy
+
+            from transformers.models.idefics3.processing_idefics3 import Idefics3Processor
+
+            proc = Idefics3Processor(self.proc, copy.deepcopy(self.tok), image_seq_len=seq_len)
+            inputs = dict(proc(text=[text], images=[images], return_tensors="pt"))
+            inputs.pop("mm_token_type_ids", None)
+            return inputs
+        from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+        inputs = dict(self.proc(images=[images], return_row_col_info=True, return_tensors="pt"))
+        rows, cols = inputs.pop("rows")[0], inputs.pop("cols")[0]
+        pieces = text.split("<image>")
+        assert len(pieces) == len(images) + 1
+        full = pieces[0]
+        for k, piece in enumerate(pieces[1:]):
+            full += get_image_prompt_string(
+                rows[k], cols[k], seq_len, "<fake_token_around_image>", "<image>", "<global-img>"
+            )
+            full += piece
+        t = torch.tensor([self.tok.encode(full, add_special_tokens=False)])
+        inputs.update(input_ids=t, attention_mask=torch.ones_like(t))
+        return inputs
+
+    def _generate(self, inputs: dict[str, Any]) -> list[int]:
+        self.prompt = [int(x) for x in inputs["input_ids"][0]]
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
-        return [int(x) for x in out[0, len(ids) :]]
+        return [int(x) for x in out[0, inputs["input_ids"].shape[1] :]]
 
     def text(self, messages: list[dict[str, Any]]) -> tuple[str, int]:
         toks = self.tokens(messages)
@@ -140,7 +187,7 @@ def vlm(
     directory = tiny_vlms.build(request.param, where / "model", smollm2.tokenizer)
     args = [
         "--model", str(directory), "--device", "cpu", "--dtype", "float32", "--served-model-name", "vlm",
-        "--max-num-batched-tokens", "16", "--max-image-pixels", str(MAX_PIXELS), "--max-images-per-request", "3",
+        "--max-num-batched-tokens", str(CHUNK), "--max-image-pixels", str(MAX_PIXELS), "--max-images-per-request", "3",
     ]  # fmt: skip
     with ServerProcess(args, where / "logs") as server:
         yield server, Reference(directory)
@@ -173,6 +220,7 @@ def test_answers_equal_generate_with_one_and_two_images(vlm: tuple[ServerProcess
         want, n = ref.text(messages)
         got, m = answer(server, messages)
         assert (got, m) == (want, n)
+    assert ref.chunk_cuts_an_image()  # the two-image prompt's prefill is cut inside an image
     assert metric(server, "berth_images_total") >= 4
     assert metric(server, "berth_image_prompt_tokens_total") > 0
 

@@ -12,7 +12,16 @@ from typing import Any
 
 import pytest
 
-from berth.controller.autoscaler import Autoscaler, PodMetricsSource, Policy, State, decide, parse_in_flight
+from berth.controller import kube, metrics
+from berth.controller.autoscaler import (
+    Autoscaler,
+    PodMetricsSource,
+    Policy,
+    State,
+    decide,
+    hpas_targeting,
+    parse_in_flight,
+)
 from berth.controller.settings import OperatorSettings
 
 from .conftest import RecordingKube, md_body
@@ -160,8 +169,11 @@ def test_tick_writes_scale_event_and_status_only_when_enabled(
     assert decision is not None and decision.desired == 3
     writes = recording.writes()
     assert ("patch_scale", "ModelDeployment", "chat", 3) in writes
-    status = next(w[3] for w in writes if w[0] == "patch_status")
-    assert status == {"desiredCapacity": 3, "lastScaleTime": "2026-11-23T10:00:00Z"}
+    statuses = [w[3] for w in writes if w[0] == "patch_status"]
+    assert statuses == [
+        {"autoscaler": {"externalAutoscaler": None, "readPods": 1, "unreadablePods": []}},
+        {"desiredCapacity": 3, "lastScaleTime": "2026-11-23T10:00:00Z"},
+    ]
     event = next(w[3] for w in writes if w[0] == "create" and w[1] == "Event")
     assert event["reason"] == "Autoscaled"
     assert event["message"] == "in-flight 24 over target 8 per instance -> capacity 3"
@@ -216,6 +228,90 @@ def test_unanswering_ready_pods_count_as_loaded(recording: RecordingKube, settin
     scaler = Autoscaler(recording, settings, FixedLoad({"p1": 0.0}))
     decision = scaler.tick(body, datetime(2026, 11, 23, tzinfo=UTC), 100.0)
     assert decision is not None and decision.desired == 1
+
+
+def test_unreadable_pods_are_named_in_status(recording: RecordingKube, settings: OperatorSettings) -> None:
+    body = md_body(spec={"capacity": 2, "autoscaling": {"enabled": True, "minCapacity": 1, "maxCapacity": 4}})
+    recording.objects[("ModelDeployment", "team-a", "chat")] = copy.deepcopy(body)
+    for name in ("p1", "p2", "p3"):
+        recording.objects[("Pod", "team-a", name)] = {
+            "metadata": {"name": name, "labels": {"berth.dev/model-deployment": "chat"}},
+            "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+        }
+    scaler = Autoscaler(recording, settings, FixedLoad({"p2": 3.0}))
+    scaler.tick(body, datetime(2026, 11, 23, tzinfo=UTC), 0.0)
+    seen = recording.objects[("ModelDeployment", "team-a", "chat")]["status"]["autoscaler"]
+    assert seen == {"externalAutoscaler": None, "readPods": 1, "unreadablePods": ["p1", "p3"]}
+    assert metrics.UNREADABLE_PODS.labels("team-a", "chat")._value.get() == 2
+    # the same sample again: nothing to write
+    recording.clear()
+    fresh = recording.get(kube.MODEL_DEPLOYMENT, "team-a", "chat")
+    assert fresh is not None
+    scaler.tick(fresh, datetime(2026, 11, 23, tzinfo=UTC), 1.0)
+    assert [w for w in recording.writes() if w[0] == "patch_status" and "autoscaler" in w[3]] == []
+
+
+def _hpa(
+    name: str, target: str, kind: str = "ModelDeployment", api: str = "berth.dev/v1alpha1"
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": name, "namespace": "team-a"},
+        "spec": {"scaleTargetRef": {"apiVersion": api, "kind": kind, "name": target}, "maxReplicas": 3},
+    }
+
+
+def test_hpas_targeting_matches_kind_group_and_name() -> None:
+    hpas = [
+        _hpa("b-hpa", "chat"),
+        _hpa("a-hpa", "chat", api="berth.dev/v1"),
+        _hpa("other", "search"),
+        _hpa("deploy", "chat", kind="Deployment", api="apps/v1"),
+        _hpa("lookalike", "chat", api="example.com/v1"),
+    ]
+    assert hpas_targeting(hpas, "chat") == ["a-hpa", "b-hpa"]
+    assert hpas_targeting([], "chat") == []
+
+
+def test_an_hpa_on_the_model_deployment_makes_the_autoscaler_stand_aside(
+    recording: RecordingKube, settings: OperatorSettings
+) -> None:
+    body = md_body(
+        spec={
+            "capacity": 1,
+            "autoscaling": {
+                "enabled": True,
+                "minCapacity": 1,
+                "maxCapacity": 4,
+                "targetInFlightPerInstance": 8,
+            },
+        }
+    )
+    recording.objects[("ModelDeployment", "team-a", "chat")] = copy.deepcopy(body)
+    recording.objects[("HorizontalPodAutoscaler", "team-a", "chat-hpa")] = _hpa("chat-hpa", "chat")
+    scaler = Autoscaler(recording, settings, FixedLoad({"p1": 24.0}))  # the load alone would ask for 3
+    assert scaler.tick(body, datetime(2026, 11, 23, tzinfo=UTC), 0.0) is None
+    writes = recording.writes()
+    assert not [w for w in writes if w[0] == "patch_scale"]
+    status = recording.objects[("ModelDeployment", "team-a", "chat")]["status"]
+    assert status["autoscaler"]["externalAutoscaler"] == "HorizontalPodAutoscaler/chat-hpa"
+    assert "desiredCapacity" not in status
+    (event,) = [w[3] for w in writes if w[0] == "create" and w[1] == "Event"]
+    assert (event["type"], event["reason"]) == ("Warning", "ExternalAutoscaler")
+    assert event["message"].startswith("HorizontalPodAutoscaler/chat-hpa targets this ModelDeployment")
+    # next tick: still aside, no second event, no write
+    recording.clear()
+    fresh = recording.get(kube.MODEL_DEPLOYMENT, "team-a", "chat")
+    assert fresh is not None
+    assert scaler.tick(fresh, datetime(2026, 11, 23, tzinfo=UTC), 1.0) is None
+    assert recording.writes() == []
+    # the HPA goes: the built-in autoscaler takes over again and scales on the load
+    del recording.objects[("HorizontalPodAutoscaler", "team-a", "chat-hpa")]
+    decision = scaler.tick(fresh, datetime(2026, 11, 23, tzinfo=UTC), 2.0)
+    assert decision is not None and decision.desired == 3
+    status = recording.objects[("ModelDeployment", "team-a", "chat")]["status"]
+    assert status["autoscaler"].get("externalAutoscaler") is None  # null in a merge patch removes it
 
 
 @pytest.mark.parametrize(

@@ -444,3 +444,183 @@ def test_unschedulable_event_when_the_reason_appears_in_the_same_phase() -> None
     }
     assert [(e.reason, e.message) for e in status_events(pending, now)] == [("Unschedulable", SCHED_MSG)]
     assert status_events(now, now) == []
+
+
+# ---------------------------------------------------------------- lifecycle (issue 14)
+
+DEADLINE = {
+    **dep(1),
+    "status": {
+        "observedGeneration": 1,
+        "replicas": 1,
+        "updatedReplicas": 1,
+        "conditions": [
+            {
+                "type": "Progressing",
+                "status": "False",
+                "reason": "ProgressDeadlineExceeded",
+                "message": 'ReplicaSet "chat-7d9" has timed out progressing.',
+            }
+        ],
+    },
+}
+
+
+def _ts(seconds_ago: float) -> str:
+    return (NOW - timedelta(seconds=seconds_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def hf_pod(
+    age: float, init: dict[str, Any], server: dict[str, Any], name: str = "p", ready: bool = False
+) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "uid": f"uid-{name}", "creationTimestamp": _ts(age)},
+        "spec": {"nodeName": "n1"},
+        "status": {
+            "phase": "Pending" if "running" in init else "Running",
+            "conditions": [{"type": "Ready", "status": str(ready)}],
+            "initContainerStatuses": [{"name": "download-model", "restartCount": 0, "state": init}],
+            "containerStatuses": [{"name": "server", "restartCount": 0, "started": ready, "state": server}],
+        },
+    }
+
+
+def _cond(st: dict[str, Any], type_: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(c for c in st["conditions"] if c["type"] == type_)
+    return found
+
+
+HF = {"model": {"uri": "hf://acme/big"}, "capacity": 1}
+INITIALIZING = {"waiting": {"reason": "PodInitializing"}}
+
+
+def test_a_long_download_past_the_deadline_is_not_failed(settings: OperatorSettings) -> None:
+    md = ModelDeployment.model_validate(md_body(spec=HF))
+    # downloading for three startup budgets, the Deployment gave up: still on its way
+    downloading = hf_pod(
+        3 * settings.startup_seconds, {"running": {"startedAt": _ts(3 * 1800)}}, INITIALIZING
+    )
+    st = compute_status(md, Observed(DEADLINE, [downloading]), settings, NOW, {})
+    assert st["phase"] == "Deploying"
+    ready = _cond(st, "Ready")
+    assert ready["reason"] == "InstancesNotReady" and "1 downloading the model" in ready["message"]
+    assert _cond(st, "Degraded")["status"] == "False"
+
+
+def test_loading_inside_the_budget_is_not_failed_and_past_it_is(settings: OperatorSettings) -> None:
+    md = ModelDeployment.model_validate(md_body(spec=HF))
+    done = {"terminated": {"exitCode": 0, "reason": "Completed", "message": '{"model": "abc"}'}}
+    loading = hf_pod(2000, done, {"running": {"startedAt": _ts(settings.startup_seconds - 60)}})
+    st = compute_status(md, Observed(DEADLINE, [loading]), settings, NOW, {})
+    assert st["phase"] == "Deploying"
+    assert "1 starting (loading the model)" in _cond(st, "Ready")["message"]
+    # the same pod after its budget: nothing is on its way any more, the deadline counts
+    late = hf_pod(4000, done, {"running": {"startedAt": _ts(settings.startup_seconds + 60)}})
+    st = compute_status(md, Observed(DEADLINE, [late]), settings, NOW, {})
+    assert st["phase"] == "Failed"
+    assert _cond(st, "Ready")["reason"] == "ProgressDeadlineExceeded"
+
+
+def test_creating_containers_past_the_deadline_is_not_failed(settings: OperatorSettings) -> None:
+    md = ModelDeployment.model_validate(md_body(spec={"capacity": 1}))
+    pulling = pod(age=5000, waiting={"reason": "ContainerCreating"}, started=False)
+    st = compute_status(md, Observed(DEADLINE, [pulling]), settings, NOW, {})
+    assert st["phase"] == "Deploying"
+    assert "1 creating containers" in _cond(st, "Ready")["message"]
+
+
+MULTI_ATTACH_EVENT = {
+    "type": "Warning",
+    "reason": "FailedAttachVolume",
+    "involvedObject": {"kind": "Pod", "name": "p2", "uid": "uid-p2"},
+    "message": 'Multi-Attach error for volume "pvc-1f2e" Volume is already used by pod(s) chat-5d8-abc',
+    "lastTimestamp": _ts(10),
+}
+
+
+def test_multi_attach_surfaces_as_the_reason(settings: OperatorSettings) -> None:
+    md = ModelDeployment.model_validate(md_body(spec={"model": {"uri": "pvc://models/q"}, "capacity": 2}))
+    serving = pod(ready=True, running_for=600)
+    stuck = pod(age=60, waiting={"reason": "ContainerCreating"}, started=False)
+    stuck["metadata"].update(name="p2", uid="uid-p2")
+    other = {**MULTI_ATTACH_EVENT, "involvedObject": {"kind": "Pod", "name": "elsewhere"}}
+    obs = Observed(dep(2, ready=1), [serving, stuck], pod_events=[other])
+    assert _cond(compute_status(md, obs, settings, NOW, {}), "Ready")["reason"] == "InstancesNotReady"
+    obs = Observed(dep(2, ready=1), [serving, stuck], pod_events=[MULTI_ATTACH_EVENT, other])
+    st = compute_status(md, obs, settings, NOW, RUNNING_BEFORE)
+    ready = _cond(st, "Ready")
+    assert ready["reason"] == "MultiAttachError"
+    assert "pod p2: Multi-Attach error for volume" in ready["message"]
+    # the stuck pod is not "on its way": after the grace the phase is Degraded with the same reason
+    later = compute_status(md, obs, settings, NOW + timedelta(seconds=600), st)
+    assert later["phase"] == "Degraded" and _cond(later, "Degraded")["reason"] == "MultiAttachError"
+
+
+def test_available_stays_true_through_a_scale_up_while_ready_does_not(settings: OperatorSettings) -> None:
+    md = ModelDeployment.model_validate(md_body(spec={"capacity": 2}))
+    two = [pod(ready=True, running_for=600), pod(ready=True, running_for=600)]
+    before = compute_status(md, Observed(dep(2, ready=2), two), settings, NOW, {})
+    assert _cond(before, "Available")["status"] == "True"
+    up = ModelDeployment.model_validate(md_body(spec={"capacity": 4}, generation=2))
+    new = [pod(running_for=5), pod(running_for=5)]
+    during = compute_status(
+        up, Observed(dep(4, ready=2), two + new), settings, NOW + timedelta(seconds=30), before
+    )
+    assert during["phase"] == "Updating"
+    assert _cond(during, "Ready")["status"] == "False"
+    available = _cond(during, "Available")
+    assert available["status"] == "True" and available["reason"] == "MinimumInstancesAvailable"
+    assert available["lastTransitionTime"] == _cond(before, "Available")["lastTransitionTime"]
+    # minAvailable 3 of 4 with 2 serving: not available
+    strict = ModelDeployment.model_validate(md_body(spec={"capacity": 4, "rollout": {"minAvailable": 3}}))
+    st = compute_status(strict, Observed(dep(4, ready=2), two + new), settings, NOW, before)
+    assert _cond(st, "Available")["status"] == "False"
+    assert "2/4 instances ready, 3 needed" in _cond(st, "Available")["message"]
+    # nothing serves: not available
+    none = compute_status(md, Observed(dep(2), [pod(), pod()]), settings, NOW, {})
+    assert _cond(none, "Available")["status"] == "False"
+
+
+def test_conditions_are_one_per_type_and_autoscaling_follows_the_autoscaler(
+    settings: OperatorSettings,
+) -> None:
+    auto = {"capacity": 1, "autoscaling": {"enabled": True, "minCapacity": 1, "maxCapacity": 3}}
+    md = ModelDeployment.model_validate(md_body(spec=auto))
+    obs = Observed(dep(1, ready=1), [pod(ready=True)])
+    st = compute_status(md, obs, settings, NOW, {})
+    types = [c["type"] for c in st["conditions"]]
+    assert types == ["Ready", "Available", "Progressing", "Degraded", "Autoscaling"]
+    assert (_cond(st, "Autoscaling")["status"], _cond(st, "Autoscaling")["reason"]) == (
+        "Unknown",
+        "NotSampled",
+    )
+    sample = {"externalAutoscaler": "HorizontalPodAutoscaler/chat-hpa", "readPods": 0, "unreadablePods": []}
+    st = compute_status(md, obs, settings, NOW, {"autoscaler": sample})
+    hpa = _cond(st, "Autoscaling")
+    assert (hpa["status"], hpa["reason"]) == ("False", "ExternalAutoscaler")
+    assert hpa["message"].startswith("HorizontalPodAutoscaler/chat-hpa targets this ModelDeployment")
+    sample = {"readPods": 2, "unreadablePods": ["chat-1", "chat-2"]}
+    unread = _cond(compute_status(md, obs, settings, NOW, {"autoscaler": sample}), "Autoscaling")
+    assert (unread["status"], unread["reason"]) == ("True", "UnreadableInstances")
+    assert "2 of 4 ready instances did not answer /metrics" in unread["message"]
+    assert "chat-1, chat-2" in unread["message"]
+    fine = compute_status(md, obs, settings, NOW, {"autoscaler": {"readPods": 1}})
+    assert _cond(fine, "Autoscaling")["reason"] == "Active"
+    # autoscaling off: no Autoscaling condition, whatever the last sample said
+    off = ModelDeployment.model_validate(md_body(spec={"capacity": 1}))
+    st = compute_status(off, obs, settings, NOW, {**st, "autoscaler": sample})
+    assert "Autoscaling" not in [c["type"] for c in st["conditions"]]
+
+
+def test_resolved_commit_is_published(settings: OperatorSettings) -> None:
+    md = ModelDeployment.model_validate(md_body(spec={"model": {"uri": "hf://acme/big", "revision": "main"}}))
+    done = {"terminated": {"exitCode": 0, "message": '{"model": "4f2c9e", "adapter-x": "77"}'}}
+    older = hf_pod(900, {"terminated": {"exitCode": 0, "message": '{"model": "0ld"}'}}, {}, name="old")
+    newer = hf_pod(100, done, {"running": {"startedAt": _ts(50)}}, name="new", ready=True)
+    st = compute_status(md, Observed(dep(1, ready=1), [older, newer]), settings, NOW, {})
+    assert st["modelRevision"] == "4f2c9e"
+    # a failed or garbled download says nothing; the last published commit stays
+    bad = hf_pod(10, {"terminated": {"exitCode": 1, "message": "HTTP 401"}}, {}, name="bad")
+    assert compute_status(md, Observed(dep(1), [bad]), settings, NOW, st)["modelRevision"] == "4f2c9e"
+    builtin = ModelDeployment.model_validate(md_body())
+    assert compute_status(builtin, Observed(dep(1), [newer]), settings, NOW, {})["modelRevision"] is None

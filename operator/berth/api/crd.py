@@ -89,6 +89,12 @@ CEL_RULES: dict[str, list[dict[str, Any]]] = {
             ".uri",
         ),
         _rule(
+            "!has(self.revision) || (has(self.uri) && self.uri.startsWith('hf://')"
+            " && (!self.uri.contains('@') || self.uri.endsWith('@' + self.revision)))",
+            "spec.model.revision applies to an hf:// uri, and must equal the uri's @revision when both are given",
+            ".revision",
+        ),
+        _rule(
             "!has(self.adapters) || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
             "spec.model.adapters: adapter names must be unique",
             ".adapters",

@@ -152,6 +152,24 @@ class ModelSpec(_Base):
     hf_token_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret holding a Hugging Face token, for hf:// models that need one."
     )
+    revision: str | None = Field(
+        None,
+        description=(
+            "hf:// only: the branch, tag or commit to download (the same as uri's @revision; give one "
+            "of the two). Default: main. The download resolves it to a commit first and fetches exactly "
+            "that commit; status.modelRevision publishes it."
+        ),
+        max_length=255,
+        pattern=r"^[A-Za-z0-9._/-]+$",
+    )
+    cache_size: Quantity | None = Field(
+        None,
+        description=(
+            "hf:// only: size of the download volume (an emptyDir with this sizeLimit, and the "
+            "ephemeral-storage the download container requests, so the scheduler picks a node with "
+            "room). Default: the operator's BERTH_MODEL_CACHE_SIZE."
+        ),
+    )
     trust_remote_code: bool = Field(
         False,
         description=(
@@ -166,6 +184,23 @@ class ModelSpec(_Base):
     def _known_scheme(cls, v: str) -> str:
         ModelUri.parse(v)
         return v
+
+    @model_validator(mode="after")
+    def _one_revision(self) -> ModelSpec:
+        uri = self.parsed_uri
+        if self.revision is not None:
+            if uri.scheme != "hf":
+                raise ValueError("model.revision applies to an hf:// model.uri only")
+            if uri.path and uri.path != self.revision:
+                raise ValueError(
+                    f"model.revision {self.revision!r} contradicts the uri's @{uri.path}: give one of the two"
+                )
+        return self
+
+    @property
+    def hf_revision(self) -> str:
+        """The revision an hf:// model is downloaded at: model.revision, else the uri's @revision, else main."""
+        return self.revision or self.parsed_uri.path or "main"
 
     @model_validator(mode="after")
     def _unique_adapters(self) -> ModelSpec:
@@ -352,6 +387,16 @@ class Rollout(_Base):
     max_unavailable: IntOrPercent = Field(
         0, description="Instances that may be unavailable during a rollout (number or percent)."
     )
+    min_available: int = Field(
+        1,
+        description=(
+            "Instances that must serve for the Available condition to be True (capped at capacity, at "
+            "least 1): Available stays True through a scale-up or a rollout while this many are ready, "
+            "where Ready (all asked-for instances serve) turns False."
+        ),
+        ge=1,
+        le=1000,
+    )
 
 
 class ModelDeploymentSpec(_Base):
@@ -393,7 +438,7 @@ class ModelDeploymentSpec(_Base):
 
 Phase = Literal["Pending", "Deploying", "Running", "Updating", "Degraded", "Failed", "Idle"]
 PHASES: tuple[Phase, ...] = get_args(Phase)
-ConditionType = Literal["Ready", "Progressing", "Degraded"]
+ConditionType = Literal["Ready", "Available", "Progressing", "Degraded", "Autoscaling"]
 CONDITION_TYPES: tuple[ConditionType, ...] = get_args(ConditionType)
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -406,12 +451,35 @@ def _either(names: tuple[str, ...], conjunction: str) -> str:
 class Condition(_Base):
     """A status condition (Kubernetes API conventions)."""
 
-    type: str = Field(description=f"{_either(CONDITION_TYPES, 'or')}.")
+    type: str = Field(description="What the condition is about; one condition of each type.")
     status: ConditionStatus = Field(description=f"{_either(get_args(ConditionStatus), 'or')}.")
     reason: str = Field("", description="One CamelCase word for machines.")
     message: str = Field("", description="What happened, for people.")
     last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).")
     observed_generation: int | None = Field(None, description="The spec generation this condition is about.")
+
+
+class AutoscalerStatus(_Base):
+    """What the built-in autoscaler saw at its last sample (the reconcile turns it into the Autoscaling
+    condition)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    external_autoscaler: str | None = Field(
+        None,
+        description=(
+            "HorizontalPodAutoscaler/<name> whose scaleTargetRef is this ModelDeployment: while it "
+            "exists the built-in autoscaler stands aside."
+        ),
+    )
+    read_pods: int = Field(0, description="Ready instances whose /metrics the last sample read.")
+    unreadable_pods: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Ready instances whose /metrics the last sample could not read (in time, within the size "
+            "cap, with finite values); each counts as loaded at the target."
+        ),
+    )
 
 
 class ModelDeploymentStatus(_Base):
@@ -421,7 +489,9 @@ class ModelDeploymentStatus(_Base):
 
     # Who writes what: the autoscaler writes these fields (status.desiredCapacity, status.lastScaleTime),
     # the reconcile every other one. A merge patch from either leaves the other's fields as they are.
-    AUTOSCALER_FIELDS: ClassVar[frozenset[str]] = frozenset({"desired_capacity", "last_scale_time"})
+    AUTOSCALER_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"desired_capacity", "last_scale_time", "autoscaler"}
+    )
 
     phase: Phase | None = Field(None, description=f"{_either(PHASES, 'or')}.")
     capacity: int | None = Field(None, description="Capacity the operator is working towards.")
@@ -436,7 +506,13 @@ class ModelDeploymentStatus(_Base):
     served_model_name: str | None = Field(None, description="The `model` value clients send.")
     api_key_secret: str | None = Field(None, description="Secret holding the API keys.")
     conditions: list[Condition] = Field(
-        default_factory=list, description=f"{_either(CONDITION_TYPES, 'and')}."
+        default_factory=list,
+        description=(
+            f"{_either(CONDITION_TYPES, 'and')} (Autoscaling only while spec.autoscaling.enabled: "
+            "the built-in autoscaler's state, from status.autoscaler), one of each type."
+        ),
+        # a map keyed by type: server-side apply and `kubectl` merge them entry by entry
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     observed_generation: int | None = Field(None, description="The spec generation last reconciled.")
     ready_at: str | None = Field(None, description="When the instance first became Running (RFC 3339).")
@@ -447,8 +523,18 @@ class ModelDeploymentStatus(_Base):
         None, description="Compute units used so far (ready instances x hours)."
     )
     metered_at: str | None = Field(None, description="When computeUnitHours was last brought up to date.")
+    model_revision: str | None = Field(
+        None,
+        description=(
+            "hf:// models: the commit the instances downloaded (model.revision resolved by the download "
+            "init container, read from its termination message)."
+        ),
+    )
     desired_capacity: int | None = Field(None, description="Capacity the autoscaler last asked for.")
     last_scale_time: str | None = Field(None, description="When the autoscaler last changed capacity.")
+    autoscaler: AutoscalerStatus | None = Field(
+        None, description="The built-in autoscaler's last sample (spec.autoscaling.enabled only)."
+    )
 
     @classmethod
     def reconciled_fields(cls) -> tuple[str, ...]:

@@ -1,7 +1,8 @@
 """Autoscaling on load through spec.capacity (the scale subresource), HPA-style.
 
 Signal: in-flight requests (running + waiting) of each *ready* instance, read from its /metrics
-(`PodMetricsSource`; the `MetricsSource` protocol lets Prometheus take its place later), summed and
+(`PodMetricsSource`; the `MetricsSource` protocol lets Prometheus take its place later), plus the
+requests the gateway holds for the ModelDeployment while it scales up (`GatewayWaiting`), summed and
 averaged over a window; a ready instance that does not answer (in time, within the size cap, with
 finite values) counts as loaded at the target and in `berth_operator_unreadable_pods`. Decision (`decide`, pure): desired = ceil(in-flight / target per instance),
 clamped to [minCapacity, maxCapacity]; up at once by a bounded step (like the HPA's default policy:
@@ -9,6 +10,12 @@ at most max(4 instances, 100%) per decision); down only to the highest recommend
 `scaleDownDelaySeconds`, and never below the instances that still have requests in flight.
 Action (`Autoscaler.tick`): write through the scale subresource, emit an Event with the reason,
 record status.desiredCapacity / status.lastScaleTime, export desired vs actual capacity.
+
+An autoscaling/v2 HorizontalPodAutoscaler whose scaleTargetRef is the ModelDeployment takes precedence:
+the autoscaler then makes no decision at all (two controllers writing spec.capacity would fight), emits a
+Warning Event `ExternalAutoscaler` naming the HPA once, and records it in status.autoscaler. What each
+sample saw (the HPA, the pods read and the ones that could not be) goes to status.autoscaler, written
+only when it changes; the reconcile shows it as the Autoscaling condition (status.py).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Any, Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from berth.api.models import ModelDeployment, ModelDeploymentStatus
+from berth.api.models import GROUP, KIND, AutoscalerStatus, ModelDeployment, ModelDeploymentStatus
 from berth.controller import kube, metrics, names
 from berth.controller.events import EventSpec, emit
 from berth.controller.settings import OperatorSettings
@@ -36,6 +43,20 @@ log = logging.getLogger(__name__)
 
 # Server gauges that make up "in flight" (operator/berth/server/metrics.py).
 IN_FLIGHT_METRICS = ("berth_running_requests", "berth_waiting_requests")
+
+HPA = kube.Kind("HorizontalPodAutoscaler", "apis/autoscaling/v2", "horizontalpodautoscalers")
+
+
+def hpas_targeting(hpas: list[dict[str, Any]], name: str) -> list[str]:
+    """Names of the HPAs (autoscaling/v2 objects of one namespace) whose scaleTargetRef is the
+    ModelDeployment `name` (any berth.dev version), sorted."""
+    found = []
+    for hpa in hpas:
+        ref = (hpa.get("spec") or {}).get("scaleTargetRef") or {}
+        group = str(ref.get("apiVersion") or "").partition("/")[0]
+        if ref.get("kind") == KIND and ref.get("name") == name and group == GROUP:
+            found.append(str((hpa.get("metadata") or {}).get("name")))
+    return sorted(found)
 
 
 @dataclass(frozen=True)
@@ -248,6 +269,79 @@ class PodMetricsSource:
         return out
 
 
+# The gateway's gauge of requests held while a ModelDeployment scales up (berth/gateway/metrics.py),
+# and the label the chart puts on the gateway's pods.
+GATEWAY_WAITING_METRIC = "berth_gateway_waiting_requests"
+GATEWAY_POD_SELECTOR = "berth.dev/gateway=true"
+
+
+def parse_gateway_waiting(text: str) -> dict[tuple[str, str], float]:
+    """(namespace, ModelDeployment) -> requests held, from one gateway replica's exposition."""
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != GATEWAY_WAITING_METRIC:
+            continue
+        for sample in family.samples:
+            ns, md = sample.labels.get("namespace"), sample.labels.get("modeldeployment")
+            if sample.name != family.name or not ns or not md:
+                continue
+            if math.isfinite(sample.value) and sample.value > 0:
+                out[(ns, md)] = out.get((ns, md), 0.0) + sample.value
+    return out
+
+
+class GatewayWaiting:
+    """The requests every gateway replica holds per ModelDeployment, read from their /metrics (the
+    ready pods labelled berth.dev/gateway=true in the gateway namespace) at most once per
+    ``max_age`` seconds for all ModelDeployments. A replica that cannot be read adds nothing."""
+
+    def __init__(
+        self,
+        client: kube.Kube,
+        settings: OperatorSettings,
+        max_age: float | None = None,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.max_age = settings.autoscale_interval_seconds / 2 if max_age is None else max_age
+        self.clock = clock
+        self._read_at: float | None = None
+        self._held: dict[tuple[str, str], float] = {}
+
+    def _read(self, ip: str) -> dict[tuple[str, str], float]:
+        s = self.settings
+        text = fetch_metrics(
+            ip, s.gateway_metrics_port, s.metrics_scrape_timeout_seconds, s.metrics_scrape_max_bytes
+        )
+        return parse_gateway_waiting(text)
+
+    def refresh(self) -> None:
+        held: dict[tuple[str, str], float] = {}
+        try:
+            pods = self.client.list(kube.POD, self.settings.gateway_ns(), GATEWAY_POD_SELECTOR)
+        except Exception as e:  # e.g. no RBAC for pods in the gateway namespace (namespaced install)
+            log.debug("cannot list the gateway pods: %s", e)
+            pods = []
+        for pod in pods:
+            ip = (pod.get("status") or {}).get("podIP")
+            if not ip or not _ready(pod):
+                continue
+            try:
+                for key, value in self._read(ip).items():
+                    held[key] = held.get(key, 0.0) + value
+            except (OSError, ValueError) as e:
+                metrics.SCRAPE_FAILURES.labels(_failure_reason(e)).inc()
+                log.debug("no metrics from gateway pod %s: %s", (pod.get("metadata") or {}).get("name"), e)
+        self._held = held
+        self._read_at = self.clock()
+
+    def waiting(self, namespace: str, name: str) -> float:
+        if self._read_at is None or self.clock() - self._read_at >= self.max_age:
+            self.refresh()
+        return self._held.get((namespace, name), 0.0)
+
+
 class Autoscaler:
     """Per-operator autoscaling loop body: one `tick` per ModelDeployment per interval."""
 
@@ -262,9 +356,35 @@ class Autoscaler:
             settings.metrics_scrape_max_bytes,
         )
         self.states: dict[tuple[str, str], State] = {}
+        self.gateway = GatewayWaiting(client, settings) if settings.gateway_metrics_port else None
+        self._hpa_forbidden_logged = False
+
+    def gateway_waiting(self, md: ModelDeployment) -> float:
+        """Requests the gateway holds for `md` (waiting for it to scale up): load with no pod to show it."""
+        return self.gateway.waiting(md.namespace, md.name) if self.gateway is not None else 0.0
 
     def forget(self, namespace: str, name: str) -> None:
         self.states.pop((namespace, name), None)
+
+    def _external(self, md: ModelDeployment) -> str | None:
+        """ "HorizontalPodAutoscaler/<name>" of an HPA that targets this ModelDeployment, or None."""
+        try:
+            hpas = self.client.list(HPA, md.namespace, "")
+        except kube.Forbidden as e:  # an RBAC without the rule (older chart): scale, but say so once
+            if not self._hpa_forbidden_logged:
+                log.warning("cannot list HorizontalPodAutoscalers (%s): HPA detection is off", e.message)
+                self._hpa_forbidden_logged = True
+            return None
+        found = hpas_targeting(hpas, md.name)
+        return ", ".join(f"{HPA.kind}/{n}" for n in found) if found else None
+
+    def _record(self, body: dict[str, Any], md: ModelDeployment, seen: AutoscalerStatus) -> None:
+        """status.autoscaler, only when it changed."""
+        before = (body.get("status") or {}).get("autoscaler")
+        if before is not None and AutoscalerStatus.model_validate(before) == seen:
+            return
+        patch = ModelDeploymentStatus(autoscaler=seen).patch({"autoscaler"})
+        self.client.patch_status(kube.MODEL_DEPLOYMENT, md.namespace, md.name, patch)
 
     def tick(self, body: dict[str, Any], now: datetime, monotonic: float) -> Decision | None:
         md = ModelDeployment.model_validate(
@@ -274,6 +394,21 @@ class Autoscaler:
         if not md.spec.autoscaling.enabled:
             self.forget(*key)
             return None
+        external = self._external(md)
+        if external is not None:
+            # someone else scales this ModelDeployment: no decision, no sample window kept
+            self.forget(*key)
+            metrics.UNREADABLE_PODS.labels(md.namespace, md.name).set(0)
+            before = ((body.get("status") or {}).get("autoscaler") or {}).get("externalAutoscaler")
+            self._record(body, md, AutoscalerStatus(external_autoscaler=external))
+            if before != external:
+                message = (
+                    f"{external} targets this ModelDeployment: the built-in autoscaler (spec.autoscaling) "
+                    "stands aside while it exists"
+                )
+                emit(self.client, body, [EventSpec("Warning", "ExternalAutoscaler", message)], now)
+                log.warning("%s/%s: %s", md.namespace, md.name, message)
+            return None
         state = self.states.setdefault(key, State())
         pods = self.client.list(kube.POD, md.namespace, names.selector_string(md))
         per_pod = self.source.in_flight(pods, self.settings.server_port)
@@ -281,9 +416,15 @@ class Autoscaler:
         # A ready pod whose /metrics did not answer counts as loaded at the target (as the HPA assumes
         # 100% for missing pods when scaling down): an overloaded server answering slowly must not
         # read as idle.
-        unread = sum(1 for p in pods if _ready(p) and (p.get("metadata") or {}).get("name") not in per_pod)
+        unreadable = sorted(
+            str((p.get("metadata") or {}).get("name"))
+            for p in pods
+            if _ready(p) and (p.get("metadata") or {}).get("name") not in per_pod
+        )
+        unread = len(unreadable)
         metrics.UNREADABLE_PODS.labels(md.namespace, md.name).set(unread)
-        total = sum(per_pod.values()) + unread * policy.target_per_instance
+        self._record(body, md, AutoscalerStatus(read_pods=len(per_pod), unreadable_pods=unreadable))
+        total = sum(per_pod.values()) + unread * policy.target_per_instance + self.gateway_waiting(md)
         busy = sum(1 for v in per_pod.values() if v > 0) + unread
         current = md.spec.capacity
         decision = decide(current, busy, policy, state, monotonic, total)
@@ -301,7 +442,7 @@ class Autoscaler:
                 kube.MODEL_DEPLOYMENT,
                 md.namespace,
                 md.name,
-                scaled.patch(ModelDeploymentStatus.AUTOSCALER_FIELDS),
+                scaled.patch({"desired_capacity", "last_scale_time"}),
             )
             emit(self.client, body, [EventSpec("Normal", "Autoscaled", decision.reason)], now)
             log.info("%s/%s: %s", md.namespace, md.name, decision.reason)

@@ -27,6 +27,25 @@ MODEL_ROOT = "/models"
 ADAPTER_ROOT = "/adapters"
 API_KEY_DIR = "/etc/berth/api-keys"
 USER_ID = 1000
+DOWNLOAD_CONTAINER = "download-model"
+TERMINATION_LOG = "/dev/termination-log"
+
+# The download init container's program (`python -c`; the server image has huggingface_hub). Arguments:
+# the termination-message path, then (volume, repo, revision, dir) per source. Each revision (branch, tag or commit) is resolved to a commit
+# first and exactly that commit is fetched; {volume: commit} goes to the termination message, where the
+# operator reads it into status.modelRevision.
+DOWNLOAD_SCRIPT = """\
+import json, sys
+from huggingface_hub import HfApi, snapshot_download
+log_path, args, resolved = sys.argv[1], sys.argv[2:], {}
+for volume, repo, revision, target in zip(args[0::4], args[1::4], args[2::4], args[3::4]):
+    commit = HfApi().model_info(repo, revision=revision).sha
+    print(f"{repo}@{revision} is commit {commit}: downloading into {target}", flush=True)
+    snapshot_download(repo, revision=commit, local_dir=target)
+    resolved[volume] = commit
+with open(log_path, "w") as log:
+    json.dump(resolved, log)
+"""
 
 
 def _metadata(md: ModelDeployment, name: str) -> dict[str, Any]:
@@ -75,17 +94,22 @@ def scratch() -> PodParts:
     )
 
 
-def _source(uri: ModelUri, volume: str, mount: str) -> tuple[PodParts, str]:
-    """(pod parts, path the server reads) for one model or adapter source mounted at `mount`."""
+def _source(
+    uri: ModelUri, volume: str, mount: str, cache_size: str = "", revision: str = ""
+) -> tuple[PodParts, str]:
+    """(pod parts, path the server reads) for one model or adapter source mounted at `mount`.
+
+    hf:// sources download into an emptyDir of `cache_size` (its sizeLimit) at `revision` (else the
+    uri's @revision, else main)."""
     if uri.scheme == "pvc":
         vol = {"name": volume, "persistentVolumeClaim": {"claimName": uri.location, "readOnly": True}}
         path = f"{mount}/{uri.path}".rstrip("/")
     elif uri.scheme == "hostpath":
         vol, path = {"name": volume, "hostPath": {"path": uri.location, "type": "Directory"}}, mount
     elif uri.scheme == "hf":
-        download = {"repo": uri.location, "revision": uri.path or "main", "dir": mount}
+        download = {"repo": uri.location, "revision": revision or uri.path or "main", "dir": mount}
         parts = PodParts(
-            volumes=[{"name": volume, "emptyDir": {}}],
+            volumes=[{"name": volume, "emptyDir": {"sizeLimit": cache_size} if cache_size else {}}],
             mounts=[{"name": volume, "mountPath": mount, "readOnly": False}],
             downloads=[(volume, download)],
         )
@@ -95,17 +119,25 @@ def _source(uri: ModelUri, volume: str, mount: str) -> tuple[PodParts, str]:
     return PodParts(volumes=[vol], mounts=[{"name": volume, "mountPath": mount, "readOnly": True}]), path
 
 
-def model_source(md: ModelDeployment) -> ModelSource:
+def cache_size(md: ModelDeployment, settings: OperatorSettings) -> str:
+    """Size of each hf:// download volume: spec.model.cacheSize, else the operator's default."""
+    return md.spec.model.cache_size or settings.model_cache_size
+
+
+def model_source(md: ModelDeployment, settings: OperatorSettings) -> ModelSource:
     """Volumes, mounts and downloads for spec.model (builtin:// is in the image) and its adapters."""
     model = md.spec.model
     source = ModelSource(model_path=model.uri)
     uri = model.parsed_uri
+    size = cache_size(md, settings)
     if uri.scheme != "builtin":
-        parts, source.model_path = _source(uri, "model", f"{MODEL_ROOT}/{uri.scheme}")
+        parts, source.model_path = _source(
+            uri, "model", f"{MODEL_ROOT}/{uri.scheme}", size, model.revision or ""
+        )
         source.add(parts)
     for adapter in model.adapters:
         parts, path = _source(
-            ModelUri.parse(adapter.uri), f"adapter-{adapter.name}", f"{ADAPTER_ROOT}/{adapter.name}"
+            ModelUri.parse(adapter.uri), f"adapter-{adapter.name}", f"{ADAPTER_ROOT}/{adapter.name}", size
         )
         source.add(parts)
         source.adapter_args.append(f"{adapter.name}={path}")
@@ -154,8 +186,13 @@ def server_resources(md: ModelDeployment, settings: OperatorSettings) -> dict[st
 
 def download_resources(md: ModelDeployment, settings: OperatorSettings) -> dict[str, Any]:
     """The download init container's: an instance's CPU and memory, no GPU (a ResourceQuota on CPU or
-    memory refuses a pod with any container that names none; the pod's request stays the server's)."""
-    return {"requests": _cpu_memory(md, settings), "limits": _cpu_memory(md, settings)}
+    memory refuses a pod with any container that names none; the pod's request stays the server's),
+    and the download volume's size as an ephemeral-storage request (the emptyDir lives on the node's
+    disk: the scheduler must pick a node with room for the model)."""
+    return {
+        "requests": {**_cpu_memory(md, settings), "ephemeral-storage": cache_size(md, settings)},
+        "limits": _cpu_memory(md, settings),
+    }
 
 
 def probes(settings: OperatorSettings) -> dict[str, Any]:
@@ -283,19 +320,25 @@ def _server_container(
 def _download_container(
     md: ModelDeployment, settings: OperatorSettings, downloads: list[tuple[str, dict[str, Any]]]
 ) -> dict[str, Any]:
-    """One init container that downloads every hf:// source into its cache volume."""
-    script = " && ".join(
-        f"hf download {d['repo']} --revision {d['revision']} --local-dir {d['dir']}" for _, d in downloads
-    )
-    env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": "/tmp/hf"}, {"name": "HOME", "value": "/tmp"}]
+    """One init container that downloads every hf:// source into its cache volume, each at a commit it
+    resolves first and reports in its termination message (DOWNLOAD_SCRIPT)."""
+    argv = [x for vol, d in downloads for x in (vol, d["repo"], d["revision"], d["dir"])]
+    env: list[dict[str, Any]] = [
+        {"name": "HF_HOME", "value": "/tmp/hf"},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
     ref = md.spec.model.hf_token_secret_ref
     if ref is not None:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     return {
-        "name": "download-model",
+        "name": DOWNLOAD_CONTAINER,
         "image": server_image(md, settings),
         "imagePullPolicy": settings.image_pull_policy,
-        "command": ["sh", "-c", script],
+        "command": ["python", "-c", DOWNLOAD_SCRIPT, TERMINATION_LOG, *argv],
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
         "env": env,
         "resources": download_resources(md, settings),
         "volumeMounts": [{"name": vol, "mountPath": d["dir"]} for vol, d in downloads]
@@ -315,7 +358,7 @@ def _tolerations(md: ModelDeployment) -> list[dict[str, Any]]:
 
 def pod_spec(md: ModelDeployment, settings: OperatorSettings) -> dict[str, Any]:
     """The instance pod: the server container and whatever the model source and auth need."""
-    source = model_source(md)
+    source = model_source(md, settings)
     parts = scratch()
     parts.add(source)
     parts.add(auth(md))
@@ -375,7 +418,9 @@ def build_deployment(md: ModelDeployment, settings: OperatorSettings) -> Manifes
                 },
             },
             "revisionHistoryLimit": 3,
-            "progressDeadlineSeconds": settings.startup_seconds,
+            # Longer than one startup budget: a pod may spend a budget downloading its model and another
+            # loading it; status.py never gives up on a pod still on its way, whatever the deadline says.
+            "progressDeadlineSeconds": 2 * settings.startup_seconds,
             "template": {"metadata": pod_metadata(md, settings), "spec": pod_spec(md, settings)},
         },
     }
@@ -425,6 +470,7 @@ def build_network_policy(md: ModelDeployment, settings: OperatorSettings) -> Man
         }
     ]
     peers += [{"ipBlock": {"cidr": cidr}} for cidr in access.allowed_cidrs]
+    peers.append(gateway_peer(settings))
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -451,4 +497,64 @@ def build_pdb(md: ModelDeployment) -> Manifest | None:
             # a crash-looping or never-ready instance never blocks a node drain
             "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
+    }
+
+
+# ------------------------------------------------------------------------------------- the gateway
+
+# The key id the server trusts to name the tenant's key (berth.server.auth.GATEWAY_KEY_ID; the
+# operator imports no server code) and the label the chart puts on the gateway's pods.
+GATEWAY_KEY_ID = "berth-gateway"
+GATEWAY_POD_LABELS = {"berth.dev/gateway": "true"}
+
+
+def gateway_peer(settings: OperatorSettings) -> dict[str, Any]:
+    """The NetworkPolicy peer of the gateway's pods: an instance with spec.access always admits them."""
+    return {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": settings.gateway_ns()}},
+        "podSelector": {"matchLabels": dict(GATEWAY_POD_LABELS)},
+    }
+
+
+def build_gateway_key_secret(md: ModelDeployment, credential: str) -> Manifest | None:
+    """The Secret with the instance's gateway credential (entry ``berth-gateway``, derived by HMAC from
+    the gateway master key; no tenant holds it); None when the instance's auth is off."""
+    if names.api_key_secret_name(md) is None:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(md, names.gateway_key_secret_name(md)),
+        "type": "Opaque",
+        "data": {GATEWAY_KEY_ID: base64.b64encode(credential.encode()).decode()},
+    }
+
+
+def mount_gateway_key(deployment: Manifest, md: ModelDeployment) -> Manifest:
+    """The Deployment with its API-key volume projected from the instance's keys *and* the gateway
+    key Secret, so the server, which reads one directory, accepts both. Unchanged when auth is off."""
+    keys = names.api_key_secret_name(md)
+    if keys is None:
+        return deployment
+    volume = {
+        "name": "api-keys",
+        "projected": {
+            "defaultMode": 0o440,
+            "sources": [
+                {"secret": {"name": keys}},
+                {
+                    "secret": {
+                        "name": names.gateway_key_secret_name(md),
+                        "items": [{"key": GATEWAY_KEY_ID, "path": GATEWAY_KEY_ID}],
+                    }
+                },
+            ],
+        },
+    }
+    template = deployment["spec"]["template"]
+    pod = template["spec"]
+    volumes = [volume if v.get("name") == "api-keys" else v for v in pod.get("volumes") or []]
+    return {
+        **deployment,
+        "spec": {**deployment["spec"], "template": {**template, "spec": {**pod, "volumes": volumes}}},
     }

@@ -93,6 +93,11 @@ def api_key_secret_name(md: ModelDeployment) -> str | None:
     return md.spec.auth.api_key_secret_ref or generated_api_key_secret_name(md)
 
 
+def gateway_key_secret_name(md: ModelDeployment) -> str:
+    """The Secret with the instance's gateway credential (projected next to its API keys)."""
+    return f"{md.name}-gateway-key"
+
+
 def endpoint(md: ModelDeployment, settings: OperatorSettings) -> str:
     """The in-cluster OpenAI base URL (status.endpoint)."""
     return f"http://{service_name(md)}.{md.namespace}.svc.{settings.cluster_domain}/v1"

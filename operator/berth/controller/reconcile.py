@@ -21,7 +21,15 @@ from berth.controller import builders, kube, names, policy
 from berth.controller.cache import CachedKube
 from berth.controller.events import EventRecorder, EventSpec, emit, status_events
 from berth.controller.settings import OperatorSettings
-from berth.controller.status import CHILD_CONFLICT, Observed, compute_status, managed_status
+from berth.controller.status import (
+    CHILD_CONFLICT,
+    Observed,
+    compute_status,
+    managed_status,
+    pod_events_needed,
+    volume_events,
+)
+from berth.gateway.registry import instance_credential
 
 log = logging.getLogger(__name__)
 
@@ -199,12 +207,31 @@ def generate_api_key() -> str:
     return "sk-berth-" + secrets.token_urlsafe(32)
 
 
+def gateway_key_child(md: ModelDeployment, settings: OperatorSettings) -> Desired:
+    """The instance's gateway-credential Secret ([] when no gateway master key is mounted or auth is off).
+
+    Created once like every Secret: after rotating the master key, delete the ``<name>-gateway-key``
+    Secrets and the operator writes them anew."""
+    master = settings.gateway_master_key()
+    if master is None:
+        return []
+    secret = builders.build_gateway_key_secret(md, instance_credential(master, md.namespace, md.name))
+    if secret is None:
+        return []  # auth off: nothing to mount (a Secret left from before goes with the ModelDeployment)
+    return [(kube.SECRET, names.gateway_key_secret_name(md), secret)]
+
+
 def desired_children(md: ModelDeployment, settings: OperatorSettings, api_key: Callable[[], str]) -> Desired:
     children: Desired = []
     if names.generates_api_key_secret(md):
         children.append((kube.SECRET, names.generated_api_key_secret_name(md), _LazySecret(md, api_key)))
+    gateway_key = gateway_key_child(md, settings)
+    children += gateway_key
+    deployment = builders.build_deployment(md, settings)
+    if gateway_key:
+        deployment = builders.mount_gateway_key(deployment, md)
     children += [
-        (kube.DEPLOYMENT, names.deployment_name(md), builders.build_deployment(md, settings)),
+        (kube.DEPLOYMENT, names.deployment_name(md), deployment),
         (kube.SERVICE, names.service_name(md), builders.build_service(md)),
         (kube.NETWORK_POLICY, names.network_policy_name(md), builders.build_network_policy(md, settings)),
         (kube.PDB, names.pdb_name(md), builders.build_pdb(md)),
@@ -377,9 +404,8 @@ def reconcile(
         if deployment is not None and not owned_by(deployment, uid):
             deployment = None  # someone else's Deployment says nothing about this ModelDeployment's instances
         pods = client.list(kube.POD, ns, names.selector_string(md)) if deployment is not None else []
-        status = compute_status(
-            md, Observed(deployment, pods, missing_secret, taken), settings, now, previous
-        )
+        observed_now = Observed(deployment, pods, missing_secret, taken, _pod_events(client, ns, pods))
+        status = compute_status(md, observed_now, settings, now, previous)
         if f"{kube.SECRET.kind}/{secret_key[1]}" in taken:
             status["apiKeySecret"] = None  # someone else's: no record that it is ours (_generated_secret)
         return status
@@ -416,6 +442,14 @@ def reconcile(
     result.events += status_events(body_status, status)
     (recorder.emit if recorder is not None else emit)(client, body, result.events, now)
     return result
+
+
+# (issue 14, tenancy helper) Why a pod stays ContainerCreating is only in its Events (Multi-Attach, a
+# failed mount): they are read only while some pod is in that state, one LIST of the namespace's Events.
+def _pod_events(client: kube.Kube, namespace: str, pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not pod_events_needed(pods):
+        return []
+    return volume_events(client.list(kube.EVENT, namespace, ""))
 
 
 def _forget_stale_secret(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger(__name__)
 
 
 class OperatorSettings(BaseSettings):
@@ -91,6 +95,14 @@ class OperatorSettings(BaseSettings):
     )
     startup_seconds: int = Field(
         1800, description="Budget for a model download and load before the startup probe gives up.", ge=60
+    )
+    model_cache_size: str = Field(
+        "50Gi",
+        description=(
+            "Size of an hf:// model's download volume when spec.model.cacheSize is not set: the emptyDir's "
+            "sizeLimit and the ephemeral-storage the download container requests."
+        ),
+        pattern=r"^[0-9]+(\.[0-9]+)?(k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$",
     )
     autoscale_interval_seconds: float = Field(
         15.0, description="How often the autoscaler samples load.", gt=0
@@ -194,6 +206,29 @@ class OperatorSettings(BaseSettings):
         ge=0,
     )
     log_level: str = Field("INFO", description="Operator log level.")
+    gateway_master_key_file: str = Field(
+        "/etc/berth/gateway/master",
+        description=(
+            "The gateway master key (the chart's <release>-gateway-master Secret, mounted): each "
+            "instance's gateway credential is derived from it into the <name>-gateway-key Secret. "
+            "A missing file: no gateway credentials (the gateway is not installed)."
+        ),
+    )
+    gateway_namespace: str = Field(
+        "",
+        description=(
+            "Namespace of the gateway pods (empty: operator_namespace): NetworkPolicies admit them, "
+            "the autoscaler reads the requests they hold."
+        ),
+    )
+    gateway_metrics_port: int = Field(
+        8080,
+        description=(
+            "Port of the gateway pods' /metrics: the autoscaler adds the requests they hold for a "
+            "ModelDeployment (waiting for it to scale up) to its load. 0: not read."
+        ),
+        ge=0,
+    )
 
     @field_validator(
         "namespaces",
@@ -210,6 +245,22 @@ class OperatorSettings(BaseSettings):
         if isinstance(v, str):
             return [n.strip() for n in v.split(",") if n.strip()]
         return v
+
+    def gateway_ns(self) -> str:
+        return self.gateway_namespace or self.operator_namespace
+
+    def gateway_master_key(self) -> bytes | None:
+        """The gateway master key (stripped), or None when the file is absent or empty."""
+        if not self.gateway_master_key_file:
+            return None
+        try:
+            key = Path(self.gateway_master_key_file).read_bytes().strip()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("cannot read the gateway master key %s: %s", self.gateway_master_key_file, exc)
+            return None
+        return key or None
 
     def image_prefixes(self) -> list[str]:
         """What spec.image may start with: the configured prefixes, else the server images themselves."""

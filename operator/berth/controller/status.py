@@ -3,8 +3,17 @@
 Phase: Pending -> Deploying -> Running; Updating while a rollout or scale is under way; Degraded when
 fewer instances than asked are ready after a grace (or some crash / cannot pull while others serve);
 Failed for an invalid spec or when no instance can run (crash loop, image pull, bad config); Idle at
-capacity 0. Conditions Ready / Progressing / Degraded carry the real cause: the scheduler's own
-message for an unschedulable pod, the container's reason for an image-pull failure or a crash loop.
+capacity 0. Conditions Ready / Available / Progressing / Degraded carry the real cause: the scheduler's
+own message for an unschedulable pod, the container's reason for an image-pull failure or a crash loop,
+the attach/detach controller's Multi-Attach error for a volume another node still holds.
+
+Never Failed while an instance is still on its way: creating its containers (image pull, volume mount),
+downloading its model (the hf:// init container runs) or loading it inside the startup budget. The
+Deployment's own ProgressDeadlineExceeded is a cause only when no pod is on its way any more.
+
+Ready: every asked-for instance serves. Available: at least min(spec.rollout.minAvailable, capacity)
+instances serve, so it stays True through a scale-up or a rollout. Autoscaling belongs to the
+autoscaler (autoscaler.py); the reconcile keeps it while spec.autoscaling.enabled and drops it otherwise.
 
 The status is a `berth.api.models.ModelDeploymentStatus`: the fields the reconcile writes, the keys it
 compares and the phases it may set all come from that one model.
@@ -12,11 +21,13 @@ compares and the phases it may set all come from that one model.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from berth.api.models import (
+    AutoscalerStatus,
     Condition,
     ConditionStatus,
     ConditionType,
@@ -24,11 +35,17 @@ from berth.api.models import (
     ModelDeploymentStatus,
     Phase,
 )
-from berth.controller import names
+from berth.controller import builders, names
 from berth.controller.settings import OperatorSettings
 
 IMAGE_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 CONFIG_REASONS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+# Waiting reasons of a container that is still being set up (image pull, volume mounts, init containers).
+CREATING_REASONS = {"ContainerCreating", "PodInitializing"}
+# Pod events that say why a pod stays in ContainerCreating (the attach/detach controller, the kubelet).
+VOLUME_EVENT_REASONS = {"FailedAttachVolume", "FailedMount"}
+MULTI_ATTACH = "MultiAttachError"
+DOWNLOAD_CONTAINER = builders.DOWNLOAD_CONTAINER
 
 # The status fields the reconcile writes (the autoscaler's are left to it), and their stored keys:
 # anything else under status is left as it is.
@@ -51,6 +68,8 @@ class Observed:
     missing_secret: str | None = None
     # "Kind/name" of children that exist without this ModelDeployment's controller reference.
     conflicts: list[str] = field(default_factory=list)
+    # Warning Events about the pods (FailedAttachVolume, FailedMount: why a pod stays ContainerCreating).
+    pod_events: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -159,18 +178,104 @@ def _first(causes: Any) -> Cause | None:
     return next((c for c in causes if c is not None), None)
 
 
-def diagnose(pods: list[dict[str, Any]], crash_loop_restarts: int) -> Cause | None:
+def creating(pod: dict[str, Any]) -> bool:
+    """Scheduled and still setting its containers up: no container has run yet, the ones that report
+    wait in ContainerCreating/PodInitializing (pulling the image, mounting volumes)."""
+    if not (pod.get("spec") or {}).get("nodeName") or _pod_ready(pod):
+        return False
+    statuses = _container_statuses(pod)
+    if any(
+        (cs.get("state") or {}).get("running") or (cs.get("state") or {}).get("terminated") for cs in statuses
+    ):
+        return False
+    waiting = [((cs.get("state") or {}).get("waiting") or {}).get("reason") for cs in statuses]
+    return all(r in CREATING_REASONS for r in waiting)  # no status yet: the kubelet has not started
+
+
+def downloading(pod: dict[str, Any]) -> bool:
+    """The hf:// download init container is running."""
+    for cs in (pod.get("status") or {}).get("initContainerStatuses") or []:
+        if cs.get("name") == DOWNLOAD_CONTAINER and (cs.get("state") or {}).get("running") is not None:
+            return True
+    return False
+
+
+def _volume_event(pod: dict[str, Any], events: list[dict[str, Any]]) -> Cause | None:
+    """A pod stuck in ContainerCreating because a volume cannot be attached or mounted: the latest such
+    Event about it. A ReadWriteOnce claim still attached to another node is MultiAttachError."""
+    if not creating(pod):
+        return None
+    meta = pod.get("metadata") or {}
+    about = [
+        e
+        for e in events
+        if e.get("reason") in VOLUME_EVENT_REASONS
+        and (e.get("involvedObject") or {}).get("kind") == "Pod"
+        and (e.get("involvedObject") or {}).get("name") == meta.get("name")
+        and (not meta.get("uid") or (e.get("involvedObject") or {}).get("uid") in (None, meta.get("uid")))
+    ]
+    if not about:
+        return None
+    latest = max(about, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+    message = str(latest.get("message") or latest.get("reason"))
+    reason = MULTI_ATTACH if "Multi-Attach" in message else str(latest.get("reason"))
+    return Cause(reason, f"pod {meta.get('name', '')}: {message}", False)
+
+
+def diagnose(
+    pods: list[dict[str, Any]], crash_loop_restarts: int, events: list[dict[str, Any]] | None = None
+) -> Cause | None:
     """The most telling reason the pods are not all ready, or None.
 
-    A crash loop tells most, then a bad container config, then an image pull, then the scheduler."""
+    A crash loop tells most, then a bad container config, then an image pull, then a volume that cannot
+    be attached or mounted (from the pods' Events), then the scheduler."""
     pods = live(pods)
     containers = [cs for pod in pods for cs in _container_statuses(pod)]
     return (
         _first(_crash_loop(cs, crash_loop_restarts) for cs in containers)
         or _first(_bad_config(cs) for cs in containers)
         or _first(_image_pull(cs) for cs in containers)
+        or _first(_volume_event(pod, events or []) for pod in pods)
         or _first(_unschedulable(pod) for pod in pods)
     )
+
+
+def pod_events_needed(pods: list[dict[str, Any]]) -> bool:
+    """Some live pod is still creating its containers: its Events may say why (a volume)."""
+    return any(creating(p) for p in live(pods))
+
+
+def volume_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Warning Events about pods that say a volume cannot be attached or mounted."""
+    return [
+        e
+        for e in events
+        if e.get("type") == "Warning"
+        and e.get("reason") in VOLUME_EVENT_REASONS
+        and (e.get("involvedObject") or {}).get("kind") == "Pod"
+    ]
+
+
+def resolved_revision(pods: list[dict[str, Any]]) -> str | None:
+    """The commit the newest pod's download init container reported (its termination message, JSON
+    {"model": "<sha>", ...}); None when no pod has finished a download."""
+    best: tuple[str, str] | None = None
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            if cs.get("name") != DOWNLOAD_CONTAINER:
+                continue
+            for state in (cs.get("state") or {}, cs.get("lastState") or {}):
+                term = state.get("terminated") or {}
+                if term.get("exitCode") != 0 or not term.get("message"):
+                    continue
+                try:
+                    sha = json.loads(term["message"]).get("model")
+                except (ValueError, AttributeError):
+                    continue
+                created = str((pod.get("metadata") or {}).get("creationTimestamp") or "")
+                if isinstance(sha, str) and sha and (best is None or created > best[0]):
+                    best = (created, sha)
+    return best[1] if best else None
 
 
 def _condition(
@@ -276,6 +381,14 @@ class _View:
     scheduled: int  # live pods bound to a node
     starting: int  # of those, pods still loading their model within the startup budget
     not_ready_seconds: float  # since Ready last turned False (0 while it is True)
+    creating: int = 0  # pods still creating their containers (image pull, volume mount)
+    downloading: int = 0  # pods whose hf:// download init container runs
+    min_available: int = 1
+
+    @property
+    def on_the_way(self) -> int:
+        """Pods not ready yet for a reason that still ends well: creating, downloading, loading."""
+        return self.creating + self.downloading + self.starting
 
     @property
     def fatal(self) -> bool:
@@ -311,7 +424,17 @@ def _cause(md: ModelDeployment, observed: Observed, crash_loop_restarts: int) ->
             f"spec.auth.apiKeySecretRef: Secret {observed.missing_secret!r} not found in namespace {md.namespace}",
             True,
         )
-    return diagnose(observed.pods, crash_loop_restarts) or deployment_cause(observed.deployment)
+    return diagnose(observed.pods, crash_loop_restarts, observed.pod_events) or deployment_cause(
+        observed.deployment
+    )
+
+
+def _patient(cause: Cause | None, on_the_way: int) -> Cause | None:
+    """The Deployment's progress deadline is its own clock, not a pod's: while any pod is still creating,
+    downloading or loading inside its budget, ProgressDeadlineExceeded is no reason to give up."""
+    if cause is not None and cause.reason == "ProgressDeadlineExceeded" and on_the_way:
+        return None
+    return cause
 
 
 def _observe(
@@ -319,15 +442,25 @@ def _observe(
 ) -> _View:
     scheduled = [p for p in live(observed.pods) if (p.get("spec") or {}).get("nodeName")]
     since = _since_not_ready(list(prev.get("conditions") or []), now)
+    # a pod held up by a volume (Multi-Attach, a failed mount) is not on its way
+    held = {id(p) for p in scheduled if _volume_event(p, observed.pod_events) is not None}
+    pulling = [p for p in scheduled if creating(p) and id(p) not in held]
+    fetching = [p for p in scheduled if downloading(p)]
+    busy = held | {id(p) for p in pulling + fetching}
+    # Scheduled pods still inside their startup budget (loading a model): not a reason for Degraded yet.
+    starting = sum(1 for p in scheduled if id(p) not in busy and _starting(p, now, settings.startup_seconds))
+    on_the_way = len(pulling) + len(fetching) + starting
     return _View(
         capacity=md.spec.capacity,
         rollout=_Rollout.of(observed.deployment),
-        cause=_cause(md, observed, settings.crash_loop_restarts),
+        cause=_patient(_cause(md, observed, settings.crash_loop_restarts), on_the_way),
         ever_ready=bool(prev.get("readyAt")),
         scheduled=len(scheduled),
-        # Scheduled pods still inside their startup budget (loading a model): not a reason for Degraded yet.
-        starting=sum(1 for p in scheduled if _starting(p, now, settings.startup_seconds)),
+        starting=starting,
         not_ready_seconds=(now - since).total_seconds(),
+        creating=len(pulling),
+        downloading=len(fetching),
+        min_available=md.spec.rollout.min_available,
     )
 
 
@@ -343,7 +476,7 @@ def _phase(v: _View, degraded_grace_seconds: float) -> Phase:
         return "Failed"
     if not v.ever_ready:
         return "Pending" if not v.scheduled or (v.cause is not None and ready == 0) else "Deploying"
-    losing = ready < v.capacity and not v.starting and v.not_ready_seconds >= degraded_grace_seconds
+    losing = ready < v.capacity and not v.on_the_way and v.not_ready_seconds >= degraded_grace_seconds
     return "Degraded" if v.fatal or losing else "Updating"
 
 
@@ -357,9 +490,34 @@ def _ready_condition(v: _View, phase: Phase) -> _Cond:
         stopping = f"; {v.rollout.replicas} instances stopping" if v.rollout.replicas else ""
         return ("False", "ScaledToZero", f"capacity is 0: no instance serves{stopping}; the endpoint stays")
     if v.cause is not None:
-        return ("False", v.cause.reason, f"{v.ready_of}: {v.cause.message}")
-    detail = f"; {v.starting} starting (loading the model)" if v.starting else ""
-    return ("False", "InstancesNotReady", f"{v.ready_of}{detail}")
+        return ("False", v.cause.reason, f"{v.ready_of}{_progress(v)}: {v.cause.message}")
+    return ("False", "InstancesNotReady", f"{v.ready_of}{_progress(v)}")
+
+
+def _progress(v: _View) -> str:
+    """ "; 1 creating containers, 1 downloading the model, 1 starting (loading the model)" or ""."""
+    parts = [
+        f"{n} {what}"
+        for n, what in (
+            (v.creating, "creating containers (image pull, volumes)"),
+            (v.downloading, "downloading the model"),
+            (v.starting, "starting (loading the model)"),
+        )
+        if n
+    ]
+    return "; " + ", ".join(parts) if parts else ""
+
+
+def _available_condition(v: _View) -> _Cond:
+    """True while at least min(minAvailable, capacity) instances serve (and at least one)."""
+    ready = v.rollout.ready
+    if v.capacity == 0:
+        return ("False", "ScaledToZero", "capacity is 0: no instance serves")
+    need = max(1, min(v.min_available, v.capacity))
+    if ready >= need:
+        return ("True", "MinimumInstancesAvailable", f"{v.ready_of} (at least {need} must serve)")
+    why = f": {v.cause.message}" if v.cause is not None else _progress(v)
+    return ("False", "MinimumInstancesUnavailable", f"{v.ready_of}, {need} needed{why}")
 
 
 def _progressing_condition(v: _View, phase: Phase, generation: int) -> _Cond:
@@ -414,6 +572,41 @@ def _meter(
     return round(cu_hours + prev_ready * md.spec.compute_units_per_instance * hours, 6), format_time(now)
 
 
+EXTERNAL_AUTOSCALER = "ExternalAutoscaler"
+
+
+def autoscaling_condition(sample: dict[str, Any] | None) -> _Cond:
+    """The Autoscaling condition from status.autoscaler (written by the autoscaler at each sample)."""
+    if not sample:
+        return ("Unknown", "NotSampled", "the autoscaler has not sampled this ModelDeployment yet")
+    seen = AutoscalerStatus.model_validate(sample)
+    if seen.external_autoscaler:
+        return (
+            "False",
+            EXTERNAL_AUTOSCALER,
+            f"{seen.external_autoscaler} targets this ModelDeployment: the built-in autoscaler stands "
+            "aside (set spec.autoscaling.enabled: false to leave capacity to it, or delete it)",
+        )
+    if seen.unreadable_pods:
+        n = len(seen.unreadable_pods)
+        return (
+            "True",
+            "UnreadableInstances",
+            f"{n} of {n + seen.read_pods} ready instances did not answer /metrics (in time, within the "
+            f"size cap, with finite values): {', '.join(seen.unreadable_pods)}; each counts as loaded "
+            "at the target",
+        )
+    return ("True", "Active", f"reading the load of {seen.read_pods} ready instances")
+
+
+def _model_revision(md: ModelDeployment, observed: Observed, prev: dict[str, Any]) -> str | None:
+    """hf:// models: the commit the newest finished download reported, else the one published before."""
+    if md.spec.model.parsed_uri.scheme != "hf":
+        return None
+    found = resolved_revision(observed.pods)
+    return found or prev.get("modelRevision")
+
+
 def compute_status(
     md: ModelDeployment,
     observed: Observed,
@@ -434,9 +627,12 @@ def compute_status(
     cu_hours, metered_at = _meter(md, prev, view.rollout.ready, now, settings.metering_interval_seconds)
     conditions: list[tuple[ConditionType, _Cond]] = [
         ("Ready", _ready_condition(view, phase)),
+        ("Available", _available_condition(view)),
         ("Progressing", _progressing_condition(view, phase, generation)),
         ("Degraded", _degraded_condition(view, phase)),
     ]
+    if md.spec.autoscaling.enabled:
+        conditions.append(("Autoscaling", autoscaling_condition(prev.get("autoscaler"))))
     status = ModelDeploymentStatus(
         phase=phase,
         capacity=view.capacity,
@@ -448,6 +644,7 @@ def compute_status(
         api_key_secret=names.api_key_secret_name(md),
         conditions=[_condition(prev_conditions, t, *c, now_s, generation) for t, c in conditions],
         observed_generation=generation,
+        model_revision=_model_revision(md, observed, prev),
         ready_at=ready_at,
         time_to_ready_seconds=time_to_ready,
         compute_unit_hours=cu_hours,

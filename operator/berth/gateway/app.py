@@ -1,8 +1,10 @@
 """The gateway's HTTP surface: authenticate, resolve the model, admit against quotas, relay.
 
-OpenAI routes (`/v1/chat/completions`, `/v1/completions`, `/v1/models`) and the TGI routes
+OpenAI routes (`/v1/chat/completions`, `/v1/completions`, `/v1/models`), the TGI routes
 (`/generate`, `/generate_stream`; the model comes from the body's ``model`` or the ``X-Berth-Model``
-header). Errors are OpenAI-shaped. A request is retried on another endpoint on a connect failure,
+header) and DashScope's native generation route, which the instances serve themselves (the gateway
+relays it unchanged). Errors are OpenAI-shaped, DashScope-shaped (``{"code", "message",
+"request_id"}``) on the DashScope route. A request is retried on another endpoint on a connect failure,
 503 or 429, and only before anything reached the client; a stream is relayed event by event.
 """
 
@@ -14,6 +16,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,6 +48,51 @@ def error(
 ) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+# The gateway's own error codes -> DashScope's, for errors answered on the DashScope route.
+_DASHSCOPE_CODES = {
+    "invalid_api_key": "InvalidApiKey",
+    "model_not_found": "ModelNotFound",
+    "requests_per_minute": "Throttling.RateQuota",
+    "tokens_per_minute": "Throttling.AllocationQuota",
+    "max_concurrent_requests": "Throttling",
+    "no_ready_instance": "ServiceUnavailable",
+    "wake_timeout": "ServiceUnavailable",
+}
+
+
+def dashscope_error_body(body: bytes) -> bytes:
+    """An OpenAI-shaped error body of the gateway's in DashScope's shape (other bodies unchanged)."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body
+    err = parsed.get("error") if isinstance(parsed, dict) else None
+    if not isinstance(err, dict):
+        return body  # the instance's own answer: already DashScope's shape
+    code = _DASHSCOPE_CODES.get(str(err.get("code")), "InvalidParameter")
+    out = {"code": code, "message": err.get("message") or "", "request_id": str(uuid.uuid4())}
+    return json.dumps(out).encode()
+
+
+def _as_dashscope(resp: Response) -> Response:
+    if resp.status_code < 400 or isinstance(resp, StreamingResponse):
+        return resp
+    headers = {k: v for k, v in resp.headers.items() if k.lower() not in ("content-length", "content-type")}
+    return Response(
+        dashscope_error_body(bytes(resp.body)),
+        status_code=resp.status_code,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+def _error_event(call: _Call, body: bytes) -> bytes:
+    """An error inside a stream that had already started (held while the instance woke)."""
+    if call.path == DASHSCOPE_PATH:
+        return b"id:1\nevent:error\n:HTTP_STATUS/%d\ndata:%s\n\n" % (call.status, dashscope_error_body(body))
+    return b"data: " + body + b"\n\n"
 
 
 def _not_found(model: str) -> JSONResponse:
@@ -291,7 +339,7 @@ async def _wait_ready(gw: Gateway, inst: Instance, deadline: float) -> bool:
     """Wake a scaled-to-zero instance and wait for a ready endpoint (or the deadline)."""
     if gw.waker is not None and inst.capacity == 0:
         await gw.waker(inst)
-    labels = gw.metrics.waiting.labels(inst.namespace, inst.served_name)
+    labels = gw.metrics.waiting.labels(inst.namespace, inst.name, inst.served_name)
     labels.inc()
     try:
         while time.monotonic() < deadline:
@@ -333,13 +381,14 @@ async def _held_stream(gw: Gateway, call: _Call, deadline: float) -> AsyncIterat
         raise
     if isinstance(opened, Response):
         _done(gw, call, None)
-        yield b"data: " + bytes(opened.body) + b"\n\n"
+        yield _error_event(call, bytes(opened.body))
         return
     if opened.resp.status_code != 200:
         content = await opened.resp.aread()
         await opened.resp.aclose()
+        call.status = opened.resp.status_code
         _done(gw, call, opened.endpoint)
-        yield b"data: " + content + b"\n\n"
+        yield _error_event(call, content)
         return
     async with contextlib.aclosing(_relay(gw, call, opened.endpoint, opened.resp)) as relay:
         async for chunk in relay:
@@ -417,7 +466,9 @@ async def _proxy(gw: Gateway, request: Request, path: str) -> Response:
             {"Retry-After": str(refusal.retry_after)},
         )
     if path == DASHSCOPE_PATH:  # DashScope native: SSE when asked by header; usage is in every event
-        sse = (request.headers.get("x-dashscope-sse") or "").lower() == "enable"
+        sse = (request.headers.get("x-dashscope-sse") or "").strip().lower() == "enable" or (
+            "text/event-stream" in (request.headers.get("accept") or "")
+        )
         body["model"] = target.model
         call = _Call(key, target, path, body, sse, True)
         if sse:
@@ -456,7 +507,7 @@ def create_app(gw: Gateway) -> FastAPI:
 
     @app.post(DASHSCOPE_PATH)
     async def dashscope(request: Request) -> Response:
-        return await _proxy(gw, request, DASHSCOPE_PATH)
+        return _as_dashscope(await _proxy(gw, request, DASHSCOPE_PATH))
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

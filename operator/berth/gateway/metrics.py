@@ -38,8 +38,9 @@ class GatewayMetrics:
         )
         self.waiting = Gauge(
             "berth_gateway_waiting_requests",
-            "Requests held at this replica while their instance scales up from zero",
-            ["namespace", "model"],
+            "Requests held at this replica while their instance scales up from zero (the operator's "
+            "autoscaler counts them as load of the ModelDeployment)",
+            ["namespace", "modeldeployment", "model"],
             registry=self.registry,
         )
         self.ttfb = Histogram(

@@ -43,7 +43,7 @@ def create_app(
     )
     app.state.server = state
     app.add_middleware(AccessLogMiddleware, state=state, routes=ROUTES)
-    http_errors.install(app, ROUTES.tgi)
+    http_errors.install(app, ROUTES.tgi, ROUTES.dashscope)
     for router in ROUTERS:
         app.include_router(router)
     return app

@@ -1,4 +1,5 @@
-"""Errors as HTTP answers: OpenAI's error shape, TGI's on TGI routes (401 is OpenAI's everywhere),
+"""Errors as HTTP answers: OpenAI's error shape, TGI's on TGI routes (401 is OpenAI's there too),
+DashScope's on the DashScope route,
 FastAPI's validation errors as a 400 naming the field, and errors after a stream started."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from berth.server.protocol import ErrorDetail, ErrorResponse, TGIErrorResponse
 from berth.server.serving import ApiError, RequestContext
+from berth.server.serving import dashscope as dashscope_serving
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +24,14 @@ _TGI_ERROR_TYPES = {422: "validation", 429: "overloaded", 503: "overloaded", 404
 _BRANCH_MARKERS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
 
 
-def error_response(err: ApiError, tgi: bool = False) -> JSONResponse:
-    if tgi and err.status != 401:
+def error_response(err: ApiError, tgi: bool = False, dashscope_request_id: str | None = None) -> JSONResponse:
+    """``err`` in OpenAI's shape, TGI's (``tgi``), or DashScope's (when ``dashscope_request_id`` is given)."""
+    if dashscope_request_id is not None:
+        status = err.status
+        body: BaseModel = dashscope_serving.error_body(err, dashscope_request_id)
+    elif tgi and err.status != 401:
         status = 422 if err.status == 400 else err.status
-        body: BaseModel = TGIErrorResponse(
-            error=err.message, error_type=_TGI_ERROR_TYPES.get(status, "generation")
-        )
+        body = TGIErrorResponse(error=err.message, error_type=_TGI_ERROR_TYPES.get(status, "generation"))
     else:
         status = err.status
         body = ErrorResponse(
@@ -75,13 +79,19 @@ class ClientGone(Exception):
     """The client disconnected before its response started (answered 499, never seen by it)."""
 
 
-def install(app: FastAPI, tgi_paths: Collection[str]) -> None:
+def install(app: FastAPI, tgi_paths: Collection[str], dashscope_paths: Collection[str] = ()) -> None:
     """Render every error of the app in its route family's shape; note it for the access log."""
 
     def answer(request: Request, err: ApiError) -> JSONResponse:
         ctx = getattr(request.state, "ctx", None)
         if isinstance(ctx, RequestContext):
             ctx.error = err.message[:300]
+        if request.url.path in dashscope_paths:
+            rid = ctx.request_id if isinstance(ctx, RequestContext) and ctx.request_id else ""
+            rid = rid or dashscope_serving.new_request_id()
+            if isinstance(ctx, RequestContext):
+                ctx.request_id = rid
+            return error_response(err, dashscope_request_id=rid)
         return error_response(err, tgi=request.url.path in tgi_paths)
 
     async def on_api_error(request: Request, exc: Exception) -> Response:

@@ -217,9 +217,13 @@ def _image_processor(path: Path, kind: str, model: Any) -> Any:
     from transformers import AutoImageProcessor
 
     try:
-        return AutoImageProcessor.from_pretrained(str(path))  # type: ignore[no-untyped-call]
+        processor = AutoImageProcessor.from_pretrained(str(path))  # type: ignore[no-untyped-call]
     except Exception as e:  # a missing/unreadable preprocessor_config.json, a processor needing torchvision
         raise ModelLoadError(f"cannot load the image processor of {path}: {type(e).__name__}: {e}") from e
+    seq_len = getattr(model.model, "image_seq_len", None)  # Idefics3 / SmolVLM: tokens per image crop
+    if seq_len is not None:
+        processor.image_seq_len = int(seq_len)
+    return processor
 
 
 def _load_tokenizer_and_model(

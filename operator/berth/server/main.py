@@ -131,6 +131,7 @@ class Runtime:
             kv_cache_memory_fraction=s.kv_cache_memory_fraction,
             kv_cache_cpu_gib=s.kv_cache_cpu_gib,
             cuda_graphs=s.cuda_graphs,
+            weight_format=s.weight_format,
         )
         engine = Engine(model, config)
         engine.start()

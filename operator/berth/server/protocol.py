@@ -1,4 +1,4 @@
-"""Wire formats: pydantic models of the OpenAI and TGI requests and responses.
+"""Wire formats: pydantic models of the OpenAI, TGI and DashScope requests and responses.
 
 Requests ignore fields they do not know (clients send new optional fields all the time); fields
 Berth knows but cannot honour are rejected by the serving layer with a 400 that names them.
@@ -327,3 +327,79 @@ class TGIInfo(BaseModel):
     version: str
     sha: str | None = None
     docker_label: str | None = None
+
+
+# ----------------------------------------------------------------------------------- DashScope
+
+
+class DashScopeMessage(_Request):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] = ""
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class DashScopeInput(_Request):
+    prompt: str | None = None
+    messages: list[DashScopeMessage] | None = None
+
+
+class DashScopeParameters(_Request):
+    result_format: Literal["text", "message"] | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0)
+    stop: str | list[str] | list[int] | list[list[int]] | None = None
+    incremental_output: bool = False
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    n: int = Field(default=1, ge=1)
+
+
+class DashScopeRequest(_Request):
+    """DashScope's ``POST /api/v1/services/aigc/text-generation/generation`` body."""
+
+    model: str
+    input: DashScopeInput
+    parameters: DashScopeParameters = Field(default_factory=DashScopeParameters)
+
+
+class DashScopeUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+class DashScopeAssistant(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class DashScopeChoice(BaseModel):
+    finish_reason: str
+    message: DashScopeAssistant
+
+
+class DashScopeOutput(BaseModel):
+    text: str | None = None
+    finish_reason: str | None = None
+    choices: list[DashScopeChoice] | None = None
+
+
+class DashScopeResponse(BaseModel):
+    """An answer (or one SSE event): ``output.text`` or ``output.choices``, ``usage``, ``request_id``."""
+
+    output: DashScopeOutput
+    usage: DashScopeUsage
+    request_id: str
+
+
+class DashScopeError(BaseModel):
+    """DashScope's error shape: ``{"code", "message", "request_id"}``."""
+
+    code: str
+    message: str
+    request_id: str

@@ -41,6 +41,18 @@ def size_cache(model: LoadedModel, config: EngineConfig) -> int:
     return max(1, min(budget // per_block, useful))
 
 
+def _weight_format_arg(backend: str, fmt: str) -> dict[str, str]:
+    """The runner's ``weight_format`` argument: only the native forward packs weights (``auto`` and
+    full precision mean the model's own weights on the other backends)."""
+    if backend == "native":
+        return {"weight_format": fmt}
+    if fmt in ("auto", "fp32", "none"):
+        return {}
+    raise ValueError(
+        f"weight format {fmt} needs the native backend (this model runs on the {backend} backend)"
+    )
+
+
 class EngineCore:
     """Scheduler + KV cache + model runner + sampler, stepped by the caller (one thread)."""
 
@@ -58,7 +70,7 @@ class EngineCore:
             adapters=model.adapters,
             sampler=Sampler(),
             static_decode=config.cuda_graphs,
-            **({"weight_format": config.weight_format} if config.weight_format != "none" else {}),
+            **_weight_format_arg(model.backend, config.weight_format),
             max_num_seqs=config.max_num_seqs,
             max_model_len=model.max_model_len,
         )

@@ -27,3 +27,28 @@ def expand_placeholders(
     if k != len(counts):
         raise ValueError(f"the prompt has {k} image placeholders for {len(counts)} images")
     return out, starts
+
+
+def splice_placeholders(
+    ids: list[int], image_token_id: int, prompts: list[list[int]]
+) -> tuple[list[int], list[int]]:
+    """(ids with the k-th image token replaced by prompts[k], the start of each image's prompt).
+
+    For processors that expand an image into text (Idefics3, SmolVLM: crop tags, row/column tokens and
+    the image tokens), already tokenized.
+    """
+    out: list[int] = []
+    starts: list[int] = []
+    k = 0
+    for t in ids:
+        if t == image_token_id:
+            if k >= len(prompts):
+                raise ValueError("the prompt has more image placeholders than images")
+            starts.append(len(out))
+            out.extend(prompts[k])
+            k += 1
+        else:
+            out.append(t)
+    if k != len(prompts):
+        raise ValueError(f"the prompt has {k} image placeholders for {len(prompts)} images")
+    return out, starts

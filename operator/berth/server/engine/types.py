@@ -179,8 +179,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # Pure decode steps through the static-shape path, captured as CUDA graphs on CUDA (eager on CPU).
     cuda_graphs: bool = False
-    # Native backend on CPU: "none" (the model's dtype), "int8" or "fp16" packed weights (runner/packed.py).
-    weight_format: str = "none"
+    # Native backend on CPU (runner/packed.py): "fp32" (also "none": the model's own weights), "fp16", "bf16",
+    # "int8" packed weights, or "auto" (fp32 or fp16, whichever decodes faster here, measured at start-up).
+    weight_format: str = "fp32"
     seed: int = 0  # seeds the RNG that gives requests without a seed their own seed
     prepare_guided: bool = True  # build structured output's tokenizer tables when the engine starts
 

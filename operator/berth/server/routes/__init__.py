@@ -3,6 +3,8 @@
 - ``openai``: ``/v1/*``, errors in OpenAI's ``{"error": {"message", "type", "param", "code"}}`` shape.
 - ``tgi``: ``/generate``, ``/generate_stream``, ``/info``, ``POST /``; errors in TGI's
   ``{"error", "error_type"}`` shape, except 401, which is OpenAI's shape everywhere.
+- ``dashscope``: DashScope's ``/api/v1/services/aigc/text-generation/generation``; errors (401 too)
+  in DashScope's ``{"code", "message", "request_id"}`` shape.
 - ``health``: ``/health/*`` and ``/metrics``, open, no key.
 
 Routes tagged ``generation`` count as in-flight work (draining waits for them); the access log and
@@ -17,10 +19,10 @@ from dataclasses import dataclass
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
-from berth.server.routes import health, openai, tgi
+from berth.server.routes import dashscope, health, openai, tgi
 
 GENERATION = "generation"
-ROUTERS: tuple[APIRouter, ...] = (health.router, openai.router, tgi.router)
+ROUTERS: tuple[APIRouter, ...] = (health.router, openai.router, tgi.router, dashscope.router)
 
 
 def _paths(router: APIRouter, tag: str | None = None) -> frozenset[str]:
@@ -36,6 +38,7 @@ class RouteTable:
     known: frozenset[str]
     generation: frozenset[str]
     tgi: frozenset[str]
+    dashscope: frozenset[str]
     quiet: frozenset[str]  # not in the access log (probes and scrapes)
 
     @classmethod
@@ -44,6 +47,7 @@ class RouteTable:
             known=frozenset().union(*(_paths(r) for r in ROUTERS)),
             generation=frozenset().union(*(_paths(r, GENERATION) for r in ROUTERS)),
             tgi=_paths(tgi.router),
+            dashscope=_paths(dashscope.router),
             quiet=_paths(health.router),
         )
 

@@ -1,4 +1,4 @@
-"""The serving layer: OpenAI / TGI protocol <-> engine.
+"""The serving layer: OpenAI / TGI / DashScope protocol <-> engine.
 
 It applies the model's chat template, tokenizes, turns request fields into ``SamplingParams``
 (rejecting what the model or engine cannot do with a 400 that names the parameter), runs ``n``
@@ -10,7 +10,7 @@ Modules, as vLLM keeps ``serving_chat`` / ``serving_completion`` on a shared bas
 - ``context``: ``RequestContext``, what a request's metrics and access-log line need;
 - ``stream``: the engine stream of one request (open, merged events, close, accounting);
 - ``base``: the served model (names, tokenizer, limits) and warm-up; ``sampling``: OpenAI fields;
-- ``chat``, ``completions``, ``tgi``: one module per protocol family.
+- ``chat``, ``completions``, ``tgi``, ``dashscope``: one module per protocol family.
 
 Nothing here knows about HTTP beyond status codes: ``berth.server.routes`` maps it to FastAPI.
 """
@@ -23,6 +23,7 @@ from berth.server.serving.base import ServedModel
 from berth.server.serving.chat import OpenAIServingChat
 from berth.server.serving.completions import OpenAIServingCompletion
 from berth.server.serving.context import RequestContext
+from berth.server.serving.dashscope import DashScopeServing
 from berth.server.serving.errors import ApiError, bad_param
 from berth.server.serving.stream import EngineLike
 from berth.server.serving.tgi import TGIServing
@@ -39,6 +40,7 @@ class Serving:
         self.chat = OpenAIServingChat(self.model)
         self.completions = OpenAIServingCompletion(self.model)
         self.tgi = TGIServing(self.model)
+        self.dashscope = DashScopeServing(self.model, self.chat)
 
     @property
     def info(self) -> ModelInfo:

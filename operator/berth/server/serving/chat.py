@@ -121,6 +121,9 @@ class OpenAIServingChat:
             return "".join(p["text"] for p in parts)
         return parts
 
+    def _encode_plain(self, text: str) -> list[int]:
+        return self.model.encode(text, add_special_tokens=False)
+
     @property
     def accepts_images(self) -> bool:
         return self.image_processor is not None and self.model.info.image_token_id is not None
@@ -171,7 +174,9 @@ class OpenAIServingChat:
         assert token is not None
         started = time.monotonic()
         try:
-            expanded, mm = await images.prepare(refs, model.settings, self.image_processor, ids, token)
+            expanded, mm = await images.prepare(
+                refs, model.settings, self.image_processor, ids, token, self._encode_plain
+            )
         except ApiError:
             model.metrics.image_rejected.inc()
             raise

@@ -23,10 +23,11 @@ import ipaddress
 import logging
 import socket
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from berth.server.engine.mm_prompt import expand_placeholders
+from berth.server.engine.mm_prompt import expand_placeholders, splice_placeholders
 from berth.server.engine.multimodal import MultiModalInput, image_hash
 from berth.server.serving.errors import bad_param
 from berth.server.settings import ServerSettings
@@ -156,18 +157,71 @@ def decode_one(ref: ImageRef, settings: ServerSettings) -> DecodedImage:
     return DecodedImage(ref.param, rgb, image_hash(raw))
 
 
+def _split_image_prompts(
+    processor: Any, data: dict[str, Any], encode: Callable[[str], list[int]], image_token_id: int
+) -> list[list[int]]:
+    """Idefics3 / SmolVLM: per image, the token ids of its prompt string (crops, rows, global image).
+
+    The string is the one the model's own processor puts in place of ``<image>``
+    (``get_image_prompt_string``: ``<fake_token_around_image><row_1_col_1><image>*n ... <global-img>``);
+    it starts and ends with special tokens, so tokenizing it alone gives the ids it has in the prompt.
+    """
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+    seq_len = int(getattr(processor, "image_seq_len", 0) or 0)
+    if seq_len <= 0:
+        raise ValueError("the image processor does not say how many tokens an image crop takes")
+    rows = [r for sample in data["rows"] for r in sample]
+    cols = [c for sample in data["cols"] for c in sample]
+    out: list[list[int]] = []
+    for r, c in zip(rows, cols, strict=True):
+        text = get_image_prompt_string(  # type: ignore[no-untyped-call]
+            int(r),
+            int(c),
+            seq_len,
+            fake_token_around_image=getattr(processor, "fake_image_token", "<fake_token_around_image>"),
+            image_token=getattr(processor, "image_token", "<image>"),
+            global_image_token=getattr(processor, "global_image_token", "<global-img>"),
+        )
+        ids = encode(text)
+        if ids.count(image_token_id) != seq_len * (int(r) * int(c) + 1):
+            raise ValueError("the tokenizer does not encode the image prompt's tokens as special tokens")
+        out.append(ids)
+    return out
+
+
 def _prepare(
-    refs: list[ImageRef], settings: ServerSettings, processor: Any, ids: list[int], image_token_id: int
+    refs: list[ImageRef],
+    settings: ServerSettings,
+    processor: Any,
+    ids: list[int],
+    image_token_id: int,
+    encode: Callable[[str], list[int]] | None = None,
 ) -> tuple[list[int], MultiModalInput]:
     images = [decode_one(r, settings) for r in refs]
+    split = getattr(processor, "do_image_splitting", None) is not None  # Idefics3 / SmolVLM
     try:
-        data = dict(processor(images=[d.image for d in images], return_tensors="pt"))
+        if split:  # one sample holding all the images, as the model's processor batches them
+            data = dict(
+                processor(images=[[d.image for d in images]], return_row_col_info=True, return_tensors="pt")
+            )
+        else:
+            data = dict(processor(images=[d.image for d in images], return_tensors="pt"))
     except Exception as e:  # the processor refusing an image (too small, odd aspect ratio)
         raise bad_param(images[0].param, f"the model's image processor rejected the images: {e}") from e
-    merge = int(getattr(processor, "merge_size", 1) or 1)
-    counts = [int(g.prod()) // merge**2 for g in data["image_grid_thw"]]
     try:
-        expanded, starts = expand_placeholders(ids, image_token_id, counts)
+        if split:
+            if encode is None:
+                raise ValueError("no tokenizer to encode the image prompts")
+            prompts = _split_image_prompts(processor, data, encode, image_token_id)
+            data.pop("rows")
+            data.pop("cols")
+            expanded, starts = splice_placeholders(ids, image_token_id, prompts)
+            counts = [p.count(image_token_id) for p in prompts]
+        else:
+            merge = int(getattr(processor, "merge_size", 1) or 1)
+            counts = [int(g.prod()) // merge**2 for g in data["image_grid_thw"]]
+            expanded, starts = expand_placeholders(ids, image_token_id, counts)
     except ValueError as e:
         raise bad_param(
             "messages", f"the chat template's image placeholders do not match the images: {e}"
@@ -184,7 +238,16 @@ def _prepare(
 
 
 async def prepare(
-    refs: list[ImageRef], settings: ServerSettings, processor: Any, ids: list[int], image_token_id: int
+    refs: list[ImageRef],
+    settings: ServerSettings,
+    processor: Any,
+    ids: list[int],
+    image_token_id: int,
+    encode: Callable[[str], list[int]] | None = None,
 ) -> tuple[list[int], MultiModalInput]:
-    """Decode and preprocess the images in a worker thread; (expanded prompt ids, multimodal input)."""
-    return await asyncio.to_thread(_prepare, refs, settings, processor, ids, image_token_id)
+    """Decode and preprocess the images in a worker thread; (expanded prompt ids, multimodal input).
+
+    ``encode`` tokenizes (no special tokens added) the image prompt strings of models whose processor
+    expands an image into text (Idefics3, SmolVLM).
+    """
+    return await asyncio.to_thread(_prepare, refs, settings, processor, ids, image_token_id, encode)

@@ -22,6 +22,7 @@ of the requests that asked for the adapter, the others get ``W x`` only.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -30,8 +31,9 @@ import torch
 
 from berth.server.engine.families import NATIVE_MODEL_TYPES
 from berth.server.engine.runner import attention
+from berth.server.engine.runner import packed as weight_formats
 from berth.server.engine.runner.attention import AttnGroup
-from berth.server.engine.runner.packed import WEIGHT_FORMATS, PackedLinear, pack_module
+from berth.server.engine.runner.packed import PACKED_FORMATS, WEIGHT_FORMATS, PackedLinear, pack_module
 from berth.server.engine.runner.static_decode import StaticDecode
 from berth.server.engine.sampler import Sampler
 from berth.server.engine.scheduler import ScheduledSeq
@@ -88,7 +90,7 @@ class ModelRunner:
         static_decode: bool = False,
         max_num_seqs: int = 0,
         max_model_len: int = 0,
-        weight_format: str = "none",
+        weight_format: str = "fp32",
     ) -> None:
         self.model_type = check_supported(model)
         self.model = model
@@ -114,11 +116,14 @@ class ModelRunner:
         self.scaling = float(getattr(attn0, "scaling", self.head_dim**-0.5))
         self.adapters = list(adapters)
         self.sampler = sampler
-        self.weight_format = weight_format
+        try:
+            fmt = weight_formats.normalize(weight_format)
+        except ValueError as e:
+            raise UnsupportedModelError(str(e)) from e
+        if fmt in PACKED_FORMATS:
+            self._check_packable(fmt)
         self.packed: dict[tuple[int, str], PackedLinear] = {}
         self.packed_head: PackedLinear | None = None
-        if weight_format != "none":
-            self._pack(weight_format)
 
         # One block more than the block manager hands out: the scratch block padded decode rows write to.
         self.scratch_block = num_blocks
@@ -133,6 +138,12 @@ class ModelRunner:
             self.kv_cache_bytes() / 2**20,
             self.device,
         )
+        self.weight_format, self.weight_format_reason = fmt, "asked for"
+        if fmt == "auto":
+            self.weight_format, self.weight_format_reason = self._auto_weight_format(max_num_seqs)
+        if self.weight_format in PACKED_FORMATS and not self.packed:
+            self._pack(self.weight_format)
+        logger.info("weight format %s: %s", self.weight_format, self.weight_format_reason)
         self.static: StaticDecode | None = None
         if static_decode and max_num_seqs > 0 and max_model_len > 0:
             self.static = StaticDecode(
@@ -146,8 +157,7 @@ class ModelRunner:
                 cuda_graphs=self.device.type == "cuda" and self._graphs_capturable(),
             )
 
-    def _pack(self, fmt: str) -> None:
-        """Every projection and the LM head packed in ``fmt`` (CPU, fbgemm); see ``packed.py``."""
+    def _check_packable(self, fmt: str) -> None:
         if fmt not in WEIGHT_FORMATS:
             raise UnsupportedModelError(
                 f"unknown weight format {fmt!r}: use one of {', '.join(WEIGHT_FORMATS)}"
@@ -156,14 +166,71 @@ class ModelRunner:
             raise UnsupportedModelError(
                 f"weight format {fmt} runs on CPU only (the model is on {self.device})"
             )
+
+    def _packs(self, fmt: str) -> tuple[dict[tuple[int, str], PackedLinear], PackedLinear]:
+        packs: dict[tuple[int, str], PackedLinear] = {}
         for li, layer in enumerate(self.layers):
             for name in LORA_TARGETS:
                 parent = (
                     layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp
                 )
-                self.packed[(li, name)] = pack_module(getattr(parent, name), fmt)
-        self.packed_head = pack_module(self.lm_head, fmt)
-        logger.info("native forward: projections and LM head packed as %s (fbgemm, CPU)", fmt)
+                packs[(li, name)] = pack_module(getattr(parent, name), fmt)
+        return packs, pack_module(self.lm_head, fmt)
+
+    def _pack(self, fmt: str) -> None:
+        """Every projection and the LM head packed in ``fmt`` (CPU); see ``packed.py``."""
+        self._check_packable(fmt)
+        self.packed, self.packed_head = self._packs(fmt)
+        logger.info("native forward: projections and LM head packed as %s (CPU)", fmt)
+
+    def _auto_weight_format(self, max_num_seqs: int) -> tuple[str, str]:
+        """``auto``: fp32 or fp16, by timing decode steps of both here (see ``packed.choose``)."""
+        if self.device.type != "cpu":
+            return "fp32", f"auto on {self.device.type}: packed weight formats are CPU-only"
+        if self.dtype != torch.float32:
+            return "fp32", f"auto: the model is loaded as {str(self.dtype).removeprefix('torch.')} already"
+        t0 = time.perf_counter()
+        fp16 = self._packs("fp16")
+        fp32: tuple[dict[tuple[int, str], PackedLinear], PackedLinear | None] = ({}, None)
+
+        def run(
+            packs: tuple[dict[tuple[int, str], PackedLinear], PackedLinear | None],
+        ) -> Callable[[int], None]:
+            def step(b: int) -> None:
+                self.packed, self.packed_head = packs
+                self._probe_step(b)
+
+            return step
+
+        batches = (1,) if max_num_seqs <= 1 else (1, min(8, max_num_seqs))
+        timings = weight_formats.time_steps({"fp32": run(fp32), "fp16": run(fp16)}, batches)
+        fmt, why = weight_formats.choose(timings)
+        self.packed, self.packed_head = fp16 if fmt == "fp16" else fp32
+        return fmt, f"auto: {why}; measured in {time.perf_counter() - t0:.1f} s at start-up"
+
+    @torch.inference_mode()
+    def _probe_step(self, b: int) -> None:
+        """One decode step of ``b`` rows on the scratch block (nothing else in the cache is touched)."""
+        dev = self.device
+        slot = self.scratch_block * self.block_size
+        mask = torch.zeros(b, 1, 1, self.block_size, dtype=torch.bool, device=dev)
+        mask[..., 0] = True
+        group = AttnGroup(
+            tok_idx=torch.arange(b, device=dev).unsqueeze(1),
+            block_tables=torch.full((b, 1), self.scratch_block, dtype=torch.long, device=dev),
+            mask=mask,
+            src=None,
+            dst=None,
+        )
+        zeros = torch.zeros(b, dtype=torch.long, device=dev)
+        self._forward(
+            zeros,
+            zeros,
+            torch.full((b,), slot, dtype=torch.long, device=dev),
+            lambda q, li: self._attention(q, li, [group]),
+            None,
+            [],
+        )
 
     def _graphs_capturable(self) -> bool:
         rope_type = str(getattr(self.rotary, "rope_type", "default"))
