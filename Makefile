@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .DEFAULT_GOAL := help
 .PHONY: help install test test-unit test-server test-cluster test-node verify crds docs lint lint-imports typecheck demo serve \
         cluster-bin node-bin cluster-up cluster-down cluster-env helm-lint images docker-up docker-down \
-        bench-cpu bench-backends bench-structured bench-gpu bench-gpu-smoke bench-operator clean
+        bench-cpu bench-cpu-peers llama-cpp-peer bench-backends bench-structured bench-gpu bench-gpu-smoke bench-operator clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -107,6 +107,12 @@ cluster-down: install ## stop the local control plane
 
 bench-cpu: install ## CPU throughput: engine vs transformers generate (writes bench/results/)
 	$(PY) bench/cpu_throughput.py
+
+llama-cpp-peer: ## build llama-cpp-python[server] (AVX2, no -march=native) into its own cached venv under $(BERTH_CACHE)/peers
+	bench/peers/build_llama_cpp.sh
+
+bench-cpu-peers: install llama-cpp-peer ## CPU, one run: berth serve (default, fastest) vs transformers serve vs llama.cpp at 1/8/32 streams (bench/results/cpu-peers.*)
+	$(PY) bench/cpu_peers.py
 
 bench-backends: install ## CPU throughput: the native vs the transformers backend vs generate, one run (bench/results/)
 	$(PY) bench/cpu_throughput.py --backends native transformers --tag backends

@@ -117,10 +117,30 @@ def time_steps(
     rounds: int = 4,
     budget_s: float = 4.0,
 ) -> dict[str, dict[int, float]]:
-    """Seconds of one call of each candidate per batch size: the best of up to ``rounds``, candidates
-    interleaved (so that a load spike on a shared machine hits all of them alike), one untimed call first;
-    fewer rounds (at least one) once ``budget_s`` of timed calls is spent."""
+    """CPU seconds of one call of each candidate per batch size, on one torch thread: the best of up to
+    ``rounds``, candidates interleaved, one untimed call first; fewer rounds (at least one) once ``budget_s``
+    of wall time is spent.
+
+    CPU time of one thread, not wall time: on a shared machine a step's wall time is mostly how long the
+    step waited for a core (measured: best-of-4 wall times of the same step 0.4 s and 1.5 s a minute apart
+    at load 9 on 2 cores), its thread's CPU time is what the weights cost."""
     best: dict[str, dict[int, float]] = {name: {} for name in candidates}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _time_steps(candidates, batches, rounds, budget_s, best)
+    finally:
+        torch.set_num_threads(threads)
+    return best
+
+
+def _time_steps(
+    candidates: Mapping[str, Callable[[int], None]],
+    batches: tuple[int, ...],
+    rounds: int,
+    budget_s: float,
+    best: dict[str, dict[int, float]],
+) -> None:
     start = time.perf_counter()
     for i, b in enumerate(batches):
         for run in candidates.values():
@@ -130,11 +150,10 @@ def time_steps(
             if r > 0 and time.perf_counter() - start > share:
                 break
             for name, run in candidates.items():
-                t0 = time.perf_counter()
+                t0 = time.thread_time()
                 run(b)
-                dt = time.perf_counter() - t0
+                dt = time.thread_time() - t0
                 best[name][b] = min(best[name].get(b, dt), dt)
-    return best
 
 
 def choose(timings: Mapping[str, Mapping[int, float]]) -> tuple[str, str]:
@@ -145,5 +164,5 @@ def choose(timings: Mapping[str, Mapping[int, float]]) -> tuple[str, str]:
         f"batch {b}: fp32 {t32[b] * 1e3:.1f} ms, fp16 {t16[b] * 1e3:.1f} ms" for b in sorted(t32) if b in t16
     )
     if t16 and all(b in t16 and t16[b] <= AUTO_MARGIN * t32[b] for b in t32):
-        return "fp16", f"fp16 weights decode faster on this CPU ({figures} per step)"
+        return "fp16", f"fp16 weights decode faster on this CPU ({figures} of CPU per step)"
     return "fp32", f"fp16 weights are not clearly faster on this CPU ({figures} per step)"
