@@ -2,7 +2,8 @@
 
 Servers (one at a time, each on a free loopback port, stopped before the next starts):
   berth            `berth serve` as shipped (its default --weight-format auto, torch's default threads)
-  berth-fast       `berth serve` in its fastest CPU configuration (default: --weight-format int8; not exact,
+  berth-fast       `berth serve` in its fastest CPU configuration (default: --weight-format int8 on one torch
+                   thread, OMP_NUM_THREADS=1: on the shared 2 cores two threads waited on each other; not exact,
                    see tests/server/test_packed_weights.py; ``--fast-args``/``--fast-env`` change it)
   transformers     `transformers serve --continuous-batching --device cpu --dtype float32` on the converted
                    copy of the same GGUF (the same weights Berth serves)
@@ -335,7 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--fast-args", nargs="*", default=["--weight-format", "int8"], help="berth-fast's extra flags"
     )
-    p.add_argument("--fast-env", nargs="*", default=[], metavar="K=V", help="berth-fast's extra environment")
+    p.add_argument(
+        "--fast-env",
+        nargs="*",
+        default=["OMP_NUM_THREADS=1"],
+        metavar="K=V",
+        help="berth-fast's extra environment",
+    )
     p.add_argument("--llama-threads", type=int, default=0, help="llama.cpp --n_threads (0: its default)")
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--run-timeout", type=float, default=900.0)
