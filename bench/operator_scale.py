@@ -201,8 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--idle", type=float, default=300, help="seconds of the idle measurement")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor (not for recorded results)")
+    parser.add_argument(
+        "--operator-env",
+        action="append",
+        default=[],
+        metavar="BERTH_X=VALUE",
+        help="an operator setting for this run (repeatable; recorded in the results)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
+    operator_env = {"BERTH_RESYNC_SECONDS": "30", **dict(e.split("=", 1) for e in args.operator_env)}
 
     per_node = 250
     nodes = [
@@ -212,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     nodes.append(harness.NodeSpec("cpu-0", gpus=0, cpu="256", memory="2Ti", pods=per_node))
     with BenchCluster(nodes=nodes) as cluster, tempfile.TemporaryDirectory() as tmp:
         floor = None if args.no_floor else run_floor(cluster, args.count, args.timeout)
-        op = OperatorProcess(cluster, Path(tmp), env={"BERTH_RESYNC_SECONDS": "30"})
+        op = OperatorProcess(cluster, Path(tmp), env=operator_env)
         op.install()
         op.start()
         assert op.proc is not None
@@ -286,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             if floor and first_all is not None and floor["all_ready_seconds"]
             else None
         ),
+        "operator_env": operator_env,
         "operator_rss_idle_mib": round(idle_rss / 1024, 1),
         "operator_rss_peak_mib": round(peak[0] / 1024, 1),
         "operator_reconciles": reconciles,
@@ -312,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         result,
         f"# Operator at scale: {args.count} ModelDeployments applied at once, against the floor\n\n"
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']}; "
-        f"{result['kubernetes']}; {result['date']}. One run; the floor is measured in the same run.\n\n"
+        f"{result['kubernetes']}; {result['date']}. One run; the floor is measured in the same run. "
+        f"Operator settings: {', '.join(f'{k}={v}' for k, v in operator_env.items())}, the rest defaults.\n\n"
         f"| measure | value |\n|---|---|\n"
         f"| floor: {args.count} Deployments + Services applied directly, all available after | "
         f"{fl.get('all_ready_seconds')} s (apply {fl.get('apply_seconds')} s) |\n"
@@ -329,7 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{idle['writes']} writes, {idle['lease']} of them Lease renewals; "
         f"{idle_writes_bench} writes to ModelDeployments or their children) |\n"
         f"| idle: reconciles (resync from the caches) | {idle_reconciles:.0f} |\n\n"
-        f"Requests from apply to all Running by verb and resource: "
+        f"Idle requests by verb and resource: "
+        + (", ".join(f"{k} {v}" for k, v in idle["by_verb_resource"].items()) or "none")
+        + "\n\n"
+        "Requests from apply to all Running by verb and resource: "
         + ", ".join(f"{k} {v}" for k, v in req["by_verb_resource"].items())
         + "\n",
         indent=2,

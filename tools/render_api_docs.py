@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate docs/api.md, the ModelDeployment API reference, from the pydantic models.
+"""Generate docs/api.md, the ModelDeployment and ApiKey API reference, from the pydantic models.
 
     python tools/render_api_docs.py -o docs/api.md    regenerate (`make docs`)
     python tools/render_api_docs.py --check           exit 1 when docs/api.md is stale (`make verify`)
@@ -9,6 +9,7 @@ its wire name, type, default, what the API server validates (read from the gener
 the page says what admission really enforces), and its description. Cross-field rules (CEL) and the
 checks only the operator makes (pydantic validators) follow each table. The operator's BERTH_*
 settings close the page, with the Helm value each one comes from when the chart is in the tree.
+The ApiKey (the gateway's team keys) follows the ModelDeployment, the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import re
 import sys
 import types
 import typing
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -30,7 +32,8 @@ from pydantic_core import PydanticUndefined
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "operator"))  # this tree's berth, wherever the venv's install points
 
-from berth.api import crd  # noqa: E402
+from berth.api import apikey as ak  # noqa: E402
+from berth.api import apikey_crd, crd  # noqa: E402
 from berth.api import models as m  # noqa: E402
 from berth.controller.settings import OperatorSettings  # noqa: E402
 
@@ -86,7 +89,14 @@ def type_name(annotation: Any) -> str:
         return f"[{annotation.__name__}](#{_anchor(annotation)})"
     if annotation is Any:
         return "any"
-    return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(annotation, str(annotation))
+    names = {
+        str: "string",
+        int: "integer",
+        float: "number",
+        bool: "boolean",
+        datetime: "string (RFC 3339 time)",
+    }
+    return names.get(annotation, str(annotation))
 
 
 def _optional(annotation: Any) -> bool:
@@ -283,7 +293,7 @@ def render() -> str:
         "",
         "Contents: "
         + ", ".join(f"[{c.__name__}](#{_anchor(c)})" for c in _order())
-        + ", [Operator settings](#operator-settings).",
+        + ", [ApiKey](#apikey-api-reference-berthdevv1alpha1), [Operator settings](#operator-settings).",
         "",
     ]
     queue: list[tuple[type[BaseModel], list[str]]] = [
@@ -297,8 +307,39 @@ def render() -> str:
             continue
         seen.add(model)
         queue += _section(model, path, schema, lines)
+    _apikey_sections(lines, seen)
     _settings_section(lines)
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _apikey_sections(lines: list[str], seen: set[type[BaseModel]]) -> None:
+    """The ApiKey resource: its facts, then a table per model (those already shown are not repeated)."""
+    version = apikey_crd.build_crd()["spec"]["versions"][0]
+    lines += [
+        f"# ApiKey API reference ({m.API_VERSION})",
+        "",
+        f"`kind: {ak.APIKEY_KIND}`, plural `{ak.APIKEY_PLURAL}`, short name "
+        + ", ".join(f"`{s}`" for s in ak.APIKEY_SHORT_NAMES)
+        + ", namespaced: a team's key for the gateway (docs/gateway.md). The operator generates the key into "
+        "the Secret `<name>-apikey` (key `key`), owned by the ApiKey, and publishes only its SHA-256 in "
+        "`status.keyHash`; the gateway matches presented keys on that hash and reads no Secrets.",
+        "",
+        "- `kubectl get apikeys` columns: "
+        + ", ".join(f"{c['name'].upper()} (`{c['jsonPath']}`)" for c in version["additionalPrinterColumns"])
+        + ".",
+        "",
+    ]
+    schema = apikey_crd.openapi_schema()
+    queue: list[tuple[type[BaseModel], list[str]]] = [
+        (ak.ApiKeySpec, ["spec"]),
+        (ak.ApiKeyStatus, ["status"]),
+    ]
+    while queue:
+        model, path = queue.pop(0)
+        if model in seen:
+            continue
+        seen.add(model)
+        queue += _section(model, path, schema, lines)
 
 
 def _order() -> list[type[BaseModel]]:

@@ -56,6 +56,20 @@ comes back as `reasoning_content`. One LoRA adapter is merged into the weights a
 several are served side by side where the projections carry the standard names.
 """
 
+VISION = """
+## Image-text-to-text models
+
+Loaded with `AutoModelForImageTextToText` and the model's own image processor (PIL, no torchvision),
+served on the transformers backend by the vision runner (`engine/runner/vision.py`): chat `image_url`
+parts (docs/server.md, Images). The vision tower runs once per request; its embeddings replace the
+image placeholders chunk by chunk, so chunked prefill may cut through an image, and image and text
+requests share steps. The model types below are checked token for token against transformers
+`generate` with one and with three images (tests/server/test_vision.py, tiny random-weight models).
+
+| model_type | models | image positions | vision features |
+|---|---|---|---|
+"""
+
 
 def render() -> str:
     rows = []
@@ -64,7 +78,11 @@ def render() -> str:
             f"| `{f.model_type}` | {f.name} | {', '.join(f.backends)} | {', '.join(f.features) or '-'} "
             f"| {f.tool_format} | {'yes' if f.reasoning else '-'} | {'yes' if f.side_by_side_lora else 'merged only'} |"
         )
-    return INTRO + "\n".join(rows) + "\n" + OUTRO
+    vision = [
+        f"| `{f.model_type}` | {f.name} | {f.positions} | {', '.join(f.features) or '-'} |"
+        for f in families.VISION_FAMILIES
+    ]
+    return INTRO + "\n".join(rows) + "\n" + OUTRO + VISION + "\n".join(vision) + "\n"
 
 
 def main() -> int:

@@ -373,6 +373,7 @@ class NodeSpec:
     gpus: int = 0
     cpu: str = "32"
     memory: str = "256Gi"
+    ephemeral_storage: str = "1Ti"  # hf:// download containers request their cache size of it
     pods: int = 110
     labels: Mapping[str, str] = field(default_factory=dict)
     gpu_resource: str = "nvidia.com/gpu"
@@ -388,7 +389,12 @@ DEFAULT_NODES: tuple[NodeSpec, ...] = (
 
 
 def node_manifest(spec: NodeSpec) -> dict[str, Any]:
-    capacity: dict[str, str] = {"cpu": spec.cpu, "memory": spec.memory, "pods": str(spec.pods)}
+    capacity: dict[str, str] = {
+        "cpu": spec.cpu,
+        "memory": spec.memory,
+        "ephemeral-storage": spec.ephemeral_storage,
+        "pods": str(spec.pods),
+    }
     labels = {
         "kubernetes.io/hostname": spec.name,
         "kubernetes.io/os": "linux",

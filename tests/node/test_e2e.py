@@ -138,6 +138,55 @@ def test_client_in_another_namespace_calls_the_endpoint_by_dns_name(
     assert denied.get("status") == 401, denied
 
 
+def test_client_calls_the_instance_through_the_gateway_with_a_team_key(
+    node_cluster: Any, smollm2: dict[str, Any], images: dict[str, str], make_namespace: Any
+) -> None:
+    """The chart's gateway (its pods from the operator image) answers for the instance: a team key from
+    an ApiKey in the instance's namespace, `model: <namespace>/<servedName>` at Service berth-gateway,
+    from a client pod in another namespace; the key's usage lands in ApiKey.status."""
+    ns = smollm2["ns"]
+    apikey = {
+        "apiVersion": "berth.dev/v1alpha1",
+        "kind": "ApiKey",
+        "metadata": {"name": "e2e-team"},
+        "spec": {"models": [MD]},
+    }
+    node_cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(apikey), check=True)
+    status = wait_for(
+        lambda: (
+            (get_or_none(node_cluster, "get", "apikey", "e2e-team", "-n", ns) or {})
+            .get("status", {})
+            .get("keyHash")
+            and get_or_none(node_cluster, "get", "apikey", "e2e-team", "-n", ns)["status"]
+        ),
+        60,
+        "the ApiKey's hash in its status",
+    )
+    secret = kjson(node_cluster, "get", "secret", status["secretName"], "-n", ns)
+    key = base64.b64decode(secret["data"]["key"]).decode()
+    apps = make_namespace()
+    model = f"{ns}/{smollm2['status']['servedModelName']}"
+    gateway = f"http://berth-gateway.{OPERATOR_NS}.svc.cluster.local/v1"
+    out = clients.call(node_cluster, apps, images["operator"], gateway, model, key)
+    assert out.get("status") == 200, out
+    assert "Paris" in out["body"]["choices"][0]["message"]["content"], out
+    assert out["body"]["model"] == model, out["body"]
+    denied = clients.call(node_cluster, apps, images["operator"], gateway, model, smollm2["key"])
+    assert denied.get("status") == 401, denied  # the instance's own key is not a gateway key
+    tokens = out["body"]["usage"]["prompt_tokens"] + out["body"]["usage"]["completion_tokens"]
+
+    def booked() -> dict[str, Any] | None:
+        usage = (
+            (get_or_none(node_cluster, "get", "apikey", "e2e-team", "-n", ns) or {})
+            .get("status", {})
+            .get("usage")
+        )
+        return usage if usage and int(usage.get("requests") or 0) >= 1 else None
+
+    usage = wait_for(booked, 60, "the gateway's usage in ApiKey.status")
+    assert int(usage["promptTokens"]) + int(usage["completionTokens"]) == tokens, usage
+
+
 def test_instance_runs_as_uid_1000_with_a_read_only_root(node_cluster: Any, smollm2: dict[str, Any]) -> None:
     ns = smollm2["ns"]
     (pod,) = server_pods(node_cluster, ns)

@@ -1,11 +1,12 @@
 """Vision-language models through a real ``berth serve`` (transformers backend, tiny random weights).
 
-For tiny Qwen2.5-VL, GLM-4V, GLM-4.5V (MoE), Idefics3 and SmolVLM models assembled here (``tiny_vlms.py``: transformers config classes,
-the built-in tokenizer plus the image tokens, the model's own image processor), the greedy answer of
-``berth serve`` to chats with one and with two ``data:`` images equals transformers ``generate`` on the
-same processor inputs token for token; image and text requests sent at once answer as alone; a
-repeated image hits the prefix cache (``berth_image_cached_prompt_tokens`` in /metrics), a changed one
-does not; bad image input is a 400 naming ``messages[i].content[j]``, and the server goes on.
+For tiny Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense, MoE), GLM-4V, GLM-4.5V (MoE), Idefics3 and SmolVLM
+models built here (``tiny_vlms.py``: transformers config classes, the built-in tokenizer plus the image
+tokens, the model's own image processor), the greedy answer of ``berth serve`` to chats with one and
+with two ``data:`` images equals transformers ``generate`` on the same processor inputs token for
+token (with a prefill chunk cutting inside an image); image and text requests sent at once answer as
+alone; a repeated image hits the prefix cache (``berth_image_cached_prompt_tokens`` in /metrics), a
+changed one does not; bad image input is a 400 naming ``messages[i].content[j]``, and the server goes on.
 """
 
 from __future__ import annotations

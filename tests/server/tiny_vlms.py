@@ -31,7 +31,26 @@ SPLIT_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<
     f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)
 ]
 SPLIT_MODEL_TYPES = ("idefics3", "smolvlm")
-MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl", "glm4v", "glm4v_moe", *SPLIT_MODEL_TYPES)
+# Qwen2-VL's vision tower (full attention, hidden_size = the text model's) and Qwen2.5-VL's (windowed)
+QWEN2_VISION = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2, "num_heads": 2}
+QWEN25_VISION = {
+    "depth": 2,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "out_hidden_size": 64,
+    "fullatt_block_indexes": [1],
+    "window_size": 56,
+}
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", *SPLIT_MODEL_TYPES)
+# Qwen3-VL-30B-A3B's text model: layer 0 dense, layer 1 a mixture of 4 experts (2 per token)
+QWEN3_MOE = {
+    "moe_intermediate_size": 32,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [0],
+}
 # GLM-4.5V's text model: layer 0 dense, layer 1 a mixture of 4 routed experts (2 per token) and a shared one
 GLM_MOE = {
     "moe_intermediate_size": 32,
@@ -52,7 +71,7 @@ def build(model_type: str, directory: Path, tokenizer: Any) -> Path:
 
     tok = copy.deepcopy(tokenizer)
     torch.manual_seed(0)
-    if model_type == "qwen2_5_vl":
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         tok.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
@@ -64,15 +83,7 @@ def build(model_type: str, directory: Path, tokenizer: Any) -> Path:
                 "vocab_size": len(tok),
                 "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
             },
-            vision_config={
-                "depth": 2,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_heads": 2,
-                "out_hidden_size": 64,
-                "fullatt_block_indexes": [1],
-                "window_size": 56,
-            },
+            vision_config=QWEN2_VISION if model_type == "qwen2_vl" else QWEN25_VISION,
             vision_start_token_id=ids[0],
             vision_end_token_id=ids[1],
             image_token_id=ids[2],
@@ -81,7 +92,7 @@ def build(model_type: str, directory: Path, tokenizer: Any) -> Path:
         image = "<|vision_start|><|image_pad|><|vision_end|>"
         tok.chat_template = CHAT_TEMPLATE.replace("{{ IMAGE }}", image)
         processor: Any = Qwen2VLImageProcessorPil(**PIXELS)
-    elif model_type == "qwen3_vl":
+    elif model_type in ("qwen3_vl", "qwen3_vl_moe"):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         tok.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
@@ -97,6 +108,7 @@ def build(model_type: str, directory: Path, tokenizer: Any) -> Path:
                     "mrope_section": [2, 3, 3],
                     "mrope_interleaved": True,
                 },
+                **(QWEN3_MOE if model_type == "qwen3_vl_moe" else {}),
             },
             vision_config={  # deepstack: vision layers 0 and 1 feed decoder layers 0 and 1
                 "depth": 2,

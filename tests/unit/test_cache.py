@@ -223,3 +223,122 @@ def test_the_event_recorder_sends_an_identical_event_once_per_window() -> None:
     recorder.emit(client, body, [EventSpec("Warning", "Forbidden", "quota")], NOW)
     sent = [c[3]["message"] for c in client.writes() if c[:2] == ("create", "Event")]
     assert sent == ["quota", "another message", "quota"] and recorder.suppressed == 4
+
+
+class LiveApi(RecordingKube):
+    """A RecordingKube that also serves LIST and WATCH: every write becomes a watch event."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import queue as queue_module
+
+        self.version = 0
+        self.streams: dict[str, list[queue_module.Queue[dict[str, Any] | None]]] = {}
+        self._queue_module = queue_module
+
+    def _event(self, kind: str, type_: str, obj: dict[str, Any]) -> None:
+        self.version += 1
+        obj["metadata"]["resourceVersion"] = str(self.version)
+        for q in self.streams.get(kind, []):
+            q.put({"type": type_, "object": copy.deepcopy(obj)})
+
+    def create(
+        self, kind: kube.Kind, namespace: str, body: dict[str, Any], dry_run: bool = False
+    ) -> dict[str, Any] | None:
+        created = super().create(kind, namespace, body, dry_run)
+        if created is not None and not dry_run:
+            obj = self.objects[(kind.kind, namespace, created["metadata"]["name"])]
+            obj["metadata"]["namespace"] = namespace
+            self._event(kind.kind, "ADDED", obj)
+            return copy.deepcopy(obj)
+        return created
+
+    def patch(self, kind: kube.Kind, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        super().patch(kind, namespace, name, body)
+        obj = self.objects[(kind.kind, namespace, name)]
+        self._event(kind.kind, "MODIFIED", obj)
+        return copy.deepcopy(obj)
+
+    def patch_status(
+        self, kind: kube.Kind, namespace: str, name: str, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        super().patch_status(kind, namespace, name, status)
+        obj = self.objects[(kind.kind, namespace, name)]
+        self._event(kind.kind, "MODIFIED", obj)
+        return copy.deepcopy(obj)
+
+    def list_page(
+        self,
+        kind: kube.Kind,
+        namespace: str,
+        label_selector: str,
+        metadata_only: bool = False,
+        limit: int = 500,
+    ) -> tuple[list[dict[str, Any]], str]:
+        return self.list(kind, namespace, label_selector), str(self.version)
+
+    def watch(
+        self,
+        kind: kube.Kind,
+        namespace: str,
+        label_selector: str,
+        resource_version: str,
+        timeout_seconds: int,
+        metadata_only: bool = False,
+    ) -> Iterator[dict[str, Any]]:
+        q: Any = self._queue_module.Queue()
+        self.streams.setdefault(kind.kind, []).append(q)
+        while True:
+            try:
+                event = q.get(timeout=0.2)
+            except self._queue_module.Empty:
+                continue
+            if event is None:
+                return
+            yield event
+
+
+def test_end_to_end_in_process_a_new_model_deployment_is_reconciled_once_its_event_arrives(
+    settings: OperatorSettings,
+) -> None:
+    """The real threads (informers, queue, workers) over an in-memory API: an ADDED ModelDeployment
+    gets its children and a status; afterwards the steady state makes no request."""
+    import time
+
+    api = LiveApi()
+    ctx = OperatorContext.create(settings.model_copy(update={"workers": 2}), client=api)
+    ctx.source_factory = lambda: api
+    ctx.child_event_delay = 0.05
+    assert ctx.queue is not None
+    try:
+        assert ctx.start_watches(sync_timeout=5)
+        ctx.queue.start()
+        body = md_body(spec={"capacity": 1})
+        api.objects[("ModelDeployment", "team-a", "chat")] = body
+        api._event("ModelDeployment", "ADDED", body)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (
+            ("Deployment", "team-a", "chat") in api.objects
+            and api.objects[("ModelDeployment", "team-a", "chat")].get("status", {}).get("phase")
+        ):
+            time.sleep(0.02)
+        assert ("Service", "team-a", "chat") in api.objects and (
+            "Secret",
+            "team-a",
+            "chat-api-keys",
+        ) in api.objects
+        assert api.objects[("ModelDeployment", "team-a", "chat")]["status"]["phase"] == "Pending"
+        time.sleep(0.5)  # the children's own events come back through the watches
+        while not ctx.queue.idle():
+            time.sleep(0.02)
+        api.clear()
+        ctx.enqueue("team-a", "chat", "timer")  # a resync: from the caches, no request
+        time.sleep(0.3)
+        while not ctx.queue.idle():
+            time.sleep(0.02)
+        assert api.calls == []
+    finally:
+        ctx.stop()
+        for streams in api.streams.values():
+            for q in streams:
+                q.put(None)

@@ -237,3 +237,10 @@ def test_every_family_in_the_registry_is_tested() -> None:
 
     assert set(tiny_models.ARCHITECTURES) == set(families.BY_TYPE)
     assert set(tiny_models.NATIVE) == set(families.NATIVE_MODEL_TYPES)
+
+
+def test_every_vision_family_in_the_registry_is_tested() -> None:
+    from berth.server.engine import families
+    from tests.server import tiny_vlms
+
+    assert set(tiny_vlms.MODEL_TYPES) == {f.model_type for f in families.VISION_FAMILIES}

@@ -563,3 +563,24 @@ def test_a_foreign_secret_stays_foreign_after_an_invalid_edit_in_between(setting
     ready = next(c for c in result.status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "ChildConflict"
     assert ("Deployment", "team-a", "chat") not in api.objects
+
+
+def test_a_restarted_operator_reads_no_secret_for_the_gateway_key_either(
+    settings: OperatorSettings, tmp_path: Any
+) -> None:
+    (tmp_path / "master").write_bytes(b"the-gateway-master-key\n")
+    gw = settings.model_copy(update={"gateway_master_key_file": str(tmp_path / "master")})
+    api = RecordingKube()
+    _store_md(api, md_body())
+    reconcile(_current(api), _cached(gw, api).client, gw, NOW)
+    assert ("Secret", "team-a", "chat-gateway-key") in api.objects
+    api.clear()
+    restarted = _cached(gw, api)
+    reconcile(_current(api), restarted.client, gw, NOW)
+    assert [c[:2] for c in api.calls if c[1] == "Secret"] == [
+        ("create", "Secret"),
+        ("create", "Secret"),
+    ]  # 409s
+    api.clear()
+    reconcile(_current(api), restarted.client, gw, NOW)
+    assert api.calls == []

@@ -624,3 +624,16 @@ def test_resolved_commit_is_published(settings: OperatorSettings) -> None:
     assert compute_status(md, Observed(dep(1), [bad]), settings, NOW, st)["modelRevision"] == "4f2c9e"
     builtin = ModelDeployment.model_validate(md_body())
     assert compute_status(builtin, Observed(dep(1), [newer]), settings, NOW, {})["modelRevision"] is None
+
+
+def test_an_invalid_edit_keeps_available_as_last_observed(settings: OperatorSettings) -> None:
+    md = ModelDeployment.model_validate(md_body(spec={"capacity": 1}))
+    serving = compute_status(md, Observed(dep(1, ready=1), [pod(ready=True)]), settings, NOW, {})
+    failed = failed_status(md_body(), "spec.capacity: bad", NOW, serving)
+    assert [c["type"] for c in failed["conditions"]] == ["Ready", "Available", "Progressing", "Degraded"]
+    assert _cond(failed, "Available") == _cond(serving, "Available")
+    fresh = failed_status(md_body(), "spec.capacity: bad", NOW, {})
+    assert (_cond(fresh, "Available")["status"], _cond(fresh, "Available")["reason"]) == (
+        "False",
+        "InvalidSpec",
+    )

@@ -399,6 +399,32 @@ class Rollout(_Base):
     )
 
 
+class InferencePool(_Base):
+    """The Gateway API Inference Extension's InferencePool (inference.networking.k8s.io/v1) for the
+    instances, so a conformant gateway (Istio, NGINX Gateway Fabric, ...) can route to them."""
+
+    enabled: bool = Field(
+        True,
+        description="Create an InferencePool selecting the instances when the cluster has its CRD; false opts out.",
+    )
+    endpoint_picker: str | None = Field(
+        None,
+        description="Service of the endpoint picker (EPP) the pool names; default: <name>-epp.",
+        max_length=63,
+        pattern=DNS_LABEL,
+    )
+    endpoint_picker_port: int = Field(
+        9002, description="Port of the endpoint picker's Service.", ge=1, le=65535
+    )
+    failure_mode: Literal["FailOpen", "FailClose"] = Field(
+        "FailOpen",
+        description=(
+            "What a gateway does while the endpoint picker does not answer: FailOpen sends the request "
+            "to any ready instance (Berth ships no picker), FailClose refuses it."
+        ),
+    )
+
+
 class ModelDeploymentSpec(_Base):
     """A private model instance: a model, how many instances, and on what."""
 
@@ -424,6 +450,10 @@ class ModelDeploymentSpec(_Base):
     )
     pod_template: PodTemplate = Field(default_factory=PodTemplate, description="Pod overrides.")
     rollout: Rollout = Field(default_factory=Rollout, description="Rollout strategy.")
+    inference_pool: InferencePool = Field(
+        default_factory=InferencePool,
+        description="An InferencePool for the instances (Gateway API Inference Extension), when its CRD exists.",
+    )
 
     @model_validator(mode="after")
     def _capacity_in_bounds(self) -> ModelDeploymentSpec:
@@ -457,6 +487,17 @@ class Condition(_Base):
     message: str = Field("", description="What happened, for people.")
     last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).")
     observed_generation: int | None = Field(None, description="The spec generation this condition is about.")
+
+
+class InferencePoolStatus(_Base):
+    """The InferencePool's state as the gateways that route to it report it."""
+
+    name: str = Field(description="The InferencePool (same namespace).")
+    accepted: ConditionStatus = Field(
+        description="True when every Gateway that references the pool accepted it; Unknown with none yet."
+    )
+    reason: str = Field("", description="One CamelCase word for machines.")
+    message: str = Field("", description="What the gateways said, for people.")
 
 
 class AutoscalerStatus(_Base):
@@ -534,6 +575,9 @@ class ModelDeploymentStatus(_Base):
     last_scale_time: str | None = Field(None, description="When the autoscaler last changed capacity.")
     autoscaler: AutoscalerStatus | None = Field(
         None, description="The built-in autoscaler's last sample (spec.autoscaling.enabled only)."
+    )
+    inference_pool: InferencePoolStatus | None = Field(
+        None, description="The InferencePool made for the instances (when the cluster has its CRD)."
     )
 
     @classmethod

@@ -367,7 +367,7 @@ class Autoscaler:
         self.states.pop((namespace, name), None)
 
     def _external(self, md: ModelDeployment) -> str | None:
-        """ "HorizontalPodAutoscaler/<name>" of an HPA that targets this ModelDeployment, or None."""
+        """The "HorizontalPodAutoscaler/<name>" of each HPA that targets this ModelDeployment, or None."""
         try:
             hpas = self.client.list(HPA, md.namespace, "")
         except kube.Forbidden as e:  # an RBAC without the rule (older chart): scale, but say so once

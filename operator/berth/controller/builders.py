@@ -558,3 +558,30 @@ def mount_gateway_key(deployment: Manifest, md: ModelDeployment) -> Manifest:
         **deployment,
         "spec": {**deployment["spec"], "template": {**template, "spec": {**pod, "volumes": volumes}}},
     }
+
+
+# ---------------------------------------------------------------------------- the InferencePool
+
+INFERENCE_POOL_API_VERSION = "inference.networking.k8s.io/v1"
+
+
+def build_inference_pool(md: ModelDeployment, settings: OperatorSettings) -> Manifest | None:
+    """The InferencePool of the instances (selector and target port of their pods, the endpoint
+    picker to ask); None when spec.inferencePool.enabled is false."""
+    pool = md.spec.inference_pool
+    if not pool.enabled:
+        return None
+    return {
+        "apiVersion": INFERENCE_POOL_API_VERSION,
+        "kind": "InferencePool",
+        "metadata": _metadata(md, names.inference_pool_name(md)),
+        "spec": {
+            "selector": {"matchLabels": names.selector_labels(md)},
+            "targetPorts": [{"number": settings.server_port}],
+            "endpointPickerRef": {
+                "name": pool.endpoint_picker or f"{md.name}-epp",
+                "port": {"number": pool.endpoint_picker_port},
+                "failureMode": pool.failure_mode,
+            },
+        },
+    }

@@ -40,11 +40,17 @@ POD = Kind("Pod", "api/v1", "pods")
 EVENT = Kind("Event", "api/v1", "events")
 MODEL_DEPLOYMENT = Kind("ModelDeployment", f"apis/{GROUP}/{VERSION}", PLURAL)
 
+# The Gateway API Inference Extension's InferencePool, and its API group's discovery document (a GET of
+# "apis/inference.networking.k8s.io/v1" itself: 404 when the CRD is not installed).
+INFERENCE_POOL = Kind("InferencePool", "apis/inference.networking.k8s.io/v1", "inferencepools")
+INFERENCE_POOL_API = Kind("APIResourceList", "apis/inference.networking.k8s.io", "v1")
+
 KOPF_PEERING = Kind("KopfPeering", "apis/kopf.dev/v1", "kopfpeerings")
 CLUSTER_KOPF_PEERING = Kind("ClusterKopfPeering", "apis/kopf.dev/v1", "clusterkopfpeerings")
 
 KINDS_BY_NAME = {
-    k.kind: k for k in (DEPLOYMENT, SERVICE, SECRET, NETWORK_POLICY, PDB, POD, EVENT, MODEL_DEPLOYMENT)
+    k.kind: k
+    for k in (DEPLOYMENT, SERVICE, SECRET, NETWORK_POLICY, PDB, POD, EVENT, MODEL_DEPLOYMENT, INFERENCE_POOL)
 }
 
 

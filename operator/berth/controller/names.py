@@ -98,6 +98,10 @@ def gateway_key_secret_name(md: ModelDeployment) -> str:
     return f"{md.name}-gateway-key"
 
 
+def inference_pool_name(md: ModelDeployment) -> str:
+    return md.name
+
+
 def endpoint(md: ModelDeployment, settings: OperatorSettings) -> str:
     """The in-cluster OpenAI base URL (status.endpoint)."""
     return f"http://{service_name(md)}.{md.namespace}.svc.{settings.cluster_domain}/v1"

@@ -495,7 +495,7 @@ def _ready_condition(v: _View, phase: Phase) -> _Cond:
 
 
 def _progress(v: _View) -> str:
-    """ "; 1 creating containers, 1 downloading the model, 1 starting (loading the model)" or ""."""
+    """The progress detail of the Ready message, e.g. "; 1 creating containers, 1 starting ...", or ""."""
     parts = [
         f"{n} {what}"
         for n, what in (
@@ -653,6 +653,11 @@ def compute_status(
     return status.patch(RECONCILED_FIELDS)
 
 
+def _kept_available(previous: list[dict[str, Any]]) -> Condition | None:
+    found = next((c for c in previous if c.get("type") == "Available"), None)
+    return Condition.model_validate(found) if found else None
+
+
 def failed_status(
     md_body: dict[str, Any],
     message: str,
@@ -673,6 +678,9 @@ def failed_status(
         observed_generation=generation,
         conditions=[
             _condition(prev_conditions, "Ready", "False", reason, message, now_s, generation),
+            # the children of the last valid spec keep running: whether they serve is as last observed
+            _kept_available(prev_conditions)
+            or _condition(prev_conditions, "Available", "False", reason, message, now_s, generation),
             _condition(prev_conditions, "Progressing", "False", reason, message, now_s, generation),
             _condition(prev_conditions, "Degraded", "True", reason, message, now_s, generation),
         ],

@@ -75,3 +75,33 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 BY_TYPE = {f.model_type: f for f in FAMILIES}
+
+
+@dataclass(frozen=True)
+class VisionFamily:
+    """An image-text-to-text model type the vision runner serves (transformers backend only)."""
+
+    model_type: str
+    name: str
+    positions: str  # how image tokens get their rotary positions
+    features: tuple[str, ...] = ()
+
+
+# What tests/server/test_vision.py checks token for token against transformers generate.
+VISION_FAMILIES: tuple[VisionFamily, ...] = (
+    VisionFamily("qwen2_vl", "Qwen2-VL", "M-RoPE (get_rope_index)"),
+    VisionFamily("qwen2_5_vl", "Qwen2.5-VL", "M-RoPE (get_rope_index)", ("window attention vision tower",)),
+    VisionFamily(
+        "qwen3_vl", "Qwen3-VL (dense)", "interleaved M-RoPE", ("deepstack features in early layers",)
+    ),
+    VisionFamily(
+        "qwen3_vl_moe",
+        "Qwen3-VL MoE (30B-A3B, 235B-A22B)",
+        "interleaved M-RoPE",
+        ("deepstack features", "MoE"),
+    ),
+    VisionFamily("glm4v", "GLM-4.1V-Thinking, GLM-4.6V-Flash", "M-RoPE", ("partial rotary",)),
+    VisionFamily("glm4v_moe", "GLM-4.5V, GLM-4.6V", "M-RoPE", ("partial rotary", "MoE")),
+    VisionFamily("idefics3", "Idefics3", "1-D", ("image splitting into crops", "pixel-shuffle connector")),
+    VisionFamily("smolvlm", "SmolVLM / SmolVLM2 (images)", "1-D", ("image splitting into crops",)),
+)

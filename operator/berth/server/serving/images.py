@@ -4,6 +4,9 @@
   ``--allow-image-urls`` and a host on the ``--image-url-domain`` allow-list (its subdomains too), with
   the byte and time limits, without following redirects to another host, and never to a loopback,
   private, link-local or otherwise non-public address unless that host is itself on the list by name.
+  The host is resolved once, every address checked, and the connection made to a checked address
+  (with the original Host header and TLS server name), so a DNS-rebinding name cannot answer a public
+  address to the check and an internal one to the connection.
 - Limits: ``--max-images-per-request``, ``--max-image-bytes``, ``--max-image-pixels`` (checked on the
   header before the pixels are decoded).
 - Decoding and preprocessing run in a worker thread (``asyncio.to_thread``), off the event loop.
@@ -77,37 +80,72 @@ def _host_allowed(host: str, domains: tuple[str, ...]) -> bool:
     return any(host == d.lower() or host.endswith("." + d.lower().lstrip(".")) for d in domains)
 
 
-def _public(host: str, domains: tuple[str, ...]) -> bool:
-    """True when every address ``host`` resolves to is public, or the host is listed by name."""
-    if host.lower().rstrip(".") in {d.lower() for d in domains}:
-        return True
+def _resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (one lookup), in the resolver's order."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _is_public(address: str) -> bool:
+    addr = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 scope id is not part of the address
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return bool(addr.is_global)
+
+
+def _checked_address(ref: ImageRef, host: str, port: int, domains: tuple[str, ...]) -> str:
+    """The address to connect to for ``host``: resolved once, here, and every address it resolves to
+    checked (public, unless the host is on the allow-list by its exact name); the connection then goes
+    to this address, never through a second lookup a DNS-rebinding name could answer differently."""
     try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return False
-    for info in infos:
-        addr = ipaddress.ip_address(info[4][0])
-        if not addr.is_global:
-            return False
-    return True
+        addresses = _resolve(host, port)
+    except (OSError, UnicodeError) as e:
+        raise bad_param(ref.param, f"the image URL's host {host!r} does not resolve") from e
+    if not addresses:
+        raise bad_param(ref.param, f"the image URL's host {host!r} does not resolve")
+    listed = host.lower().rstrip(".") in {d.lower().rstrip(".") for d in domains}
+    if not listed and not all(_is_public(a) for a in addresses):
+        raise bad_param(ref.param, f"{host!r} is not a public address")
+    return addresses[0]
 
 
-def _fetch(ref: ImageRef, settings: ServerSettings) -> bytes:
+def _pinned(url: str, address: str) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """(``url`` with its host replaced by ``address``, the Host header, the TLS server name)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    literal = f"[{address}]" if ":" in address else address
+    netloc = literal if parts.port is None else f"{literal}:{parts.port}"
+    pinned = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+    host_header = host if parts.port is None else f"{host}:{parts.port}"
+    return pinned, {"Host": host_header}, {"sni_hostname": host}
+
+
+def _default_port(parts: urllib.parse.SplitResult) -> int:
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def _fetch(ref: ImageRef, settings: ServerSettings, transport: Any = None) -> bytes:
+    """GET an allowed image URL: to the address checked by ``_checked_address`` (with the URL's Host
+    header and TLS server name, so virtual hosts and certificates work), no proxy from the environment
+    (a proxy would look the name up itself), redirects only to the same host (and the same address)."""
     import httpx
 
     url = ref.url
-    host = urllib.parse.urlsplit(url).hostname or ""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
     if not settings.allow_image_urls:
         raise bad_param(ref.param, "image URLs are not enabled on this server: send the image as a data: URL")
     if not _host_allowed(host, settings.image_url_domains):
         raise bad_param(ref.param, f"image URLs from {host!r} are not allowed on this server")
-    if not _public(host, settings.image_url_domains):
-        raise bad_param(ref.param, f"{host!r} is not a public address")
+    address = _checked_address(ref, host, _default_port(parts), settings.image_url_domains)
     limit = settings.max_image_bytes
     try:
-        with httpx.Client(timeout=settings.image_fetch_timeout, follow_redirects=False) as client:
+        with httpx.Client(
+            timeout=settings.image_fetch_timeout, follow_redirects=False, trust_env=False, transport=transport
+        ) as client:
             for _ in range(4):
-                with client.stream("GET", url) as resp:
+                target, headers, extensions = _pinned(url, address)
+                with client.stream("GET", target, headers=headers, extensions=extensions) as resp:
                     if resp.is_redirect:
                         nxt = urllib.parse.urljoin(url, resp.headers.get("location", ""))
                         if urllib.parse.urlsplit(nxt).hostname != host:
