@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable
+from typing import Any
 
 from berth.server.engine.detokenizer import Detokenizer
 from berth.server.engine.guided import Guides
@@ -41,7 +42,7 @@ def size_cache(model: LoadedModel, config: EngineConfig) -> int:
     return max(1, min(budget // per_block, useful))
 
 
-def _weight_format_arg(backend: str, fmt: str) -> dict[str, str]:
+def _weight_format_arg(backend: str, fmt: str) -> dict[str, Any]:
     """The runner's ``weight_format`` argument: only the native forward packs weights (``auto`` and
     full precision mean the model's own weights on the other backends)."""
     if backend == "native":

@@ -25,9 +25,11 @@ import logging
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from berth.server.engine.families import NATIVE_MODEL_TYPES
 from berth.server.engine.runner import attention
@@ -78,6 +80,50 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class _FusedLayer:
+    """One decoder layer's projections as three matmuls and a down projection: q|k|v and gate|up fused."""
+
+    qkv: Linear
+    o: Linear
+    gate_up: Linear
+    down: Linear
+    intermediate: int
+
+
+def _dense(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    return run
+
+
+def _fused_weight(mods: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights (and biases) of ``mods`` stacked along the output dimension, the modules' own weights
+    re-pointed at slices of it (the same values, stored once)."""
+    weight = torch.cat([m.weight.detach() for m in mods], dim=0)
+    biases = [getattr(m, "bias", None) for m in mods]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat(
+            [
+                b.detach() if b is not None else weight.new_zeros(m.weight.shape[0])
+                for m, b in zip(mods, biases, strict=True)
+            ]
+        )
+    row = 0
+    for m in mods:
+        n = m.weight.shape[0]
+        m.weight.data = weight[row : row + n]
+        if bias is not None and getattr(m, "bias", None) is not None:
+            m.bias.data = bias[row : row + n]
+        row += n
+    return weight, bias
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -91,6 +137,7 @@ class ModelRunner:
         max_num_seqs: int = 0,
         max_model_len: int = 0,
         weight_format: str = "fp32",
+        fuse: bool = True,
     ) -> None:
         self.model_type = check_supported(model)
         self.model = model
@@ -124,6 +171,7 @@ class ModelRunner:
             self._check_packable(fmt)
         self.packed: dict[tuple[int, str], PackedLinear] = {}
         self.packed_head: PackedLinear | None = None
+        self.fused: list[_FusedLayer] | None = None  # set after the weight format is settled
 
         # One block more than the block manager hands out: the scratch block padded decode rows write to.
         self.scratch_block = num_blocks
@@ -144,6 +192,11 @@ class ModelRunner:
         if self.weight_format in PACKED_FORMATS and not self.packed:
             self._pack(self.weight_format)
         logger.info("weight format %s: %s", self.weight_format, self.weight_format_reason)
+        if fuse and self.model_type in ("llama", "mistral", "qwen2", "qwen3"):
+            self.fused = [self._fuse(li, layer) for li, layer in enumerate(self.layers)]
+            if not self.adapters:  # the per-module packs serve only steps with adapter rows
+                for key in [k for k in self.packed if k[1] not in ("o_proj", "down_proj")]:
+                    del self.packed[key]
         self.static: StaticDecode | None = None
         if static_decode and max_num_seqs > 0 and max_model_len > 0:
             self.static = StaticDecode(
@@ -235,6 +288,35 @@ class ModelRunner:
             [],
         )
 
+    def _fuse(self, li: int, layer: Any) -> _FusedLayer:
+        """Layer ``li`` with q|k|v and gate|up as one matmul each (packed in the weight format, if any)."""
+        attn, mlp = layer.self_attn, layer.mlp
+        fmt = self.weight_format if self.weight_format in PACKED_FORMATS else None
+        lins: list[Linear] = []
+        for mods in ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]):
+            if fmt is None:
+                lins.append(_dense(*_fused_weight(mods)))
+            else:
+                weight = torch.cat([m.weight.detach() for m in mods], dim=0)
+                biases = [getattr(m, "bias", None) for m in mods]
+                bias = None
+                if any(b is not None for b in biases):
+                    bias = torch.cat(
+                        [
+                            b.detach() if b is not None else weight.new_zeros(m.weight.shape[0])
+                            for m, b in zip(mods, biases, strict=True)
+                        ]
+                    )
+                lins.append(PackedLinear(weight, bias, fmt))
+        if fmt is None:
+            o: Linear = attn.o_proj
+            down: Linear = mlp.down_proj
+        else:
+            o, down = self.packed[(li, "o_proj")], self.packed[(li, "down_proj")]
+        return _FusedLayer(
+            qkv=lins[0], o=o, gate_up=lins[1], down=down, intermediate=int(mlp.gate_proj.weight.shape[0])
+        )
+
     def _graphs_capturable(self) -> bool:
         rope_type = str(getattr(self.rotary, "rope_type", "default"))
         if "dynamic" in rope_type or rope_type == "longrope":
@@ -310,6 +392,9 @@ class ModelRunner:
         cos, sin = self.rotary(h.unsqueeze(0), positions.unsqueeze(0))
         cos = cos[0].unsqueeze(1)  # [T, 1, D]
         sin = sin[0].unsqueeze(1)
+        if self.fused is not None and not adapter_rows:
+            h = self._layers_fused(h, cos, sin, slots, attend)
+            return self._head(h, sample_idx)
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -340,9 +425,50 @@ class ModelRunner:
             else:
                 m = mlp(x)
             h = h + m
+        return self._head(h, sample_idx)
+
+    def _head(self, h: torch.Tensor, sample_idx: torch.Tensor | None) -> torch.Tensor:
         last = self.norm(h if sample_idx is None else h.index_select(0, sample_idx))
         logits: torch.Tensor = self.lm_head(last) if self.packed_head is None else self.packed_head(last)
         return logits.float()
+
+    def _layers_fused(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        attend: Callable[[torch.Tensor, int], torch.Tensor],
+    ) -> torch.Tensor:
+        """The decoder layers with fused projections (no adapter rows): the same operations, fewer calls."""
+        assert self.fused is not None
+        t = h.shape[0]
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qwen3 = self.model_type == "qwen3"
+        for li, layer in enumerate(self.layers):
+            fl = self.fused[li]
+            x = layer.input_layernorm(h)
+            qkv = fl.qkv(x).view(t, nh + 2 * nkv, hd)
+            v = qkv[:, nh + nkv :]
+            if qwen3:
+                attn = layer.self_attn
+                q = attn.q_norm(qkv[:, :nh])
+                k = attn.k_norm(qkv[:, nh : nh + nkv])
+                q = q * cos + _rotate_half(q) * sin
+                k = k * cos + _rotate_half(k) * sin
+            else:  # q and k through the rotary embedding in one go
+                qk = qkv[:, : nh + nkv]
+                qk = qk * cos + _rotate_half(qk) * sin
+                q, k = qk[:, :nh], qk[:, nh:]
+            self.k_cache[li].view(-1, nkv, hd).index_copy_(0, slots, k)
+            self.v_cache[li].view(-1, nkv, hd).index_copy_(0, slots, v)
+            o = attend(q, li).reshape(t, nh * hd)
+            h = h + fl.o(o)
+            x = layer.post_attention_layernorm(h)
+            gu = fl.gate_up(x)
+            gate, up = gu[:, : fl.intermediate], gu[:, fl.intermediate :]
+            h = h + fl.down(layer.mlp.act_fn(gate) * up)
+        return h
 
     @torch.inference_mode()
     def execute(self, batch: Seq[ScheduledSeq]) -> torch.Tensor:
