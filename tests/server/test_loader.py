@@ -235,3 +235,13 @@ def test_several_adapters_side_by_side_in_one_batch(
     assert m.adapter_names == ["one", "two"] and m.merged_adapters == [] and m.backend == backend
     got = engine_greedy(m, [(ids, "one"), (ids, None), (ids, "two"), (ids, "one")], 6)
     assert got == [exp_a, exp_base, exp_b, exp_a]
+    # what vllm:lora_requests_info reports: adapters of the waiting, then the running requests
+    c = EngineCore(m, EngineConfig(num_blocks=64, block_size=8, max_num_seqs=1))
+    p = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    for i, name in enumerate(["two", None, "one"]):
+        c.add(c.make_sequence(GenerationRequest(f"s{i}", ids, p, adapter=name)))
+    before = c.stats()
+    assert (before.running_adapters, before.waiting_adapters, before.max_lora) == ((), ("one", "two"), 2)
+    c.step()
+    during = c.stats()  # one runs at a time: "two" first
+    assert (during.running_adapters, during.waiting_adapters) == (("two",), ("one",))

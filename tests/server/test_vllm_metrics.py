@@ -17,6 +17,9 @@ class _Engine:
             num_prefill_tokens=0,
             num_decode_tokens=0,
             num_blocks_total=512,
+            running_adapters=("sql", "summarize"),
+            waiting_adapters=("chat",),
+            max_lora=3,
         )
 
 
@@ -28,4 +31,6 @@ def test_endpoint_picker_metrics_follow_the_engine() -> None:
     assert got["vllm:num_requests_waiting"] == 2
     assert got["vllm:kv_cache_usage_perc"] == 0.25
     assert got['vllm:cache_config_info{num_gpu_blocks="512"}'] == 1
+    lora = 'vllm:lora_requests_info{max_lora="3",running_lora_adapters="sql,summarize",waiting_lora_adapters="chat"}'
+    assert got[lora] > 1.7e9  # a timestamp, as vLLM sets it
     assert got["berth_running_requests"] == 3  # the berth_ names stay

@@ -8,6 +8,7 @@ time by a custom collector, so they are never stale.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -75,6 +76,19 @@ def vllm_compat(stats: EngineStats) -> Iterator[Metric]:
     )
     info.add_metric([str(stats.num_blocks_total)], 1)
     yield info
+    # vLLM's LoRA info: the value is a timestamp, the adapters (comma-separated) are labels; the
+    # endpoint picker prefers a pod where the request's adapter is active. Berth keeps every
+    # side-by-side adapter loaded, so max_lora is their number.
+    lora = GaugeMetricFamily(
+        "vllm:lora_requests_info",
+        "Running and waiting LoRA adapters (vLLM name)",
+        labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+    )
+    lora.add_metric(
+        [",".join(stats.running_adapters), ",".join(stats.waiting_adapters), str(stats.max_lora)],
+        time.time(),
+    )
+    yield lora
 
 
 class ServerMetrics:

@@ -42,6 +42,10 @@ def size_cache(model: LoadedModel, config: EngineConfig) -> int:
     return max(1, min(budget // per_block, useful))
 
 
+def _adapters(seqs: list[Sequence]) -> tuple[str, ...]:
+    return tuple(sorted({s.adapter for s in seqs if s.adapter}))
+
+
 def _weight_format_arg(backend: str, fmt: str) -> dict[str, Any]:
     """The runner's ``weight_format`` argument: only the native forward packs weights (``auto`` and
     full precision mean the model's own weights on the other backends)."""
@@ -182,6 +186,10 @@ class EngineCore:
             num_preemptions=c.num_preemptions,
             num_finished=c.num_finished,
             num_aborted=c.num_aborted,
+            # copies: the scrape thread reads while the engine thread steps
+            running_adapters=_adapters(list(self.scheduler.running)),
+            waiting_adapters=_adapters(list(self.scheduler.waiting)),
+            max_lora=len(self.adapter_index),
         )
 
     def run(self, requests: Iterable[GenerationRequest]) -> dict[str, list[TokenEvent]]:

@@ -161,6 +161,9 @@ class EngineStats:
     num_preemptions: int = 0
     num_finished: int = 0
     num_aborted: int = 0
+    running_adapters: tuple[str, ...] = ()  # side-by-side LoRA adapters of the running requests
+    waiting_adapters: tuple[str, ...] = ()  # ... and of the waiting ones
+    max_lora: int = 0  # side-by-side adapters loaded (all of them, all the time)
 
 
 @dataclass(frozen=True)
