@@ -476,6 +476,7 @@ def test_service_monitors_select_what_the_operator_creates(ha: list[dict[str, An
 
 
 def _server_metric_names() -> set[str]:
+    from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
     from berth.server.engine.types import EngineStats
@@ -496,9 +497,19 @@ def _server_metric_names() -> set[str]:
     sm.e2e_latency.labels("/v1/completions").observe(1.0)
     for labelled in (sm.image_requests, sm.images, sm.image_tokens, sm.image_cached_prompt_tokens):
         labelled.labels("m").inc()
+    from berth.gateway.metrics import GatewayMetrics
+
+    gm = GatewayMetrics()
+    gm.requests.labels("ns", "m", "k", "200").inc()
+    gm.tokens.labels("ns", "m", "k", "prompt").inc()
+    gm.rate_limited.labels("ns", "k", "rpm").inc()
+    gm.retries.labels("ns", "m", "connect").inc()
+    gm.waiting.labels("ns", "md", "m").set(1)
+    gm.ttfb.labels("ns", "m").observe(0.01)
     names = set()
-    for family in text_string_to_metric_families(sm.render().decode()):
-        names |= {s.name for s in family.samples}
+    for text in (sm.render().decode(), generate_latest(gm.registry).decode()):
+        for family in text_string_to_metric_families(text):
+            names |= {s.name for s in family.samples}
     return names
 
 
@@ -527,6 +538,9 @@ def test_grafana_dashboard_uses_real_metric_names(ha: list[dict[str, Any]]) -> N
         "berth_kv_cache_usage_ratio",
         "berth_image_requests_total",
         "berth_image_preprocess_seconds_bucket",
+        "berth_gateway_requests_total",
+        "berth_gateway_tokens_total",
+        "berth_gateway_waiting_requests",
     ):
         assert needed in used
     assert any("key_id" in e for e in exprs), "per-key usage panel missing"
