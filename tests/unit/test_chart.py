@@ -668,7 +668,13 @@ def _documented(role: str, whens: set[str]) -> set[tuple[str, str, str]]:
         ),
         (
             ("replicaCount=2", "watchNamespaces={team-a}"),
-            {"always", "`gateway.enabled`", "`watchNamespaces`", "`replicaCount > 1` with `watchNamespaces`"},
+            {
+                "always",
+                "`gateway.enabled`",
+                "`watchNamespaces`",
+                "`replicaCount > 1` with `watchNamespaces`",
+                "`gateway.enabled` with `watchNamespaces`",
+            },
             "Role",
         ),
         (("gateway.enabled=false",), {"always"}, "ClusterRole"),
