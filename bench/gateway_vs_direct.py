@@ -53,6 +53,11 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", a
 """
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -110,6 +115,9 @@ def _row(r: dict[str, Any]) -> dict[str, float]:
         "output_tok_s": r["output_throughput"],
         "completed": r["completed"],
         "duration_s": r["duration"],
+        "gateway_cpu_s": r["gateway_cpu_s"],
+        "server_cpu_s": r["server_cpu_s"],
+        "loadavg_after": r["loadavg_after"],
     }
 
 
@@ -155,6 +163,10 @@ def main() -> int:
                         break
                 except httpx.HTTPError:
                     time.sleep(0.1)
+            assert server.proc is not None
+            for c in args.concurrency:  # unmeasured: the server's first batches of each size are slow
+                print(f"warm-up c={c} (load {load()})", flush=True)
+                bench(server.base_url, DIRECT, "smol", c, args, work / f"warmup-{c}.json")
             for i, c in enumerate(args.concurrency):
                 order = ["direct", "gateway"] if i % 2 == 0 else ["gateway", "direct"]
                 for path in order:
@@ -164,7 +176,12 @@ def main() -> int:
                         else (gw_url, TENANT, "bench/smol")
                     )
                     print(f"{path} c={c} (load {load()})", flush=True)
-                    runs[f"{path}-{c}"] = bench(url, key, model, c, args, work / f"{path}-{c}.json")
+                    gw0, srv0 = cpu_seconds(gateway.pid), cpu_seconds(server.proc.pid)
+                    run = bench(url, key, model, c, args, work / f"{path}-{c}.json")
+                    run["gateway_cpu_s"] = cpu_seconds(gateway.pid) - gw0
+                    run["server_cpu_s"] = cpu_seconds(server.proc.pid) - srv0
+                    run["loadavg_after"] = load()
+                    runs[f"{path}-{c}"] = run
         finally:
             gateway.terminate()
             gateway.wait(10)
@@ -211,17 +228,24 @@ def main() -> int:
         f"{args.rounds} x concurrency per run.",
         "",
         "| streams | TTFT p50 direct (ms) | TTFT p50 gateway (ms) | added TTFT p50 (ms) "
-        "| output tok/s direct | output tok/s gateway | ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| output tok/s direct | output tok/s gateway | ratio | gateway CPU (s) | gateway CPU per token (ms) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
         d, g = row["direct"], row["gateway"]
         lines.append(
             f"| {row['concurrency']} | {d['ttft_p50_ms']:.1f} | {g['ttft_p50_ms']:.1f} | "
             f"{row['added_ttft_p50_ms']:+.1f} | {d['output_tok_s']:.1f} | {g['output_tok_s']:.1f} | "
-            f"{row['output_tok_s_ratio']:.3f} |"
+            f"{row['output_tok_s_ratio']:.3f} | {g['gateway_cpu_s']:.2f} | "
+            f"{1000 * g['gateway_cpu_s'] / max(1.0, g['output_tok_s'] * g['duration_s']):.2f} |"
         )
-    lines.append("")
+    lines += [
+        "",
+        "The gateway runs on the same cores as the server here: its CPU time (last columns) is taken from "
+        "the server's decode on a 2-core machine shared with other work; the load average says how busy "
+        "the machine was. Raw figures (p99 TTFT, ITL, server CPU, load after each run) are in the JSON file.",
+        "",
+    ]
     path = write_results(args.out, "gateway-vs-direct", result, "\n".join(lines))
     print(path.read_text())
     return 0

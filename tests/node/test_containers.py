@@ -176,7 +176,12 @@ def test_operator_image_runs_with_the_charts_service_account(
         check=True,
     ).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
-    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    deployment = next(
+        d
+        for d in docs
+        if d["kind"] == "Deployment"
+        and d["metadata"]["labels"].get("app.kubernetes.io/component") == "operator"
+    )
     c.kubectl("create", "namespace", ns_op, check=True)
     c.kubectl(
         "apply",
@@ -217,7 +222,9 @@ def test_operator_image_runs_with_the_charts_service_account(
     assert container["image"] == docker_images["operator"]
     name = f"berth-operator-{uuid.uuid4().hex[:8]}"
     container_names.append(name)
-    argv = docker_run_argv(pod, "operator", {}, tmp_path, name)
+    # the chart's Secrets the operator mounts (the gateway master key), as rendered
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    argv = docker_run_argv(pod, "operator", secrets, tmp_path, name)
     argv[argv.index("bridge")] = "host"
     argv[argv.index(container["image"]) : argv.index(container["image"])] = [
         "--mount",

@@ -84,6 +84,28 @@ def test_auto_picks_an_exact_format_and_says_why(
     assert _greedy(smollm2, prompts, "auto", 16) == ref
 
 
+def test_auto_keeps_fp32_where_torch_cannot_pack_fp16(
+    smollm2: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Debian's torch (the server-cpu image) has no fbgemm: fp16 packing raises there, and auto must
+    serve fp32 rather than fail to start."""
+    import torch
+
+    from berth.server.engine import EngineCore
+
+    def no_fp16(w: torch.Tensor, b: torch.Tensor | None) -> None:
+        raise RuntimeError("quantized::linear_prepack_fp16 is currently not supported by ONEDNN")
+
+    monkeypatch.setattr(torch.ops.quantized, "linear_prepack_fp16", no_fp16)
+    core = _core(smollm2, "auto")
+    assert isinstance(core, EngineCore)
+    assert core.runner.weight_format == "fp32"
+    assert (
+        "cannot pack fp16 weights (quantized::linear_prepack_fp16 is currently not supported by ONEDNN)"
+        in (core.runner.weight_format_reason)
+    )
+
+
 def test_lossy_formats_within_tolerance(
     smollm2: LoadedModel, reference: tuple[list[list[int]], list[list[int]]]
 ) -> None:

@@ -342,3 +342,20 @@ def test_end_to_end_in_process_a_new_model_deployment_is_reconciled_once_its_eve
         for streams in api.streams.values():
             for q in streams:
                 q.put(None)
+
+
+def test_inference_pools_are_watched_where_the_cluster_serves_them(settings: OperatorSettings) -> None:
+    api = LiveApi()
+    api.objects[("APIResourceList", "", "")] = {"resources": [{"name": "inferencepools"}]}  # the CRD
+    ctx = OperatorContext.create(settings, client=api)
+    ctx.source_factory = lambda: api
+    try:
+        assert ctx.start_watches(sync_timeout=5)
+        assert "InferencePool" in ctx.caches.specs
+        api.clear()
+        assert ctx.client.get(kube.INFERENCE_POOL, "team-a", "chat") is None and api.calls == []
+    finally:
+        ctx.stop()
+        for streams in api.streams.values():
+            for q in streams:
+                q.put(None)

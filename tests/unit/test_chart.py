@@ -329,6 +329,8 @@ EXPECTED_OPERATOR_RULES = {
     ("policy", "poddisruptionbudgets", "patch"),
     ("policy", "poddisruptionbudgets", "delete"),
     ("inference.networking.k8s.io", "inferencepools", "get"),
+    ("inference.networking.k8s.io", "inferencepools", "list"),
+    ("inference.networking.k8s.io", "inferencepools", "watch"),
     ("inference.networking.k8s.io", "inferencepools", "create"),
     ("inference.networking.k8s.io", "inferencepools", "patch"),
     ("inference.networking.k8s.io", "inferencepools", "delete"),

@@ -227,3 +227,46 @@ def test_held_requests_wake_and_keep_a_deployment_at_zero_ready(
     assert decision is not None and decision.desired == 0
     scaler_off = Autoscaler(recording, settings.model_copy(update={"gateway_metrics_port": 0}), NoPods())
     assert scaler_off.gateway is None and scaler_off.gateway_waiting(_md()) == 0.0
+
+
+class NoSecretReads(RecordingKube):
+    """The operator's view of Secrets with RBAC `create` only: a read never finds one."""
+
+    def get(self, kind: Any, namespace: str, name: str) -> dict[str, Any] | None:
+        if kind.kind == "Secret":
+            self.calls.append(("get", "Secret", name, None))
+            return None
+        return super().get(kind, namespace, name)
+
+
+def test_gateway_key_409_is_ours_only_when_our_deployment_mounts_it(gw_settings: OperatorSettings) -> None:
+    k = NoSecretReads()
+    body = md_body()
+    k.objects[("ModelDeployment", "team-a", "chat")] = body
+    reconcile(body, k, gw_settings, NOW, api_key=lambda: "sk-test")
+    assert ("Secret", "team-a", "chat-gateway-key") in k.objects
+    # the next reconcile: the Secret exists (409) and the Deployment mounts it: ours, nothing else written
+    k.clear()
+    body["status"] = k.objects[("ModelDeployment", "team-a", "chat")]["status"]
+    result = reconcile(body, k, gw_settings, NOW, api_key=lambda: "sk-test")
+    writes = [c[:3] for c in k.writes() if c[1] not in ("Event",)]
+    assert ("create", "Secret", "chat-gateway-key") in writes  # answered 409
+    assert not [w for w in writes if w[1] == "Deployment"]
+    assert "ChildConflict" not in json_of(result.status)
+
+
+def test_a_foreign_gateway_key_secret_is_a_conflict_and_never_mounted(gw_settings: OperatorSettings) -> None:
+    k = NoSecretReads()
+    k.objects[("Secret", "team-a", "chat-gateway-key")] = {"metadata": {"name": "chat-gateway-key"}}
+    body = md_body()
+    k.objects[("ModelDeployment", "team-a", "chat")] = body
+    result = reconcile(body, k, gw_settings, NOW, api_key=lambda: "sk-test")
+    assert not [c for c in k.writes() if c[1] == "Deployment"]
+    ready = next(c for c in result.status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "ChildConflict" and "Secret/chat-gateway-key" in ready["message"]
+
+
+def json_of(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj)

@@ -374,8 +374,15 @@ def test_compute_unit_hours_metering(settings: OperatorSettings) -> None:
     # within the metering interval and nothing changed: identical status, so no write
     same = compute_status(md, obs, settings, NOW + timedelta(seconds=60), st)
     assert same == st
-    # after an hour: 2 ready x 1.5 CU x 1 h
-    later = compute_status(md, obs, settings, NOW + timedelta(hours=1), st)
+    # by default nothing is written while the ready count stays: an hour later, still no change
+    assert compute_status(md, obs, settings, NOW + timedelta(hours=1), st) == st
+    # one instance lost after an hour: 2 ready x 1.5 CU x 1 h booked at the change
+    one = Observed(dep(2, ready=1), [pod(ready=True), pod()])
+    lost = compute_status(md, one, settings, NOW + timedelta(hours=1), st)
+    assert lost["computeUnitHours"] == pytest.approx(3.0) and lost["meteredAt"] == "2026-11-23T11:05:00Z"
+    # with a metering interval, also brought up to date after it: 2 x 1.5 x 1 h
+    periodic = settings.model_copy(update={"metering_interval_seconds": 300.0})
+    later = compute_status(md, obs, periodic, NOW + timedelta(hours=1), st)
     assert later["computeUnitHours"] == pytest.approx(3.0)
 
 

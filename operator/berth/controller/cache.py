@@ -338,6 +338,11 @@ class Caches:
         self.specs = {s.kind.kind: s for s in specs}
         self.informers: list[Informer] = []
 
+    def watch_also(self, spec: InformerSpec) -> None:
+        """Watch one more kind (before `start`): e.g. InferencePools, where their CRD is installed."""
+        self.stores.setdefault(spec.kind.kind, Store(spec.kind, spec.transform, spec.by_owner))
+        self.specs[spec.kind.kind] = spec
+
     def store(self, kind: kube.Kind) -> Store | None:
         return self.stores.get(kind.kind)
 
@@ -382,6 +387,12 @@ def operator_specs() -> list[InformerSpec]:
         InformerSpec(kube.PDB, managed),
         InformerSpec(kube.POD, managed, transform=strip_pod),
     ]
+
+
+def inference_pool_spec() -> InformerSpec:
+    """InferencePools of ModelDeployments (watched only where the cluster serves them)."""
+    managed = ",".join(f"{k}={v}" for k, v in names.MANAGED_LABELS.items())
+    return InformerSpec(kube.INFERENCE_POOL, managed)
 
 
 def remembered_specs() -> list[InformerSpec]:

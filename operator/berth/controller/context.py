@@ -19,10 +19,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from berth.controller import kube, metrics
+from berth.controller import inference_pool, kube, metrics
 from berth.controller.autoscaler import Autoscaler
 from berth.controller.backoff import Backoff, TokenBucket
-from berth.controller.cache import CachedKube, Caches, OnChange, operator_specs, owner_of, remembered_specs
+from berth.controller.cache import (
+    CachedKube,
+    Caches,
+    OnChange,
+    inference_pool_spec,
+    operator_specs,
+    owner_of,
+    remembered_specs,
+)
 from berth.controller.events import EventRecorder
 from berth.controller.leader import LeaseElector, default_identity
 from berth.controller.loops import Loop, Reconciler
@@ -183,6 +191,9 @@ class OperatorContext:
     def start_watches(self, sync_timeout: float = 120.0) -> bool:
         """Start the list-watch caches and wait (up to `sync_timeout`) for their first LISTs."""
         assert self.source_factory is not None, "a context made with a test client watches nothing"
+        if inference_pool.served(self.api):
+            # the InferencePools too (without their CRD at start, reconcile reads them from the API)
+            self.caches.watch_also(inference_pool_spec())
         self.caches.start(
             self.source_factory, self.namespaces, self.on_change, self.settings.watch_timeout_seconds
         )

@@ -83,9 +83,13 @@ class OperatorSettings(BaseSettings):
         3, description="Restarts after which a container in CrashLoopBackOff counts as crash-looping.", ge=1
     )
     metering_interval_seconds: float = Field(
-        300.0,
-        description="How often status.computeUnitHours is brought up to date while nothing else changes.",
-        gt=0,
+        0.0,
+        description=(
+            "How often status.computeUnitHours is brought up to date while nothing else changes; 0: only "
+            "when the ready count changes (no writes while idle; the usage up to now is computeUnitHours + "
+            "readyCapacity x computeUnitsPerInstance x hours since meteredAt)."
+        ),
+        ge=0,
     )
     server_port: int = Field(8000, description="Port the server listens on inside the pod.")
     drain_seconds: int = Field(

@@ -560,13 +560,16 @@ def _meter(
     md: ModelDeployment, prev: dict[str, Any], ready: int, now: datetime, interval: float
 ) -> tuple[float, str]:
     """(computeUnitHours, meteredAt): ready instances x compute units x hours, brought up to date when
-    readiness changes or every metering interval (so an unchanged resource is not written on every resync)."""
+    the ready count changes, and with ``interval`` > 0 also every interval. The default (0) writes
+    nothing while nothing changes (1,000 idle ModelDeployments: no writes); the usage up to any
+    moment is ``computeUnitHours + readyCapacity x computeUnitsPerInstance x (now - meteredAt)``,
+    exact, since the ready count has not changed since ``meteredAt``."""
     cu_hours = float(prev.get("computeUnitHours") or 0.0)
     metered_at = parse_time(prev.get("meteredAt"))
     if metered_at is None:
         return cu_hours, format_time(now)
     prev_ready = int(prev.get("readyCapacity") or 0)
-    if ready == prev_ready and (now - metered_at).total_seconds() < interval:
+    if ready == prev_ready and (interval <= 0 or (now - metered_at).total_seconds() < interval):
         return cu_hours, str(prev["meteredAt"])
     hours = max((now - metered_at).total_seconds(), 0.0) / 3600.0
     return round(cu_hours + prev_ready * md.spec.compute_units_per_instance * hours, 6), format_time(now)

@@ -243,7 +243,10 @@ class ModelRunner:
         if self.dtype != torch.float32:
             return "fp32", f"auto: the model is loaded as {str(self.dtype).removeprefix('torch.')} already"
         t0 = time.perf_counter()
-        fp16 = self._packs("fp16")
+        try:
+            fp16 = self._packs("fp16")
+        except RuntimeError as e:  # e.g. "linear_prepack_fp16 is currently not supported by ONEDNN"
+            return "fp32", f"auto: this torch build cannot pack fp16 weights ({str(e).splitlines()[0]})"
         fp32: tuple[dict[tuple[int, str], PackedLinear], PackedLinear | None] = ({}, None)
 
         def run(
