@@ -299,6 +299,15 @@ def markdown(result: dict[str, Any]) -> str:
     errors = {n: r["error"] for n, r in res.items() if r.get("error")}
     if errors:
         lines += ["", "Errors: " + "; ".join(f"`{n}`: {e}" for n, e in errors.items())]
+    lines += [
+        "",
+        "Notes: `transformers` gives fp32's greedy tokens and `berth` (fp16 weights when `auto` picks them, as logged) "
+        "the same on the fixed prompt set of the tests; `berth-fast` (int8) and `llama.cpp` (Q4_1) are quantized and give "
+        "other tokens. llama-cpp-python's "
+        "server runs one request at a time (no batching; `--interrupt_requests False` so a new request waits "
+        "instead of cutting the running one short): more streams only queue, so its TTFT grows with them. "
+        "transformers serve refuses `ignore_eos`, so some of its requests end early (tok/req).",
+    ]
     ratios = result.get("ratios", {})
     if ratios:
         lines += ["", "## Ratios", ""]
