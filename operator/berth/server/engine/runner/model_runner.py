@@ -101,9 +101,9 @@ def _dense(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
     return run
 
 
-def _fused_weight(mods: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weights (and biases) of ``mods`` stacked along the output dimension, the modules' own weights
-    re-pointed at slices of it (the same values, stored once)."""
+def _stacked(mods: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights (and biases, zeros where a module has none) of ``mods`` stacked along the output
+    dimension, as new tensors."""
     weight = torch.cat([m.weight.detach() for m in mods], dim=0)
     biases = [getattr(m, "bias", None) for m in mods]
     bias = None
@@ -114,6 +114,13 @@ def _fused_weight(mods: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
                 for m, b in zip(mods, biases, strict=True)
             ]
         )
+    return weight, bias
+
+
+def _fused_weight(mods: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``_stacked(mods)``, the modules' own weights re-pointed at slices of it (the same values, stored
+    once)."""
+    weight, bias = _stacked(mods)
     row = 0
     for m in mods:
         n = m.weight.shape[0]
@@ -297,17 +304,7 @@ class ModelRunner:
             if fmt is None:
                 lins.append(_dense(*_fused_weight(mods)))
             else:
-                weight = torch.cat([m.weight.detach() for m in mods], dim=0)
-                biases = [getattr(m, "bias", None) for m in mods]
-                bias = None
-                if any(b is not None for b in biases):
-                    bias = torch.cat(
-                        [
-                            b.detach() if b is not None else weight.new_zeros(m.weight.shape[0])
-                            for m, b in zip(mods, biases, strict=True)
-                        ]
-                    )
-                lins.append(PackedLinear(weight, bias, fmt))
+                lins.append(PackedLinear(*_stacked(mods), fmt))
         if fmt is None:
             o: Linear = attn.o_proj
             down: Linear = mlp.down_proj
