@@ -3,13 +3,16 @@ Berth endpoint from inside the cluster and prints one `RESULT {json}` line."""
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from typing import Any
 
 import pytest
 
-from .conftest import get_or_none, wait_for
+from .conftest import OPERATOR_NS, get_or_none, kjson, wait_for
+
+GATEWAY = f"http://berth-gateway.{OPERATOR_NS}.svc.cluster.local/v1"  # the chart's gateway Service
 
 SCRIPT = r"""
 import json, os
@@ -173,3 +176,22 @@ def call(
     cluster: Any, namespace: str, image: str, endpoint: str, model: str, key: str, **kw: Any
 ) -> dict[str, Any]:
     return result(cluster, namespace, start_client(cluster, namespace, image, endpoint, model, key, **kw))
+
+
+def apikey(cluster: Any, namespace: str, name: str, models: list[str]) -> str:
+    """An ApiKey (a team key for the gateway) in `namespace`; its key, once the operator made it."""
+    body = {
+        "apiVersion": "berth.dev/v1alpha1",
+        "kind": "ApiKey",
+        "metadata": {"name": name},
+        "spec": {"models": models},
+    }
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body), check=True)
+
+    def made() -> dict[str, Any] | None:
+        status = (get_or_none(cluster, "get", "apikey", name, "-n", namespace) or {}).get("status") or {}
+        return status if status.get("keyHash") and status.get("secretName") else None
+
+    status = wait_for(made, 60, f"ApiKey {namespace}/{name}'s hash in its status")
+    secret = kjson(cluster, "get", "secret", status["secretName"], "-n", namespace)
+    return base64.b64decode(secret["data"]["key"]).decode()

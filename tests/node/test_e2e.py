@@ -145,32 +145,13 @@ def test_client_calls_the_instance_through_the_gateway_with_a_team_key(
     an ApiKey in the instance's namespace, `model: <namespace>/<servedName>` at Service berth-gateway,
     from a client pod in another namespace; the key's usage lands in ApiKey.status."""
     ns = smollm2["ns"]
-    apikey = {
-        "apiVersion": "berth.dev/v1alpha1",
-        "kind": "ApiKey",
-        "metadata": {"name": "e2e-team"},
-        "spec": {"models": [MD]},
-    }
-    node_cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(apikey), check=True)
-    status = wait_for(
-        lambda: (
-            (get_or_none(node_cluster, "get", "apikey", "e2e-team", "-n", ns) or {})
-            .get("status", {})
-            .get("keyHash")
-            and get_or_none(node_cluster, "get", "apikey", "e2e-team", "-n", ns)["status"]
-        ),
-        60,
-        "the ApiKey's hash in its status",
-    )
-    secret = kjson(node_cluster, "get", "secret", status["secretName"], "-n", ns)
-    key = base64.b64decode(secret["data"]["key"]).decode()
+    key = clients.apikey(node_cluster, ns, "e2e-team", [MD])
     apps = make_namespace()
     model = f"{ns}/{smollm2['status']['servedModelName']}"
-    gateway = f"http://berth-gateway.{OPERATOR_NS}.svc.cluster.local/v1"
-    out = clients.call(node_cluster, apps, images["operator"], gateway, model, key)
+    out = clients.call(node_cluster, apps, images["operator"], clients.GATEWAY, model, key)
     assert out.get("status") == 200, out
     assert "Paris" in out["body"]["choices"][0]["message"]["content"], out
-    denied = clients.call(node_cluster, apps, images["operator"], gateway, model, smollm2["key"])
+    denied = clients.call(node_cluster, apps, images["operator"], clients.GATEWAY, model, smollm2["key"])
     assert denied.get("status") == 401, denied  # the instance's own key is not a gateway key
     tokens = out["body"]["usage"]["prompt_tokens"] + out["body"]["usage"]["completion_tokens"]
 

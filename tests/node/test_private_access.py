@@ -1,6 +1,7 @@
 """examples/private-access.yaml on the real node: its NetworkPolicy, enforced by kube-router, lets the
-allowed namespace (team-a-apps) in and turns any other namespace away before HTTP (kube-router
-rejects: connection refused); without spec.access the same client gets through."""
+allowed namespace (team-a-apps) and the chart's gateway in and turns any other namespace away before
+HTTP (kube-router rejects: connection refused); that namespace gets through the gateway with a team
+key; without spec.access the same client gets through directly."""
 
 from __future__ import annotations
 
@@ -58,6 +59,14 @@ def test_network_policy_admits_the_allowed_namespace_only(
     refused = blocked.get("error") == "ConnectError" and "refused" in blocked.get("detail", "").lower()
     assert blocked.get("error") == "ConnectTimeout" or refused, blocked  # not a DNS or HTTP error
     assert "status" not in blocked, blocked
+
+    # The gateway is always admitted: the same turned-away namespace gets its answer through it,
+    # with a team key (the gateway's pods reach the instance past its NetworkPolicy).
+    key = clients.apikey(node_cluster, team_a["ns"], "team-a-gateway", [MD])
+    model = f"{team_a['ns']}/{team_a['status']['servedModelName']}"
+    via = clients.call(node_cluster, other, images["operator"], clients.GATEWAY, model, key)
+    assert via.get("status") == 200, via
+    assert "Paris" in via["body"]["choices"][0]["message"]["content"], via
 
     # The control: without spec.access the operator removes the NetworkPolicy, and the same client
     # from the same namespace gets its answer.
