@@ -101,6 +101,8 @@ def bench(
         "--quiet",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "operator")}
+    if args.pin:
+        cmd = ["taskset", "-c", "1", *cmd]
     subprocess.run(cmd, check=True, env=env, timeout=3600)
     result: dict[str, Any] = json.loads(out.read_text())
     assert result["failed"] == 0, result["error_counts"]
@@ -131,6 +133,12 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument(
         "--threads", type=int, default=0, help="BERTH_TORCH_THREADS of the server (0: its default)"
+    )
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="the server's threads on CPU 0, the gateway and the client on CPU 1 (with --threads 1: the "
+        "gateway's cost without the server's decode taking its CPU)",
     )
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args()
@@ -164,6 +172,11 @@ def main() -> int:
                 except httpx.HTTPError:
                     time.sleep(0.1)
             assert server.proc is not None
+            if args.pin:  # every thread of each process (-a)
+                subprocess.run(
+                    ["taskset", "-apc", "0", str(server.proc.pid)], check=True, capture_output=True
+                )
+                subprocess.run(["taskset", "-apc", "1", str(gateway.pid)], check=True, capture_output=True)
             for c in args.concurrency:  # unmeasured: the server's first batches of each size are slow
                 print(f"warm-up c={c} (load {load()})", flush=True)
                 bench(server.base_url, DIRECT, "smol", c, args, work / f"warmup-{c}.json")
@@ -208,11 +221,13 @@ def main() -> int:
     }
     result = {
         "benchmark": "gateway-vs-direct",
-        "model": "builtin://smollm2-135m-instruct (CPU, fp32)",
+        "model": "builtin://smollm2-135m-instruct (CPU, the server's default weight format)",
         "client": "berth bench --endpoint chat (streamed, greedy, ignore_eos)",
         "input_len": args.input_len,
         "output_len": args.output_len,
         "rounds": args.rounds,
+        "torch_threads": args.threads or "default",
+        "pinned": "server on CPU 0, gateway and client on CPU 1" if args.pin else "no",
         "machine": machine,
         "started": started,
         "ended": ended,
@@ -225,7 +240,8 @@ def main() -> int:
         f"load average (1, 5, 15 min) {started['loadavg']} at the start ({started['time']}), "
         f"{ended['loadavg']} at the end. Same server process for both paths; runs alternate.",
         f"Requests: chat, {args.input_len} prompt tokens, {args.output_len} output tokens (ignore_eos, greedy), "
-        f"{args.rounds} x concurrency per run.",
+        f"{args.rounds} x concurrency per run. Server torch threads: {args.threads or 'default'}; pinned: "
+        f"{'server on CPU 0, gateway and client on CPU 1' if args.pin else 'no'}.",
         "",
         "| streams | TTFT p50 direct (ms) | TTFT p50 gateway (ms) | added TTFT p50 (ms) "
         "| output tok/s direct | output tok/s gateway | ratio | gateway CPU (s) | gateway CPU per token (ms) |",
