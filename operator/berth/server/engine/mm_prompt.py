@@ -12,21 +12,7 @@ def expand_placeholders(
     ids: list[int], image_token_id: int, counts: list[int]
 ) -> tuple[list[int], list[int]]:
     """(ids with the k-th image token repeated counts[k] times, the start of each image's run)."""
-    out: list[int] = []
-    starts: list[int] = []
-    k = 0
-    for t in ids:
-        if t == image_token_id:
-            if k >= len(counts):
-                raise ValueError("the prompt has more image placeholders than images")
-            starts.append(len(out))
-            out.extend([image_token_id] * counts[k])
-            k += 1
-        else:
-            out.append(t)
-    if k != len(counts):
-        raise ValueError(f"the prompt has {k} image placeholders for {len(counts)} images")
-    return out, starts
+    return splice_placeholders(ids, image_token_id, [[image_token_id] * n for n in counts])
 
 
 def splice_placeholders(
