@@ -19,16 +19,10 @@ from berth.api.models import KIND, ModelDeployment
 from berth.api.quantity import parse_quantity
 from berth.controller import builders, inference_pool, kube, names, policy
 from berth.controller.cache import CachedKube
+from berth.controller.diagnosis import CHILD_CONFLICT, pod_events_needed, volume_events
 from berth.controller.events import EventRecorder, EventSpec, emit, status_events
 from berth.controller.settings import OperatorSettings
-from berth.controller.status import (
-    CHILD_CONFLICT,
-    Observed,
-    compute_status,
-    managed_status,
-    pod_events_needed,
-    volume_events,
-)
+from berth.controller.status import Observed, compute_status, managed_status
 from berth.gateway.registry import instance_credential
 
 log = logging.getLogger(__name__)
