@@ -14,28 +14,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from berth.controller import builders
+from berth.controller.pod import DOWNLOAD_CONTAINER
 
 IMAGE_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
-
-
 CONFIG_REASONS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
-
-
 # Waiting reasons of a container that is still being set up (image pull, volume mounts, init containers).
 CREATING_REASONS = {"ContainerCreating", "PodInitializing"}
-
-
 # Pod events that say why a pod stays in ContainerCreating (the attach/detach controller, the kubelet).
 VOLUME_EVENT_REASONS = {"FailedAttachVolume", "FailedMount"}
-
-
 MULTI_ATTACH = "MultiAttachError"
-
-
-DOWNLOAD_CONTAINER = builders.DOWNLOAD_CONTAINER
-
-
 CHILD_CONFLICT = "ChildConflict"
 
 
