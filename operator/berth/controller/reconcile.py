@@ -228,10 +228,10 @@ def _apply(
         assert manifest is not None
         created = client.create(action.kind, ns, prune(manifest))
         if created is None and action.kind is kube.SECRET:
-            # 409, and the operator may not read Secrets to tell whose it is: taken as its own. (The
-            # generated API-key Secret has a record that tells, see _generated_secret; this is the
-            # gateway-credential Secret, which has none: a Secret planted under its name would be
-            # mounted. Known gap, docs/operations.md.)
+            # 409, and the operator may not read Secrets to tell whose it is: taken as its own. (Not
+            # reached by the Secrets reconcile makes: the generated API-key Secret and the gateway-key
+            # Secret are created before the plan, by _generated_secret and _gateway_key_secret, which
+            # tell whose a 409 is.)
             _remember(client, kube.SECRET, {"metadata": {**prune(manifest)["metadata"]}})
             return deployment
         if created is None:  # it appeared since the read (409): observe the one that is there
