@@ -59,6 +59,8 @@ def test_a_rotation_is_bridged_until_the_instance_has_the_new_credential(env: En
         assert _post(env).status_code == 200  # the instance still has the old credential
         old, new = (f"Bearer {instance_credential(k, 'team-a', 'chat')}" for k in (OLD, NEW))
         assert instance.seen == [new, old]  # the new one first, the 401 retried with the previous
+        metrics = httpx.get(env.server.url + "/metrics").text
+        assert 'reason="previous_master_key"} 1.0' in metrics
         instance.accepts = new  # the instance's kubelet updated its copy of the rewritten Secret
         instance.seen.clear()
         assert _post(env).status_code == 200

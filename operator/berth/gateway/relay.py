@@ -201,9 +201,9 @@ async def _attempt(gw: Gateway, call: Call, endpoint: Endpoint) -> httpx.Respons
     resp = await _send(gw, call, endpoint, previous=False)
     if resp is not None and resp.status_code == 401 and gw.master.previous is not None:
         await resp.aclose()
+        inst = call.target.instance
+        gw.metrics.retries.labels(inst.namespace, inst.served_name, "previous_master_key").inc()
         resp = await _send(gw, call, endpoint, previous=True)
-        if resp is not None and resp.status_code != 401:
-            log.debug("%s accepted the previous master key's credential", endpoint.url)
     return resp
 
 
