@@ -8,14 +8,36 @@
 - ``int8``: weights quantized per output channel (symmetric int8), activations quantized dynamically per
   call (``torch.ops.quantized.linear_dynamic``, fbgemm; 7-bit activation range as torch's default, since
   CPUs without VNNI saturate on the full range). About 4x fewer weight bytes per step; not exact.
+- ``gguf``: a model loaded from a .gguf file keeps its Q4_0/Q4_1 linear weights as they are in the file
+  (runner/gguf_q4.py attaches them; ``Int4Linear``: torch's int4pack, ``_weight_int4pack_mm_for_cpu``, group
+  32; Q4_1's ``d q + m`` is int4pack's ``(q - 8) scale + zero``), activations, scales and zeros in bfloat16 (the
+  kernel's only vectorised path: with fp32 activations it is exact but 1.5 ms against 43 us for a 1536x576
+  linear at one row); fused q|k|v and gate|up as the
+  other formats. Linears of other quant types (Q8_0, K-quants) and the LM head (SmolLM2: the tied Q8_0
+  embedding) are packed as fp16 (bf16 where torch has no fbgemm), which the log says. Not exact (bf16
+  activations): greedy output within the tolerance of tests/server/test_gguf_weights.py. A model not loaded
+  from a GGUF file is refused naming the flag.
 - ``auto``: measured at start-up on the machine it runs on, among the formats whose greedy output equals
   fp32's on the fixed prompt set (fp32, fp16): see ``choose``. fp32 stays unless fp16 is clearly faster.
+  ``gguf`` is not a candidate: it is not exact (one of 8 prompts leaves fp32's tokens at token 24) and,
+  where it is faster than fp16 (1-2 rows), int8 is as fast.
 
 Measured per linear, one thread (docs/server.md, "CPU performance"): on an AVX2-only EPYC, fp16 2.4x and
 int8 5x faster than fp32 over a whole forward; on an AVX-512/bf16 EPYC, the LM head 49152x576 at one row
 fp32 7.8 ms, bf16 1.8, fp16 1.7, int8 0.9 ms. torch's weight-only kernels (``_weight_int8pack_mm``,
-``_weight_int4pack_mm_for_cpu``, which could serve GGUF Q4_1 blocks as they are) were 10-20x slower than
-fp32 on the AVX2 CPU (no vectorised path), so they are not offered.
+``_weight_int4pack_mm_for_cpu``) were 10-20x slower than fp32 on the AVX2 CPU (no vectorised path).
+
+The whole forward on the AVX-512/bf16 EPYC (bench/cpu_weight_formats.py: one decode step of B rows, CPU time
+of one torch thread per step, best of 5 and of 7 in two runs at load 4.7-7 on the 2 shared cores):
+
+    batch    fp32          fp16         int8         bf16         gguf
+    1        44.7-45.3 ms  18.7-19.9    12.0-13.1    21.5-24.2    12.9-13.9
+    8        113-127       28.1-30.8    18.1-26.1    46.4-48.5    23.4-35.0
+    32       200-226       94.7-102     46.0-59.6    83.9-91.2    97.3-104
+
+The int4pack kernel's cost grows with the rows almost linearly (one 1536x576 linear, weights in cache, one
+thread: 48 us at 1 row, 157 at 8, 478 at 32, 8.5 ms at 512 against fp16's 69, 99, 295 us, 4.9 ms): ``gguf``
+pays at one or two decode rows and in weight memory (4.5 bits per weight), not in prefill or larger batches.
 """
 
 from __future__ import annotations
