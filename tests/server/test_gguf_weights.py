@@ -188,3 +188,42 @@ def test_berth_serve_with_the_gguf_format_answers_a_chat_request(tmp_path: Path)
         assert (
             "weight format gguf: 210 linear weights served from the GGUF file's 4-bit blocks" in proc.stderr()
         )
+
+
+def test_side_by_side_adapters_run_on_the_gguf_weights(
+    smollm2: LoadedModel, chat_ids: Callable[..., list[int]]
+) -> None:
+    """Steps with adapter rows take the unfused path: its per-module int4pack linears give the fused path's
+    tokens under a zero adapter, and a random adapter changes them."""
+    import dataclasses
+
+    import torch
+
+    from berth.server.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams
+    from berth.server.engine.runner.packed import Int4Linear
+    from berth.server.engine.types import LoraWeights
+
+    torch.manual_seed(0)
+    layers = range(int(smollm2.model.config.num_hidden_layers))
+    zero = {(li, "v_proj"): (torch.randn(4, 576), torch.zeros(192, 4)) for li in layers}
+    rand = {(li, "v_proj"): (torch.randn(4, 576), torch.randn(192, 4)) for li in layers}
+    model = dataclasses.replace(
+        smollm2, adapters=[LoraWeights("zero", 1.0, zero), LoraWeights("rand", 1.0, rand)]
+    )
+    core = EngineCore(model, EngineConfig(max_num_seqs=4, prepare_guided=False, weight_format="gguf"))
+    runner: Any = core.runner
+    assert all(isinstance(runner.packed[(li, "v_proj")], Int4Linear) for li in layers)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompt = chat_ids(PROMPTS[0])
+
+    def tokens(*reqs: GenerationRequest) -> dict[str, list[int]]:
+        out = core.run(reqs)
+        return {k: [e.token_id for e in v if e.token_id is not None] for k, v in out.items()}
+
+    base = tokens(GenerationRequest("base", prompt, params))["base"]
+    both = tokens(
+        GenerationRequest("zero", prompt, params, adapter="zero"),
+        GenerationRequest("rand", prompt, params, adapter="rand"),
+    )
+    assert len(base) == 8 and both["zero"] == base
+    assert both["rand"] != base
