@@ -227,3 +227,20 @@ def test_side_by_side_adapters_run_on_the_gguf_weights(
     )
     assert len(base) == 8 and both["zero"] == base
     assert both["rand"] != base
+
+
+@pytest.mark.slow
+def test_a_merged_adapter_is_not_served_from_the_file(tmp_path: Path) -> None:
+    """One adapter is merged into the weights at load: those are no longer the file's, so gguf refuses."""
+    from berth.server.engine import EngineConfig, EngineCore
+    from berth.server.engine.runner.gguf_q4 import GGUF_SOURCE
+    from berth.server.loader import load_model
+    from tests.server.test_api_real import _make_lora_adapters
+
+    (directory,) = _make_lora_adapters(tmp_path, ["only"]).values()
+    merged = load_model(
+        "builtin://smollm2-135m-instruct", dtype="float32", device="cpu", adapters={"only": str(directory)}
+    )
+    assert merged.merged_adapters == ["only"] and not hasattr(merged.model, GGUF_SOURCE)
+    with pytest.raises(ValueError, match="or an adapter was merged into its weights"):
+        EngineCore(merged, EngineConfig(num_blocks=8, prepare_guided=False, weight_format="gguf"))
