@@ -116,6 +116,20 @@ def test_unreadable_instances_are_named_in_the_autoscaling_condition(
     assert got["status"]["autoscaler"]["readPods"] == 2
 
 
+def _namespaced_hpa_lists(cluster: Any) -> float:
+    """LISTs of HorizontalPodAutoscalers in one namespace the API server has answered (its metrics)."""
+    text = cluster.kubectl("get", "--raw", "/metrics", check=True).stdout
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("apiserver_request_total{")
+        and all(
+            label in line
+            for label in ('resource="horizontalpodautoscalers"', 'verb="LIST"', 'scope="namespace"')
+        )
+    )
+
+
 def _failures(op: OperatorProcess, reason: str) -> float:
     return op.metrics().get(f"berth_operator_metrics_scrape_failures_total{{reason={reason}}}", 0.0)
 
@@ -198,7 +212,12 @@ def test_an_hpa_on_the_model_deployment_is_reported_and_the_autoscaler_stands_as
     # every instance answers "idle": the built-in autoscaler would go down to 1 within a few ticks
     for p in _pods(cluster, namespace, "shared"):
         idle.serve(p["status"]["podIP"])
+    lists = _namespaced_hpa_lists(cluster)
     time.sleep(10)  # five autoscaler intervals, five times the scale-down delay
+    cluster.kubectl("get", "hpa", "-n", namespace, check=True)  # one LIST: the count counts
+    # the ticks read the HPA from the operator's watch cache: no LIST of HPAs per tick (one a tick
+    # would be about five more here; kube-controller-manager's informer lists cluster-wide)
+    assert 1 <= _namespaced_hpa_lists(cluster) - lists <= 2
     current = get(cluster, namespace, "md", "shared") or {}
     assert current["spec"]["capacity"] == 3
     assert "desiredCapacity" not in current["status"] and "lastScaleTime" not in current["status"]

@@ -250,10 +250,11 @@ def test_the_event_recorder_sends_an_identical_event_once_per_window() -> None:
 class LiveApi(_Source, RecordingKube):
     """A RecordingKube that also serves LIST and WATCH: every write becomes a watch event."""
 
-    def __init__(self) -> None:
+    def __init__(self, forbidden: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.version = 0
         self.streams: dict[str, list[queue.Queue[dict[str, Any] | None]]] = {}
+        self.forbidden = forbidden  # kinds whose WATCH the RBAC refuses (403)
 
     def _event(self, kind: str, type_: str, obj: dict[str, Any]) -> None:
         self.version += 1
@@ -293,6 +294,8 @@ class LiveApi(_Source, RecordingKube):
         return self.list(kind, namespace, label_selector), str(self.version)
 
     def events(self, kind: kube.Kind, resource_version: str) -> Iterator[dict[str, Any]]:
+        if kind.kind in self.forbidden:
+            raise kube.Forbidden(403, "Forbidden", f"cannot watch resource {kind.plural!r}")
         q: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.streams.setdefault(kind.kind, []).append(q)
         while True:
@@ -370,3 +373,58 @@ def test_inference_pools_are_watched_where_the_cluster_serves_them(settings: Ope
         assert "InferencePool" in ctx.caches.specs
         api.clear()
         assert ctx.client.get(kube.INFERENCE_POOL, "team-a", "chat") is None and api.calls == []
+
+
+HPA_ON_CHAT = {
+    "apiVersion": "autoscaling/v2",
+    "kind": "HorizontalPodAutoscaler",
+    "metadata": {"name": "chat-hpa", "namespace": "team-a"},
+    "spec": {
+        "scaleTargetRef": {"apiVersion": "berth.dev/v1alpha1", "kind": "ModelDeployment", "name": "chat"},
+        "maxReplicas": 3,
+    },
+}
+
+
+def _autoscaled_with_an_hpa(api: LiveApi) -> dict[str, Any]:
+    body = md_body(spec={"capacity": 1, "autoscaling": {"enabled": True, "minCapacity": 1, "maxCapacity": 4}})
+    api.objects[("ModelDeployment", "team-a", "chat")] = copy.deepcopy(body)
+    api.objects[("HorizontalPodAutoscaler", "team-a", "chat-hpa")] = copy.deepcopy(HPA_ON_CHAT)
+    return body
+
+
+def test_an_autoscaler_tick_reads_the_hpas_from_the_watch_cache(settings: OperatorSettings) -> None:
+    """No LIST of HorizontalPodAutoscalers per tick: the watch brings them, and their deletion."""
+    import time
+
+    api = LiveApi()
+    body = _autoscaled_with_an_hpa(api)
+    with watching(api, settings) as ctx:
+        assert ctx.start_watches(sync_timeout=5)
+        api.clear()
+        for t in range(3):
+            assert ctx.autoscaler.tick(body, NOW, float(t)) is None  # stands aside for chat-hpa
+        status = api.objects[("ModelDeployment", "team-a", "chat")]["status"]["autoscaler"]
+        assert status["externalAutoscaler"] == "HorizontalPodAutoscaler/chat-hpa"
+        # the HPA goes: its DELETED event empties the cache, and the autoscaler decides again
+        gone = api.objects.pop(("HorizontalPodAutoscaler", "team-a", "chat-hpa"))
+        api._event("HorizontalPodAutoscaler", "DELETED", gone)
+        hpas = ctx.caches.stores["HorizontalPodAutoscaler"]
+        deadline = time.monotonic() + 5
+        while len(hpas) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        decision = ctx.autoscaler.tick(body, NOW, 3.0)
+        assert decision is not None and decision.desired == 1
+        assert [c for c in api.calls if c[0] in ("get", "list")] == []  # every read from the caches
+
+
+def test_where_the_rbac_refuses_the_hpa_watch_the_tick_lists_them(settings: OperatorSettings) -> None:
+    """An older chart (HPAs: list, no watch): the caches still sync, and HPAs are read from the API."""
+    api = LiveApi(forbidden=("HorizontalPodAutoscaler",))
+    body = _autoscaled_with_an_hpa(api)
+    with watching(api, settings) as ctx:
+        assert ctx.start_watches(sync_timeout=5)
+        assert ctx.caches.stores["HorizontalPodAutoscaler"].forbidden
+        api.clear()
+        assert ctx.autoscaler.tick(body, NOW, 0.0) is None  # still stands aside for chat-hpa
+        assert [c[:2] for c in api.calls if c[0] in ("get", "list")] == [("list", "HorizontalPodAutoscaler")]
