@@ -261,7 +261,7 @@ class ModelRunner:
         ) -> Callable[[int], None]:
             def step(b: int) -> None:
                 self.packed, self.packed_head = packs
-                self._probe_step(b)
+                self.probe_step(b)
 
             return step
 
@@ -272,7 +272,7 @@ class ModelRunner:
         return fmt, f"auto: {why}; measured in {time.perf_counter() - t0:.1f} s at start-up"
 
     @torch.inference_mode()
-    def _probe_step(self, b: int) -> None:
+    def probe_step(self, b: int) -> None:
         """One decode step of ``b`` rows on the scratch block (nothing else in the cache is touched)."""
         dev = self.device
         slot = self.scratch_block * self.block_size
