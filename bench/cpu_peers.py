@@ -5,6 +5,9 @@ Servers (one at a time, each on a free loopback port, stopped before the next st
   berth-fast       `berth serve` in its fastest CPU configuration (default: --weight-format int8 --threads 1:
                    on the shared 2 cores two threads waited on each other; not exact,
                    see tests/server/test_packed_weights.py; ``--fast-args``/``--fast-env`` change it)
+  berth-gguf       `berth serve --weight-format gguf` on one torch thread (OMP_NUM_THREADS=1): the GGUF's own
+                   Q4_1 linear weights as int4pack, bf16 activations (the same weights llama.cpp serves; not
+                   exact, see tests/server/test_gguf_weights.py)
   transformers     `transformers serve --continuous-batching --device cpu --dtype float32` on the converted
                    copy of the same GGUF (the same weights Berth serves)
   llama.cpp        `python -m llama_cpp.server` (llama-cpp-python[server], its own venv built by
@@ -46,7 +49,7 @@ from bench.common import RESULTS_DIR, memory_gib, write_results  # noqa: E402
 VENV_PY = Path(sys.executable)
 LLAMA_CPP_VERSION = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "0.3.16")
 PEERS_DIR = Path(os.environ.get("BERTH_PEERS_DIR") or Path.home() / ".cache" / "berth" / "peers")
-SERVERS = ("berth", "berth-fast", "transformers", "llama.cpp")
+SERVERS = ("berth", "berth-fast", "berth-gguf", "transformers", "llama.cpp")
 FLAGS_OF_INTEREST = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
@@ -131,6 +134,12 @@ def servers(args: argparse.Namespace, port: int) -> dict[str, Server]:
             + (f" ({' '.join(args.fast_env)})" if args.fast_env else ""),
             [*berth, *args.fast_args],
             {"PYTHONPATH": pythonpath, **fast_env},
+        ),
+        "berth-gguf": Server(
+            "berth-gguf",
+            "berth serve --weight-format gguf (OMP_NUM_THREADS=1)",
+            [*berth, "--weight-format", "gguf"],
+            {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"},
         ),
         "transformers": Server(
             "transformers",
@@ -303,7 +312,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Notes: `transformers` gives fp32's greedy tokens and `berth` (fp16 weights when `auto` picks them, as logged) "
         "the same on the fixed prompt set of the tests; `berth-fast` (int8) and `llama.cpp` (Q4_1) are quantized and give "
-        "other tokens. llama-cpp-python's "
+        "other tokens; `berth-gguf` serves the GGUF's Q4_1 weights as they are with bf16 activations (fp32's tokens on "
+        "most prompts, within the tolerance of tests/server/test_gguf_weights.py). llama-cpp-python's "
         "server runs one request at a time (no batching; `--interrupt_requests False` so a new request waits "
         "instead of cutting the running one short): more streams only queue, so its TTFT grows with them. "
         "transformers serve refuses `ignore_eos`, so some of its requests end early (tok/req).",
@@ -322,7 +332,7 @@ def ratios(res: dict[str, dict[str, Any]], streams: list[int]) -> dict[str, str]
         return float(v) if v else None
 
     out: dict[str, str] = {}
-    berths = [n for n in ("berth", "berth-fast") if n in res]
+    berths = [n for n in ("berth", "berth-fast", "berth-gguf") if n in res]
     for s in streams:
         best = max(((tput(n, s) or 0.0, n) for n in berths), default=(0.0, ""))
         tf = tput("transformers", s)

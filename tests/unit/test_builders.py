@@ -15,6 +15,7 @@ import yaml
 
 from berth.api import ModelDeployment
 from berth.controller import builders, names
+from berth.controller.pod import DOWNLOAD_SCRIPT
 from berth.controller.settings import OperatorSettings
 
 from .conftest import md_body
@@ -163,7 +164,7 @@ def test_hf_and_adapters(settings: OperatorSettings) -> None:
     dep = builders.build_deployment(md, settings)
     pod = dep["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
-    assert init["command"][:4] == ["python", "-c", builders.DOWNLOAD_SCRIPT, "/dev/termination-log"]
+    assert init["command"][:4] == ["python", "-c", DOWNLOAD_SCRIPT, "/dev/termination-log"]
     assert init["command"][4:] == [
         "model", "Qwen/Qwen2.5-0.5B-Instruct", "main", "/models/hf",
         "adapter-sql", "acme/qwen-sql-lora", "main", "/adapters/sql",
@@ -248,7 +249,7 @@ def test_download_script_fetches_the_resolved_commit_and_reports_it(tmp_path: Pa
         str(tmp_path / "a"),
     ]
     subprocess.run(
-        [sys.executable, "-c", builders.DOWNLOAD_SCRIPT, str(term), *argv],
+        [sys.executable, "-c", DOWNLOAD_SCRIPT, str(term), *argv],
         check=True,
         env={"PYTHONPATH": str(tmp_path), "STUB_LOG": str(calls), "PATH": os.environ.get("PATH", "")},
         timeout=60,

@@ -316,6 +316,7 @@ EXPECTED_OPERATOR_RULES = {
     ("", "services", "create"),
     ("", "services", "patch"),
     ("", "secrets", "create"),  # no get, list or watch: the operator reads no Secret
+    ("", "secrets", "patch"),  # the gateway-key credential after a master key rotation (owner-tested)
     ("networking.k8s.io", "networkpolicies", "get"),
     ("networking.k8s.io", "networkpolicies", "list"),
     ("networking.k8s.io", "networkpolicies", "watch"),

@@ -79,12 +79,12 @@ def test_docs_type_and_default_rendering() -> None:
 
 
 def _status_reasons() -> set[str]:
-    """Every condition reason operator/berth/controller/status.py can write."""
-    from berth.controller import status
+    """Every condition reason the status modules (status.py, conditions.py, diagnosis.py) can write."""
+    from berth.controller import conditions, diagnosis, status
 
-    tree = ast.parse(Path(status.__file__).read_text())
-    reasons: set[str] = set(status.IMAGE_PULL_REASONS | status.CONFIG_REASONS)
-    for node in ast.walk(tree):
+    trees = [ast.parse(Path(m.__file__).read_text()) for m in (status, conditions, diagnosis)]
+    reasons: set[str] = set(diagnosis.IMAGE_PULL_REASONS | diagnosis.CONFIG_REASONS)
+    for node in (n for tree in trees for n in ast.walk(tree)):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("Cause", "_condition"):
             args = node.args if node.func.id == "Cause" else node.args[3:4]  # type: ignore[attr-defined]
             for arg in args[:1]:

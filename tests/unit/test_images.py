@@ -98,8 +98,8 @@ def test_server_cmd_parses_with_berth_serve(name: str) -> None:
 def test_images_run_as_the_instance_user(name: str) -> None:
     instrs = instructions(IMAGES / name / "Dockerfile")
     user = [rest for w, rest in instrs if w == "USER"]
-    assert user == ["1000:1000"]  # builders.USER_ID, and the chart's podSecurityContext
-    from berth.controller.builders import USER_ID
+    assert user == ["1000:1000"]  # pod.USER_ID, and the chart's podSecurityContext
+    from berth.controller.pod import USER_ID
 
     assert user[0].split(":")[0] == str(USER_ID)
     assert values()["podSecurityContext"]["runAsUser"] == USER_ID  # type: ignore[index]

@@ -1,5 +1,6 @@
 """The layering rules of DESIGN.md are executable: import-linter's contracts (pyproject.toml) hold for
-the tree, and each kind of rule really bites: a copy of the tree with one forbidden import fails it."""
+the tree, and each kind of rule really bites: a copy of the tree with one forbidden import fails it.
+And one room, one job: no module under operator/berth/ grows past MAX_MODULE_LINES."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+MAX_MODULE_LINES = 500
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 
@@ -53,7 +55,42 @@ def tree_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "Server layers",
             id="engine-imports-serving",
         ),
-        pytest.param("controller/status.py", "import kopf", "Builders and status are pure", id="status-kopf"),
+        pytest.param(
+            "controller/status.py", "import kopf", "Builders, plan and status are pure", id="status-kopf"
+        ),
+        pytest.param(
+            "controller/diagnosis.py",
+            "import kubernetes",
+            "Builders, plan and status are pure",
+            id="diagnosis-k8s",
+        ),
+        pytest.param(
+            "controller/pod.py", "import fastapi", "Builders, plan and status are pure", id="pod-fastapi"
+        ),
+        pytest.param(
+            "controller/builders.py",
+            "import fastapi",
+            "Builders, plan and status are pure",
+            id="builders-fastapi",
+        ),
+        pytest.param(
+            "controller/plan.py",
+            "from berth.controller import kube",
+            "Builders, plan and status are pure",
+            id="plan-kube-client",
+        ),
+        pytest.param(
+            "controller/conditions.py",
+            "from berth.controller import status",
+            "Operator layers",
+            id="conditions-imports-status",
+        ),
+        pytest.param(
+            "gateway/relay.py", "import kubernetes", "never call Kubernetes", id="gateway-relay-k8s"
+        ),
+        pytest.param(
+            "gateway/errors.py", "from berth.gateway import relay", "Gateway layers", id="gateway-errors-up"
+        ),
         pytest.param(
             "controller/builders.py",
             "from berth.controller import reconcile",
@@ -62,6 +99,9 @@ def tree_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ),
         pytest.param(
             "api/models.py", "import berth.controller.settings", "The API is the bottom layer", id="api-up"
+        ),
+        pytest.param(
+            "api/spec.py", "import berth.controller.settings", "The API is the bottom layer", id="api-spec-up"
         ),
         pytest.param("controller/reconcile.py", "import torch", "never load torch", id="operator-torch"),
         pytest.param(
@@ -84,3 +124,25 @@ def test_a_forbidden_import_breaks_its_contract(
     assert any(contract in ln for ln in broken) or contract in result.stdout.split("Broken contracts")[-1], (
         result.stdout
     )
+
+
+def oversized_modules(root: Path, limit: int = MAX_MODULE_LINES) -> list[str]:
+    """'path: N lines' for each module under operator/berth/ longer than `limit` lines."""
+    found = []
+    for path in sorted((root / "operator" / "berth").rglob("*.py")):
+        n = len(path.read_text().splitlines())
+        if n > limit:
+            found.append(f"{path.relative_to(root)}: {n} lines")
+    return found
+
+
+def test_no_module_is_over_the_line_limit() -> None:
+    assert oversized_modules(ROOT) == [], f"split these by job (at most {MAX_MODULE_LINES} lines each)"
+
+
+def test_the_line_limit_bites(tmp_path: Path) -> None:
+    module = tmp_path / "operator" / "berth" / "grown.py"
+    module.parent.mkdir(parents=True)
+    module.write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
+    (module.parent / "small.py").write_text("x = 1\n" * MAX_MODULE_LINES)
+    assert oversized_modules(tmp_path) == [f"operator/berth/grown.py: {MAX_MODULE_LINES + 1} lines"]

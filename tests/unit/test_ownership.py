@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from berth.controller import kube
-from berth.controller.reconcile import Action, conflicts, owned_by, plan, reconcile
+from berth.controller.plan import Action, conflicts, owned_by, plan
+from berth.controller.reconcile import reconcile
 from berth.controller.settings import OperatorSettings
 
 from .conftest import RecordingKube, md_body

@@ -12,7 +12,8 @@ import pytest
 
 from berth.controller import kube
 from berth.controller.context import MEMO_KEY, OperatorContext, from_memo
-from berth.controller.reconcile import diff, reconcile
+from berth.controller.plan import diff
+from berth.controller.reconcile import reconcile
 from berth.controller.settings import OperatorSettings
 
 from .conftest import RecordingKube, feed, md_body, reconcile_key

@@ -10,9 +10,10 @@ import pytest
 
 from berth.api import ModelDeployment
 from berth.api.models import Phase
+from berth.controller.diagnosis import diagnose
 from berth.controller.events import status_events
 from berth.controller.settings import OperatorSettings
-from berth.controller.status import Observed, compute_status, diagnose, failed_status
+from berth.controller.status import Observed, compute_status, failed_status
 
 from .conftest import md_body
 

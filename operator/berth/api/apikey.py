@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from berth.api.models import API_VERSION, DNS_LABEL, Condition, _Base
+from berth.api.models import API_VERSION, DNS_LABEL, ApiModel, Condition
 
 APIKEY_KIND = "ApiKey"
 APIKEY_PLURAL = "apikeys"
@@ -25,7 +25,7 @@ DEFAULT_TPM = 1_000_000
 DEFAULT_CONCURRENCY = 32
 
 
-class ApiKeyLimits(_Base):
+class ApiKeyLimits(ApiModel):
     """Quotas the gateway enforces for this key. Each gateway replica enforces its share
     (limit / replicas), so the cluster-wide limit holds when traffic is spread over the replicas."""
 
@@ -41,7 +41,7 @@ class ApiKeyLimits(_Base):
     )
 
 
-class ApiKeySpec(_Base):
+class ApiKeySpec(ApiModel):
     """What the key may call, and how much."""
 
     models: list[Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]] = Field(
@@ -54,7 +54,7 @@ class ApiKeySpec(_Base):
     disabled: bool = Field(False, description="Refuse the key (revocation without deleting it).")
 
 
-class ApiKeyUsage(_Base):
+class ApiKeyUsage(ApiModel):
     """What the gateway has counted for this key (each replica adds its deltas)."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
@@ -65,7 +65,7 @@ class ApiKeyUsage(_Base):
     last_used: str | None = Field(None, description="Last successful request (RFC 3339).")
 
 
-class ApiKeyStatus(_Base):
+class ApiKeyStatus(ApiModel):
     """What the operator published (the key's hash, never the key) and the gateway counted."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
@@ -78,7 +78,7 @@ class ApiKeyStatus(_Base):
     observed_generation: int | None = Field(None, description="The spec generation last reconciled.")
 
 
-class ApiKey(_Base):
+class ApiKey(ApiModel):
     """A team's API key for the Berth gateway."""
 
     api_version: str = Field(API_VERSION, description="berth.dev/v1alpha1")

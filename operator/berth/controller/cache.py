@@ -464,6 +464,11 @@ class CachedKube:
         self.remember(kind, patched)
         return patched
 
+    def json_patch(self, kind: kube.Kind, namespace: str, name: str, ops: kube.JsonPatch) -> dict[str, Any]:
+        patched = self.client.json_patch(kind, namespace, name, ops)
+        self.remember(kind, patched)
+        return patched
+
     def delete(self, kind: kube.Kind, namespace: str, name: str) -> None:
         self.client.delete(kind, namespace, name)
         self.forget(kind, namespace, name)

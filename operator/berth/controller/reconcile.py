@@ -1,13 +1,12 @@
 """Reconcile: one level-triggered, idempotent path for create, update, resume, the timer and child events.
 
-`plan` is pure: desired manifests and observed objects in, the smallest list of writes out (a merge
-patch holds only what differs). `reconcile` reads, plans, writes, observes and patches the status
-only when it changed, so a reconcile with nothing to do makes no write at all.
+`plan.plan` is pure: desired manifests and observed objects in, the smallest list of writes out (a
+merge patch holds only what differs). `reconcile` reads, plans, writes, observes and patches the
+status only when it changed, so a reconcile with nothing to do makes no write at all.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 from collections.abc import Callable
@@ -15,37 +14,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from berth.api.models import KIND, ModelDeployment
-from berth.api.quantity import parse_quantity
+from berth.api.models import ModelDeployment
 from berth.controller import builders, inference_pool, kube, names, policy
 from berth.controller.cache import CachedKube
+from berth.controller.diagnosis import CHILD_CONFLICT, pod_events_needed, volume_events
 from berth.controller.events import EventRecorder, EventSpec, emit, status_events
+from berth.controller.plan import Action, Desired, conflicts, gateway_key_rewrite, owned_by, plan, prune
 from berth.controller.settings import OperatorSettings
-from berth.controller.status import (
-    CHILD_CONFLICT,
-    Observed,
-    compute_status,
-    managed_status,
-    pod_events_needed,
-    volume_events,
-)
+from berth.controller.status import Observed, compute_status, managed_status
 from berth.gateway.registry import instance_credential
 
 log = logging.getLogger(__name__)
-
-_SAME = object()
-
-# Maps the operator owns whole: a key the desired manifest does not name is removed (a GPU limit after
-# gpus: 0, a nodeSelector entry the spec dropped). Everything below them is owned too.
-OWNED_MAPS = frozenset({"limits", "requests", "nodeSelector", "affinity"})
-
-
-@dataclass(frozen=True)
-class Action:
-    verb: str  # create | patch | delete
-    kind: kube.Kind
-    name: str
-    body: dict[str, Any] | None = None
 
 
 @dataclass
@@ -56,153 +35,6 @@ class Result:
     events: list[EventSpec] = field(default_factory=list)
 
 
-def _empty(v: Any) -> bool:
-    return v is None or v == {} or v == []
-
-
-def _scalar_equal(desired: Any, observed: Any, quantities: bool = False) -> bool:
-    if desired == observed:
-        return True
-    if isinstance(desired, bool) or isinstance(observed, bool):
-        return False
-    if isinstance(desired, int | float | str) and isinstance(observed, int | float | str):
-        if str(desired) == str(observed):
-            return True
-        if not quantities:
-            return False
-        try:  # resource quantities come back canonicalised ("0.5" -> "500m")
-            return parse_quantity(desired) == parse_quantity(observed)
-        except (ValueError, TypeError, ArithmeticError):
-            return False
-    return False
-
-
-def diff(desired: Any, observed: Any, quantities: bool = False, owned: bool = False) -> Any:
-    """The merge patch that makes `observed` match `desired` on the keys desired names; _SAME if none.
-
-    Keys the API server or others added (defaults, status, annotations) are left alone, except inside
-    the maps in OWNED_MAPS, where a key desired does not name is removed; a key desired as None is
-    removed; lists are compared element by element the same way and replaced whole when they differ.
-    A desired False or "" matches a missing key (the API server drops them). Values under
-    resources.requests/limits compare as quantities ("0.5" == "500m").
-    """
-    if isinstance(desired, dict):
-        if not isinstance(observed, dict):
-            return desired
-        patch: dict[str, Any] = {}
-        for key, value in desired.items():
-            if key not in observed or observed[key] is None:
-                if not (_empty(value) or value is False or value == ""):
-                    patch[key] = value
-                continue
-            sub = diff(
-                value,
-                observed[key],
-                quantities or key in ("requests", "limits"),
-                owned or key in OWNED_MAPS,
-            )
-            if sub is not _SAME:
-                patch[key] = sub
-        if owned:
-            patch.update({key: None for key in observed if key not in desired})
-        return patch if patch else _SAME
-    if isinstance(desired, list):
-        if not isinstance(observed, list) or len(desired) != len(observed):
-            return desired if not (_empty(desired) and _empty(observed)) else _SAME
-        same = all(diff(d, o, quantities, owned) is _SAME for d, o in zip(desired, observed, strict=True))
-        return _SAME if same else desired
-    return _SAME if _scalar_equal(desired, observed, quantities) else desired
-
-
-def forget_dropped_pod_metadata(manifest: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
-    """The Deployment manifest with None for each pod-template label or annotation that an earlier
-    spec.podTemplate set (recorded in names.POD_METADATA_KEYS on `current`) and this one does not."""
-    recorded = ((current.get("metadata") or {}).get("annotations") or {}).get(names.POD_METADATA_KEYS)
-    if not recorded:
-        return manifest
-    try:
-        before = json.loads(recorded)
-    except ValueError:
-        return manifest
-    template = manifest["spec"]["template"]
-    meta = template.get("metadata") or {}
-    dropped = {
-        name: {
-            k: None for k in before.get(name) or [] if isinstance(k, str) and k not in (meta.get(name) or {})
-        }
-        for name in ("labels", "annotations")
-    }
-    if not any(dropped.values()):
-        return manifest  # the usual case: nothing to remove, nothing copied
-    new_meta = {**meta, **{name: {**(meta.get(name) or {}), **dropped[name]} for name in dropped}}
-    return {**manifest, "spec": {**manifest["spec"], "template": {**template, "metadata": new_meta}}}
-
-
-def prune(manifest: Any) -> Any:
-    """The manifest without None values (what a create sends)."""
-    if isinstance(manifest, dict):
-        return {k: prune(v) for k, v in manifest.items() if v is not None}
-    if isinstance(manifest, list):
-        return [prune(v) for v in manifest]
-    return manifest
-
-
-Desired = list[tuple[kube.Kind, str, dict[str, Any] | None]]
-
-
-def conflicts(
-    desired: Desired, observed: dict[tuple[str, str], dict[str, Any] | None], owner_uid: str
-) -> list[str]:
-    """ "Kind/name" of each child the spec wants that exists without this ModelDeployment's controller
-    reference (someone else's object with the same name): Berth never patches, adopts or deletes it."""
-    return [
-        f"{kind.kind}/{name}"
-        for kind, name, manifest in desired
-        if manifest is not None
-        and (current := observed.get((kind.kind, name))) is not None
-        and not owned_by(current, owner_uid)
-    ]
-
-
-def plan(
-    desired: Desired,
-    observed: dict[tuple[str, str], dict[str, Any] | None],
-    create_only: frozenset[str] = frozenset({"Secret"}),
-    owner_uid: str | None = None,
-) -> list[Action]:
-    """Writes that make the cluster match `desired` ((kind, name, manifest-or-None-for-absent)).
-
-    An existing object without the controller reference of the ModelDeployment `owner_uid` (any
-    ModelDeployment when None) is left as it is: no patch, no delete (see `conflicts`)."""
-    actions: list[Action] = []
-    for kind, name, manifest in desired:
-        current = observed.get((kind.kind, name))
-        if current is not None and not owned_by(current, owner_uid):
-            continue  # not ours: never patched, adopted or deleted
-        if manifest is None:
-            if current is not None:
-                actions.append(Action("delete", kind, name))
-            continue
-        if current is None:
-            actions.append(Action("create", kind, name, manifest))
-        elif kind.kind not in create_only:
-            if kind.kind == "Deployment":
-                manifest = forget_dropped_pod_metadata(manifest, current)
-            patch = diff({k: v for k, v in manifest.items() if k not in ("apiVersion", "kind")}, current)
-            if patch is not _SAME:
-                actions.append(Action("patch", kind, name, patch))
-    return actions
-
-
-def owned_by(obj: dict[str, Any], owner_uid: str | None) -> bool:
-    """`obj` carries the controller reference of the ModelDeployment `owner_uid` (of any when None)."""
-    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
-    return any(
-        r.get("kind") == KIND and r.get("controller") and (owner_uid is None or r.get("uid") == owner_uid)
-        for r in refs
-    )
-
-
 def generate_api_key() -> str:
     return "sk-berth-" + secrets.token_urlsafe(32)
 
@@ -210,8 +42,8 @@ def generate_api_key() -> str:
 def gateway_key_child(md: ModelDeployment, settings: OperatorSettings) -> Desired:
     """The instance's gateway-credential Secret ([] when no gateway master key is mounted or auth is off).
 
-    Created once like every Secret: after rotating the master key, delete the ``<name>-gateway-key``
-    Secrets and the operator writes them anew."""
+    The master key file is read in every reconcile: after a rotation (the kubelet updates the mounted
+    file) the next one wants the new credential, and `_gateway_key_secret` rewrites the Secret."""
     master = settings.gateway_master_key()
     if master is None:
         return []
@@ -228,8 +60,9 @@ def desired_children(md: ModelDeployment, settings: OperatorSettings, api_key: C
     gateway_key = gateway_key_child(md, settings)
     children += gateway_key
     deployment = builders.build_deployment(md, settings)
-    if gateway_key:
-        deployment = builders.mount_gateway_key(deployment, md)
+    for _, _, secret in gateway_key:
+        assert secret is not None
+        deployment = builders.mount_gateway_key(deployment, md, builders.gateway_credential(secret))
     children += [
         (kube.DEPLOYMENT, names.deployment_name(md), deployment),
         (kube.SERVICE, names.service_name(md), builders.build_service(md)),
@@ -254,6 +87,11 @@ class _LazySecret(dict[str, Any]):
 def _remember(client: kube.Kube, kind: kube.Kind, obj: dict[str, Any]) -> None:
     if isinstance(client, CachedKube):
         client.remember(kind, obj)
+
+
+def _forget(client: kube.Kube, namespace: str, name: str) -> None:
+    if isinstance(client, CachedKube):
+        client.forget(kube.SECRET, namespace, name)
 
 
 def _fetch(client: kube.Kube, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
@@ -325,37 +163,53 @@ def _generated_secret(
     return stub
 
 
-def _mounts(deployment: dict[str, Any], secret: str) -> bool:
-    volumes = ((deployment.get("spec") or {}).get("template") or {}).get("spec", {}).get("volumes") or []
-    return any(
-        (source.get("secret") or {}).get("name") == secret
-        for v in volumes
-        for source in (v.get("projected") or {}).get("sources") or []
-    )
-
-
 def _gateway_key_secret(
-    md: ModelDeployment, client: kube.Kube, desired: Desired, deployment: dict[str, Any] | None
+    md: ModelDeployment,
+    client: kube.Kube,
+    desired: Desired,
+    secret: dict[str, Any] | None,
+    deployment: dict[str, Any] | None,
 ) -> dict[str, Any] | None:
-    """Create the instance's gateway-key Secret (never read: the operator has no `get` on Secrets); the
-    Secret as observed. A 409 is this ModelDeployment's own Secret when its Deployment already mounts
-    it (the Secret is created before the Deployment mounts it); otherwise the name is taken (a stub
-    without the owner reference: a ChildConflict, and the instances never mount it). Delete such a
-    Secret and the operator writes its own."""
-    name = names.gateway_key_secret_name(md)
+    """The instance's gateway-key Secret as observed (`secret`: remembered by the cache, or None), made
+    to hold the current credential without reading it (the operator has no `get` on Secrets):
+
+    - not known to exist: created; a 409 goes on as below;
+    - this ModelDeployment's Deployment records the fingerprint of the current credential: the Secret
+      holds it (the record follows the Secret, see builders.GATEWAY_KEY_FINGERPRINT); nothing written;
+    - otherwise (the master key was rotated, or a 409 no record vouches for): the JSON Patch of
+      plan.gateway_key_rewrite overwrites the credential, guarded by a test of the Secret's owner uid.
+      The API server refuses it (422) for a Secret that is not this ModelDeployment's: the stub then
+      has no owner reference (a ChildConflict; the Deployment is left as it is)."""
+    ns, name = md.namespace, names.gateway_key_secret_name(md)
+    uid = str(md.metadata.get("uid") or "")
     manifest = next(m for k, n, m in desired if k is kube.SECRET and n == name)
     assert manifest is not None
     body = prune(manifest)
-    created = client.create(kube.SECRET, md.namespace, body)
-    if created is not None:
-        log.info("create Secret %s/%s", md.namespace, name)
-        return created
-    stub = {"metadata": {"name": name, "namespace": md.namespace, "labels": body["metadata"].get("labels")}}
-    uid = str(md.metadata.get("uid") or "")
-    if deployment is not None and owned_by(deployment, uid) and _mounts(deployment, name):
-        stub["metadata"]["ownerReferences"] = body["metadata"].get("ownerReferences")
-        _remember(client, kube.SECRET, stub)
-    return stub
+    if secret is not None and not owned_by(secret, uid):
+        _forget(client, ns, name)  # remembered for an earlier ModelDeployment of this name
+        secret = None
+    if secret is None:
+        created = client.create(kube.SECRET, ns, body)
+        if created is not None:
+            log.info("create Secret %s/%s", ns, name)
+            return created
+    meta = body["metadata"]
+    ours = {"metadata": {k: meta.get(k) for k in ("name", "namespace", "labels", "ownerReferences")}}
+    ops = gateway_key_rewrite(body, deployment, uid)
+    if ops is not None:
+        try:
+            client.json_patch(kube.SECRET, ns, name, ops)
+        except kube.NotFound:  # gone since it was remembered
+            _forget(client, ns, name)
+            created = client.create(kube.SECRET, ns, body)
+            return created or {"metadata": {k: meta.get(k) for k in ("name", "namespace", "labels")}}
+        except kube.Rejected:  # the owner test failed: someone else's Secret, left as it is
+            _forget(client, ns, name)
+            log.warning("Secret %s/%s is not this ModelDeployment's: not rewritten", ns, name)
+            return {"metadata": {k: meta.get(k) for k in ("name", "namespace", "labels")}}
+        log.info("rewrite Secret %s/%s with the current gateway credential", ns, name)
+    _remember(client, kube.SECRET, ours)
+    return secret or ours
 
 
 def _apply(
@@ -374,10 +228,10 @@ def _apply(
         assert manifest is not None
         created = client.create(action.kind, ns, prune(manifest))
         if created is None and action.kind is kube.SECRET:
-            # 409, and the operator may not read Secrets to tell whose it is: taken as its own. (The
-            # generated API-key Secret has a record that tells, see _generated_secret; this is the
-            # gateway-credential Secret, which has none: a Secret planted under its name would be
-            # mounted. Known gap, docs/operations.md.)
+            # 409, and the operator may not read Secrets to tell whose it is: taken as its own. (Not
+            # reached by the Secrets reconcile makes: the generated API-key Secret and the gateway-key
+            # Secret are created before the plan, by _generated_secret and _gateway_key_secret, which
+            # tell whose a 409 is.)
             _remember(client, kube.SECRET, {"metadata": {**prune(manifest)["metadata"]}})
             return deployment
         if created is None:  # it appeared since the read (409): observe the one that is there
@@ -472,11 +326,10 @@ def reconcile(
 
         observed[secret_key] = _generated_secret(md, client, desired, previous, record)
     gateway_key = (kube.SECRET.kind, names.gateway_key_secret_name(md))
-    if (
-        any(k is kube.SECRET and n == gateway_key[1] for k, n, _ in desired)
-        and observed.get(gateway_key) is None
-    ):
-        observed[gateway_key] = _gateway_key_secret(md, client, desired, observed.get(deployment_key))
+    if any(k is kube.SECRET and n == gateway_key[1] for k, n, _ in desired):
+        observed[gateway_key] = _gateway_key_secret(
+            md, client, desired, observed.get(gateway_key), observed.get(deployment_key)
+        )
     taken = conflicts(desired, observed, uid)
     if any(c.startswith(f"{kube.SECRET.kind}/") for c in taken):
         # someone else's Secret under the generated name: the instances must not mount it as their keys

