@@ -1,9 +1,9 @@
 """CPU peers, side by side: `berth serve` against transformers' and llama.cpp's servers, one run, one machine.
 
 Servers (one at a time, each on a free loopback port, stopped before the next starts):
-  berth            `berth serve` as shipped (its default --weight-format auto, torch's default threads)
-  berth-fast       `berth serve` in its fastest CPU configuration (default: --weight-format int8 on one torch
-                   thread, OMP_NUM_THREADS=1: on the shared 2 cores two threads waited on each other; not exact,
+  berth            `berth serve` as shipped (its default --weight-format auto, --threads auto)
+  berth-fast       `berth serve` in its fastest CPU configuration (default: --weight-format int8 --threads 1:
+                   on the shared 2 cores two threads waited on each other; not exact,
                    see tests/server/test_packed_weights.py; ``--fast-args``/``--fast-env`` change it)
   berth-gguf       `berth serve --weight-format gguf` on one torch thread (OMP_NUM_THREADS=1): the GGUF's own
                    Q4_1 linear weights as int4pack, bf16 activations (the same weights llama.cpp serves; not
@@ -357,12 +357,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument(
-        "--fast-args", nargs="*", default=["--weight-format", "int8"], help="berth-fast's extra flags"
+        "--fast-args",
+        nargs="*",
+        default=["--weight-format", "int8", "--threads", "1"],
+        help="berth-fast's extra flags",
     )
     p.add_argument(
         "--fast-env",
         nargs="*",
-        default=["OMP_NUM_THREADS=1"],
+        default=[],
         metavar="K=V",
         help="berth-fast's extra environment",
     )

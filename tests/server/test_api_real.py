@@ -439,6 +439,7 @@ def test_tgi_info_and_generate_route(server: ServerProcess) -> None:
     info = httpx.get(f"{server.base_url}/info", headers=headers).json()
     assert info["model_id"] == SERVED and info["max_total_tokens"] > info["max_input_tokens"] > 0
     assert info["backend"] == "native"
+    assert isinstance(info["threads"], int) and info["threads"] >= 1  # --threads auto's choice
     assert (
         server.metrics()[
             f'berth_model_info{{backend="native",device="cpu",dtype="float32",model="{SERVED}"}}'

@@ -114,6 +114,10 @@ class Runtime:
         from berth.server.loader import load_model
 
         s = self.settings
+        if s.threads != "auto":  # before the weights load; auto is timed once the engine's runner exists
+            from berth.server.engine.runner.threads import set_threads
+
+            set_threads(int(s.threads))
         model = load_model(
             s.model,
             served_name=s.served_model_name,
@@ -132,6 +136,7 @@ class Runtime:
             kv_cache_cpu_gib=s.kv_cache_cpu_gib,
             cuda_graphs=s.cuda_graphs,
             weight_format=s.weight_format,
+            threads=s.threads,
         )
         engine = Engine(model, config)
         engine.start()

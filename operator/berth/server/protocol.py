@@ -324,6 +324,7 @@ class TGIInfo(BaseModel):
     max_client_batch_size: int = 1
     router: str = "berth"
     backend: str | None = None  # Berth: the model runner (native | transformers)
+    threads: int | None = None  # Berth: torch threads (--threads; auto's choice)
     version: str
     sha: str | None = None
     docker_label: str | None = None

@@ -62,6 +62,11 @@ class ServerSettings(BaseSettings):
         "as they are, bf16 activations; not exact), or auto (fp32 or fp16, whichever decodes faster on this "
         "machine, timed at start-up and logged)",
     )
+    threads: str = Field(
+        "auto",
+        description="torch threads: N, or auto (one thread or every usable core, whichever decodes faster on "
+        "this machine, timed at start-up and logged; usable cores = the CPU affinity capped by a cgroup quota)",
+    )
     max_model_len: int | None = Field(None, ge=16, description="context length limit (default: the model's)")
     max_num_seqs: int = Field(32, ge=1, description="requests in the running batch at most")
     max_queue: int = Field(256, ge=0, description="requests waiting behind them at most; more get 429")
@@ -117,6 +122,14 @@ class ServerSettings(BaseSettings):
             if not sep or not name or not path:
                 raise ValueError(f"adapter {item!r} must look like name=dir")
         return value
+
+    @field_validator("threads")
+    @classmethod
+    def _check_threads(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value != "auto" and not (value.isdigit() and int(value) >= 1):
+            raise ValueError(f"threads must be auto or a positive integer, not {value!r}")
+        return value if value == "auto" else str(int(value))
 
     @field_validator("log_level")
     @classmethod

@@ -12,7 +12,7 @@ from typing import Any
 from berth.server.engine.detokenizer import Detokenizer
 from berth.server.engine.guided import Guides
 from berth.server.engine.kv_cache import BlockManager
-from berth.server.engine.runner import RUNNERS, runner_class
+from berth.server.engine.runner import RUNNERS, runner_class, threads
 from berth.server.engine.sampler import Sampler
 from berth.server.engine.scheduler import Scheduler
 from berth.server.engine.sequence import Sequence
@@ -68,6 +68,9 @@ class EngineCore:
         num_blocks = size_cache(model, config)
         self.bm = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.bm, config.max_num_seqs, config.max_num_batched_tokens)
+        explicit = threads.parse(config.threads) is not None
+        if explicit:  # before the weights are packed; auto times the runner's decode steps once it exists
+            self.threads, self.threads_reason = self._threads(None)
         self.runner = runner_class(model.backend, model.model)(
             model.model,
             num_blocks=num_blocks,
@@ -79,6 +82,8 @@ class EngineCore:
             max_num_seqs=config.max_num_seqs,
             max_model_len=model.max_model_len,
         )
+        if not explicit:
+            self.threads, self.threads_reason = self._threads(getattr(self.runner, "probe_step", None))
         self.detokenizer = Detokenizer(
             model.tokenizer, frozenset(model.eos_token_ids), self.runner.vocab_size
         )
@@ -92,6 +97,13 @@ class EngineCore:
                 self.capacity_tokens,
                 model.max_model_len,
             )
+
+    def _threads(self, probe: Any) -> tuple[int, str]:
+        n, why = threads.configure(
+            self.config.threads, device=self.model.device, probe=probe, max_num_seqs=self.config.max_num_seqs
+        )
+        logger.info("threads %d: %s", n, why)
+        return n, why
 
     @property
     def vocab_size(self) -> int:

@@ -78,6 +78,7 @@ class Engine:
                 "max_num_batched_tokens": str(config.max_num_batched_tokens),
                 "prefix_caching": str(config.enable_prefix_caching).lower(),
                 "weight_format": str(getattr(self._core.runner, "weight_format", "fp32")),
+                "threads": str(self._core.threads),
             },
         )
 

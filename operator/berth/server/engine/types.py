@@ -185,6 +185,8 @@ class EngineConfig:
     # Native backend on CPU (runner/packed.py): "fp32" (also "none": the model's own weights), "fp16", "bf16",
     # "int8" packed weights, or "auto" (fp32 or fp16, whichever decodes faster here, measured at start-up).
     weight_format: str = "fp32"
+    # torch threads (runner/threads.py): "auto" (1 or every usable core, timed at start-up), "N", or None (torch's).
+    threads: str | None = None
     seed: int = 0  # seeds the RNG that gives requests without a seed their own seed
     prepare_guided: bool = True  # build structured output's tokenizer tables when the engine starts
 

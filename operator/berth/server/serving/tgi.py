@@ -57,6 +57,7 @@ class TGIServing:
             max_input_tokens=max(1, m.info.max_model_len - 1),
             max_total_tokens=m.info.max_model_len,
             backend=m.info.backend,
+            threads=int(m.info.extra["threads"]) if "threads" in m.info.extra else None,
             version=version,
         )
 

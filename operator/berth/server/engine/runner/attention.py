@@ -136,7 +136,8 @@ def paged_attention(
         b, nb = g.block_tables.shape
         k = k_cache[g.block_tables].reshape(b, nb * block_size, kv_heads, head_dim)
         v = v_cache[g.block_tables].reshape(b, nb * block_size, kv_heads, head_dim)
-        qg = q[g.tok_idx]  # [B, Q, H, D]
+        # [B, Q, H, D]; a group holding every token in order is q itself (no gather)
+        qg = q.view(b, -1, num_heads, head_dim) if g.dst is None else q[g.tok_idx]
         o = F.scaled_dot_product_attention(
             qg.transpose(1, 2),
             k.transpose(1, 2),

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from berth.server.engine.families import NATIVE_MODEL_TYPES
-from berth.server.engine.runner import attention, gguf_q4
+from berth.server.engine.runner import attention, fused_layers, gguf_q4
 from berth.server.engine.runner import packed as weight_formats
 from berth.server.engine.runner.attention import AttnGroup
 from berth.server.engine.runner.packed import PACKED_FORMATS, WEIGHT_FORMATS, PackedLinear, pack_module
@@ -248,7 +248,7 @@ class ModelRunner:
         ) -> Callable[[int], None]:
             def step(b: int) -> None:
                 self.packed, self.packed_head = packs
-                self._probe_step(b)
+                self.probe_step(b)
 
             return step
 
@@ -259,7 +259,7 @@ class ModelRunner:
         return fmt, f"auto: {why}; measured in {time.perf_counter() - t0:.1f} s at start-up"
 
     @torch.inference_mode()
-    def _probe_step(self, b: int) -> None:
+    def probe_step(self, b: int) -> None:
         """One decode step of ``b`` rows on the scratch block (nothing else in the cache is touched)."""
         dev = self.device
         slot = self.scratch_block * self.block_size
@@ -377,7 +377,7 @@ class ModelRunner:
         cos = cos[0].unsqueeze(1)  # [T, 1, D]
         sin = sin[0].unsqueeze(1)
         if self.fused is not None and not adapter_rows:
-            h = self._layers_fused(h, cos, sin, slots, attend)
+            h = fused_layers.layers(self, h, cos, sin, slots, attend)
             return self._head(h, sample_idx)
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -412,47 +412,9 @@ class ModelRunner:
         return self._head(h, sample_idx)
 
     def _head(self, h: torch.Tensor, sample_idx: torch.Tensor | None) -> torch.Tensor:
-        last = self.norm(h if sample_idx is None else h.index_select(0, sample_idx))
+        last = fused_layers.rms_norm(self.norm, h if sample_idx is None else h.index_select(0, sample_idx))
         logits: torch.Tensor = self.lm_head(last) if self.packed_head is None else self.packed_head(last)
         return logits.float()
-
-    def _layers_fused(
-        self,
-        h: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        slots: torch.Tensor,
-        attend: Callable[[torch.Tensor, int], torch.Tensor],
-    ) -> torch.Tensor:
-        """The decoder layers with fused projections (no adapter rows): the same operations, fewer calls."""
-        assert self.fused is not None
-        t = h.shape[0]
-        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qwen3 = self.model_type == "qwen3"
-        for li, layer in enumerate(self.layers):
-            fl = self.fused[li]
-            x = layer.input_layernorm(h)
-            qkv = fl.qkv(x).view(t, nh + 2 * nkv, hd)
-            v = qkv[:, nh + nkv :]
-            if qwen3:
-                attn = layer.self_attn
-                q = attn.q_norm(qkv[:, :nh])
-                k = attn.k_norm(qkv[:, nh : nh + nkv])
-                q = q * cos + _rotate_half(q) * sin
-                k = k * cos + _rotate_half(k) * sin
-            else:  # q and k through the rotary embedding in one go
-                qk = qkv[:, : nh + nkv]
-                qk = qk * cos + _rotate_half(qk) * sin
-                q, k = qk[:, :nh], qk[:, nh:]
-            self.k_cache[li].view(-1, nkv, hd).index_copy_(0, slots, k)
-            self.v_cache[li].view(-1, nkv, hd).index_copy_(0, slots, v)
-            o = attend(q, li).reshape(t, nh * hd)
-            h = h + fl.o(o)
-            x = layer.post_attention_layernorm(h)
-            gu = fl.gate_up(x)
-            gate, up = gu[:, : fl.intermediate], gu[:, fl.intermediate :]
-            h = h + fl.down(layer.mlp.act_fn(gate) * up)
-        return h
 
     @torch.inference_mode()
     def execute(self, batch: Seq[ScheduledSeq]) -> torch.Tensor:
