@@ -177,13 +177,17 @@ def run_floor(cluster: harness.LocalCluster, count: int, timeout: float) -> dict
     }
 
 
+def _what(event: dict[str, Any]) -> str:
+    """The resource (and subresource) an audit event names; a non-resource request by its path."""
+    ref = event.get("objectRef") or {}
+    if not ref.get("resource"):
+        return str(event.get("requestURI", "")).split("?", 1)[0]
+    return str(ref["resource"]) + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+
+
 def operator_requests(events: list[dict[str, Any]], user: str) -> dict[str, Any]:
     mine = [e for e in events if harness.effective_user(e) == user and e.get("verb") != "watch"]
-    by = collections.Counter(
-        f"{e.get('verb')} {(e.get('objectRef') or {}).get('resource', '')}"
-        + (f"/{e['objectRef']['subresource']}" if (e.get("objectRef") or {}).get("subresource") else "")
-        for e in mine
-    )
+    by = collections.Counter(f"{e.get('verb')} {_what(e)}" for e in mine)
     writes = sum(1 for e in mine if e.get("verb") in WRITE_VERBS)
     lease = sum(1 for e in mine if (e.get("objectRef") or {}).get("resource") == "leases")
     return {

@@ -8,58 +8,18 @@ answer "idle", so the built-in autoscaler would scale down whenever it is not st
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import json
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from tests.metrics_stubs import Drip, Huge, Metrics, serve
+
 from .operator_proc import OperatorProcess, _free_port
 from .test_operator import apply, condition, get, md, wait_md
-
-
-class _Idle(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = b"berth_running_requests 0\nberth_waiting_requests 0\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-class _Drip(http.server.BaseHTTPRequestHandler):
-    """Headers, then one byte every 0.2 s for as long as the client stays."""
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.end_headers()
-        try:
-            while True:
-                self.wfile.write(b"#")
-                self.wfile.flush()
-                time.sleep(0.2)
-        except OSError:
-            pass
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-class _Huge(_Idle):
-    """10 MB of comment before the gauges."""
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.end_headers()
-        with contextlib.suppress(OSError):
-            self.wfile.write(b"# " + b"x" * (10 << 20) + b"\nberth_running_requests 0\n")
 
 
 class IdleMetrics:
@@ -69,12 +29,9 @@ class IdleMetrics:
         self.port = port
         self.servers: dict[str, http.server.HTTPServer] = {}
 
-    def serve(self, ip: str, handler: type[http.server.BaseHTTPRequestHandler] = _Idle) -> None:
+    def serve(self, ip: str, handler: type[http.server.BaseHTTPRequestHandler] = Metrics) -> None:
         assert ip.startswith("127."), f"pod IP {ip} is not on loopback"
-        server = http.server.ThreadingHTTPServer((ip, self.port), handler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        self.servers[ip] = server
+        self.servers[ip] = serve(handler, ip, self.port)
 
     def stop(self) -> None:
         for s in self.servers.values():
@@ -159,6 +116,20 @@ def test_unreadable_instances_are_named_in_the_autoscaling_condition(
     assert got["status"]["autoscaler"]["readPods"] == 2
 
 
+def _namespaced_hpa_lists(cluster: Any) -> float:
+    """LISTs of HorizontalPodAutoscalers in one namespace the API server has answered (its metrics)."""
+    text = cluster.kubectl("get", "--raw", "/metrics", check=True).stdout
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("apiserver_request_total{")
+        and all(
+            label in line
+            for label in ('resource="horizontalpodautoscalers"', 'verb="LIST"', 'scope="namespace"')
+        )
+    )
+
+
 def _failures(op: OperatorProcess, reason: str) -> float:
     return op.metrics().get(f"berth_operator_metrics_scrape_failures_total{{reason={reason}}}", 0.0)
 
@@ -172,8 +143,8 @@ def test_a_dripping_pod_and_a_10_mb_pod_do_not_slow_the_autoscaler(
     apply(cluster, namespace, md("noisy", capacity=2, auth={"mode": "none"}, autoscaling=autoscaling))
     wait_md(cluster, operator, namespace, "noisy", lambda s: s.get("readyCapacity") == 2, "2 ready")
     drip, huge = _pods(cluster, namespace, "noisy")
-    idle.serve(drip["status"]["podIP"], _Drip)
-    idle.serve(huge["status"]["podIP"], _Huge)
+    idle.serve(drip["status"]["podIP"], Drip)
+    idle.serve(huge["status"]["podIP"], Huge)
     both = sorted([drip["metadata"]["name"], huge["metadata"]["name"]])
     wait_md(
         cluster,
@@ -241,7 +212,12 @@ def test_an_hpa_on_the_model_deployment_is_reported_and_the_autoscaler_stands_as
     # every instance answers "idle": the built-in autoscaler would go down to 1 within a few ticks
     for p in _pods(cluster, namespace, "shared"):
         idle.serve(p["status"]["podIP"])
+    lists = _namespaced_hpa_lists(cluster)
     time.sleep(10)  # five autoscaler intervals, five times the scale-down delay
+    cluster.kubectl("get", "hpa", "-n", namespace, check=True)  # one LIST: the count counts
+    # the ticks read the HPA from the operator's watch cache: no LIST of HPAs per tick (one a tick
+    # would be about five more here; kube-controller-manager's informer lists cluster-wide)
+    assert 1 <= _namespaced_hpa_lists(cluster) - lists <= 2
     current = get(cluster, namespace, "md", "shared") or {}
     assert current["spec"]["capacity"] == 3
     assert "desiredCapacity" not in current["status"] and "lastScaleTime" not in current["status"]

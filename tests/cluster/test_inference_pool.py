@@ -48,6 +48,16 @@ def operator(
         yield op
 
 
+def _pool_status_when(cluster: Any, ns: str, name: str, field: str, value: str) -> dict[str, Any]:
+    """status.inferencePool of ``name`` once its ``field`` reads ``value`` (within 30 s)."""
+    found: dict[str, Any] = wait_for(
+        lambda: (s := _status(cluster, ns, name).get("inferencePool")) and s.get(field) == value and s,
+        timeout=30,
+        message=f"status.inferencePool {field}={value}",
+    )
+    return found
+
+
 def _status(cluster: Any, ns: str, name: str) -> dict[str, Any]:
     return (get(cluster, ns, "md", name) or {}).get("status") or {}
 
@@ -72,15 +82,7 @@ def test_inference_pool_is_made_surfaced_and_opted_out(
     )
     owner = pool["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"], owner["controller"]) == ("ModelDeployment", "chat", True)
-    status = wait_for(
-        lambda: (
-            (s := _status(cluster, namespace, "chat").get("inferencePool"))
-            and s.get("reason") == "NoGateway"
-            and s
-        ),
-        timeout=30,
-        message="status.inferencePool NoGateway",
-    )
+    status = _pool_status_when(cluster, namespace, "chat", "reason", "NoGateway")
     assert status["accepted"] == "Unknown" and status["name"] == "chat"
 
     # a gateway accepts the pool (what Istio or NGINX Gateway Fabric writes): the ModelDeployment says so
@@ -112,15 +114,7 @@ def test_inference_pool_is_made_surfaced_and_opted_out(
         json.dumps({"status": parents}),
     )
     assert r.returncode == 0, r.stderr
-    status = wait_for(
-        lambda: (
-            (s := _status(cluster, namespace, "chat").get("inferencePool"))
-            and s.get("accepted") == "True"
-            and s
-        ),
-        timeout=30,
-        message="status.inferencePool accepted",
-    )
+    status = _pool_status_when(cluster, namespace, "chat", "accepted", "True")
     assert status["message"] == "Gateway gw/inference: Accepted=True"
 
     # opt out: the pool goes, and the status with it

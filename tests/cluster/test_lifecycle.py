@@ -157,6 +157,19 @@ def _conditions(ready: bool, initialized: bool) -> list[dict[str, Any]]:
     ]
 
 
+def _container_status(name: str, image: str, state: dict[str, Any]) -> dict[str, Any]:
+    """A not-ready container's status in ``state`` (started when it is running)."""
+    return {
+        "name": name,
+        "image": image,
+        "imageID": "",
+        "ready": False,
+        "restartCount": 0,
+        "started": "running" in state,
+        "state": state,
+    }
+
+
 def _hf_md(name: str, **extra: Any) -> dict[str, Any]:
     return md(
         name,
@@ -193,26 +206,12 @@ def test_a_pod_inside_its_startup_budget_never_makes_the_phase_failed(
         "phase": "Pending",
         "conditions": _conditions(ready=False, initialized=False),
         "initContainerStatuses": [
-            {
-                "name": "download-model",
-                "image": init["image"],
-                "imageID": "",
-                "ready": False,
-                "restartCount": 0,
-                "started": True,
-                "state": {"running": {"startedAt": _now()}},
-            }
+            _container_status("download-model", init["image"], {"running": {"startedAt": _now()}})
         ],
         "containerStatuses": [
-            {
-                "name": "server",
-                "image": pod["spec"]["containers"][0]["image"],
-                "imageID": "",
-                "ready": False,
-                "restartCount": 0,
-                "started": False,
-                "state": {"waiting": {"reason": "PodInitializing"}},
-            }
+            _container_status(
+                "server", pod["spec"]["containers"][0]["image"], {"waiting": {"reason": "PodInitializing"}}
+            )
         ],
     }
     _set_pod_status(cluster, namespace, name, downloading)
@@ -339,15 +338,11 @@ def test_multi_attach_error_is_the_reason(
                 "phase": "Pending",
                 "conditions": _conditions(ready=False, initialized=True),
                 "containerStatuses": [
-                    {
-                        "name": "server",
-                        "image": pod["spec"]["containers"][0]["image"],
-                        "imageID": "",
-                        "ready": False,
-                        "restartCount": 0,
-                        "started": False,
-                        "state": {"waiting": {"reason": "ContainerCreating"}},
-                    }
+                    _container_status(
+                        "server",
+                        pod["spec"]["containers"][0]["image"],
+                        {"waiting": {"reason": "ContainerCreating"}},
+                    )
                 ],
             },
         )

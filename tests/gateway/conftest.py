@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import uvicorn
@@ -18,8 +18,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from berth.gateway.app import Gateway
 from berth.gateway.main import build
-from berth.gateway.registry import Endpoint, Instance, Key, Limits, Registry, hash_key
+from berth.gateway.registry import (
+    Endpoint,
+    Instance,
+    Key,
+    Limits,
+    Registry,
+    hash_key,
+    instance_credential,
+)
 from berth.gateway.settings import GatewaySettings
+
+if TYPE_CHECKING:
+    from berth.server.testing import ServerProcess
 
 
 def free_port() -> int:
@@ -189,3 +200,39 @@ def env(tmp_path: Any) -> Iterator[Env]:
 
 def limits(**kw: int) -> Limits:
     return Limits(kw.get("rpm"), kw.get("tpm"), kw.get("conc"))
+
+
+# A real `berth serve` (the built-in SmolLM2, served as "smol") behind a real gateway: one per test
+# module, so what a module reads from the server's metrics is its own traffic.
+REAL_MASTER = b"master-secret-real"
+REAL_TENANT = "bk-real-tenant"  # the tenant's key: opens the gateway, not the instance
+REAL_DIRECT = "sk-direct"  # a key of the instance itself, for asking the server directly
+REAL_KEY = ("team-a", "ci")  # (namespace, ApiKey) the gateway books the tenant's usage under
+REAL_KEY_ID = "ak-ci"
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    from berth.server.testing import ServerProcess
+
+    cred = instance_credential(REAL_MASTER, "team-a", "chat")
+    proc = ServerProcess(
+        ["--max-num-seqs", "4", "--device", "cpu", "--served-model-name", "smol"],
+        log_dir=tmp_path_factory.mktemp("gw-real"),
+        env={"BERTH_API_KEYS": f"berth-gateway:{cred},direct:{REAL_DIRECT}"},
+    )
+    with proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def real_gateway(real_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    master = tmp_path_factory.mktemp("gw-real-master") / "master"
+    master.write_bytes(REAL_MASTER)
+    app, gw = build(GatewaySettings(kubernetes=False, master_key_file=master))
+    gw.registry.put_instance(Instance("team-a", "chat", "smol"))
+    gw.registry.put_slice("team-a", "chat", "s", (Endpoint("127.0.0.1", real_server.port),))
+    gw.registry.put_key(Key(*REAL_KEY, REAL_KEY_ID, hash_key(REAL_TENANT)))
+    env = Env(gw, Server(app), {})
+    yield env
+    env.server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -37,6 +38,14 @@ def post(
     return httpx.post(
         env.server.url + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=10
     )
+
+
+def stream(
+    env: Env, body: dict[str, Any], path: str = "/v1/chat/completions", headers: dict[str, str] | None = None
+) -> contextlib.AbstractContextManager[httpx.Response]:
+    """A streamed POST with team-a's key (and ``headers``): ``with stream(...) as r``."""
+    auth = {"Authorization": f"Bearer {KEY_A}", **(headers or {})}
+    return httpx.stream("POST", env.server.url + path, json=body, headers=auth, timeout=10)
 
 
 def test_routes_full_and_bare_names_and_adapters(env: Env) -> None:
@@ -135,17 +144,11 @@ def test_least_outstanding_balancing_spreads_concurrent_streams(env: Env) -> Non
     ups = [env.add_upstream("team-a", "chat", f"team-a/chat/{i}", gate=gate) for i in range(2)]
     results: list[int] = []
 
-    def stream() -> None:
-        with httpx.stream(
-            "POST",
-            env.server.url + "/v1/chat/completions",
-            json={"model": "chat", "stream": True},
-            headers={"Authorization": f"Bearer {KEY_A}"},
-            timeout=10,
-        ) as r:
+    def one_stream() -> None:
+        with stream(env, {"model": "chat", "stream": True}) as r:
             results.append(len(b"".join(r.iter_raw())))
 
-    threads = [threading.Thread(target=stream) for _ in range(4)]
+    threads = [threading.Thread(target=one_stream) for _ in range(4)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 5
@@ -161,13 +164,7 @@ def test_least_outstanding_balancing_spreads_concurrent_streams(env: Env) -> Non
 def test_stream_is_not_buffered_and_usage_is_stripped_when_not_asked(env: Env) -> None:
     gate = threading.Event()
     up = env.add_upstream("team-a", "chat", "team-a/chat/0", gate=gate, chunks=3)
-    with httpx.stream(
-        "POST",
-        env.server.url + "/v1/chat/completions",
-        json={"model": "chat", "stream": True},
-        headers={"Authorization": f"Bearer {KEY_A}"},
-        timeout=10,
-    ) as r:
+    with stream(env, {"model": "chat", "stream": True}) as r:
         it = r.iter_raw()
         first = next(it)
         assert b"t0" in first
@@ -186,13 +183,7 @@ def test_stream_is_not_buffered_and_usage_is_stripped_when_not_asked(env: Env) -
 def test_stream_keeps_usage_when_the_client_asked(env: Env) -> None:
     env.add_upstream("team-a", "chat", "team-a/chat/0", prompt_tokens=7, completion_tokens=11)
     body = {"model": "chat", "stream": True, "stream_options": {"include_usage": True}}
-    with httpx.stream(
-        "POST",
-        env.server.url + "/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {KEY_A}"},
-        timeout=10,
-    ) as r:
+    with stream(env, body) as r:
         text = b"".join(r.iter_raw()).decode()
     events = [json.loads(line[6:]) for line in text.split("\n\n") if line.startswith("data: {")]
     assert events[-1]["usage"]["completion_tokens"] == 11
@@ -241,13 +232,7 @@ def test_concurrency_quota(env: Env) -> None:
     env.gw.registry.put_key(
         Key("team-a", "ci", "ak-a", hash_key(KEY_A), limits=Limits(max_concurrent_requests=1))
     )
-    with httpx.stream(
-        "POST",
-        env.server.url + "/v1/chat/completions",
-        json={"model": "chat", "stream": True},
-        headers={"Authorization": f"Bearer {KEY_A}"},
-        timeout=10,
-    ) as r:
+    with stream(env, {"model": "chat", "stream": True}) as r:
         it = r.iter_raw()  # keep the iterator: dropping it closes the response
         next(it)
         second = post(env, {"model": "chat"})
@@ -279,13 +264,7 @@ def test_bad_bodies_are_400(env: Env, body: bytes) -> None:
 def test_client_disconnect_releases_the_request(env: Env) -> None:
     gate = threading.Event()
     env.add_upstream("team-a", "chat", "team-a/chat/0", gate=gate)
-    with httpx.stream(
-        "POST",
-        env.server.url + "/v1/chat/completions",
-        json={"model": "chat", "stream": True},
-        headers={"Authorization": f"Bearer {KEY_A}"},
-        timeout=10,
-    ) as r:
+    with stream(env, {"model": "chat", "stream": True}) as r:
         assert b"t0" in next(r.iter_raw())  # the dropped iterator closes the connection
     deadline = time.monotonic() + 5
     while env.gw.q.in_flight("ak-a") and time.monotonic() < deadline:
@@ -333,13 +312,7 @@ def test_held_stream_gets_keepalives_then_the_answer(env: Env) -> None:
     _scaled_to_zero(env)
     env.gw.settings = env.gw.settings.model_copy(update={"keepalive_seconds": 0.1})
     threading.Timer(0.6, lambda: env.add_upstream("team-a", "chat", "team-a/chat/0")).start()
-    with httpx.stream(
-        "POST",
-        env.server.url + "/v1/chat/completions",
-        json={"model": "chat", "stream": True},
-        headers={"Authorization": f"Bearer {KEY_A}"},
-        timeout=10,
-    ) as r:
+    with stream(env, {"model": "chat", "stream": True}) as r:
         text = b"".join(r.iter_raw())
     assert text.startswith(b": keep-alive\n\n") and text.count(b": keep-alive") >= 3
     assert text.endswith(b"data: [DONE]\n\n") and b"t2" in text
@@ -359,13 +332,7 @@ def test_dashscope_native_route_is_routed_and_metered(env: Env) -> None:
     body = {"model": "chat", "input": {"prompt": "hi"}, "parameters": {}}
     r = post(env, body, path=path)
     assert r.status_code == 200 and r.json()["output"]["text"] == "hi"
-    with httpx.stream(
-        "POST",
-        env.server.url + path,
-        json=body,
-        timeout=10,
-        headers={"Authorization": f"Bearer {KEY_A}", "X-DashScope-SSE": "enable"},
-    ) as s:
+    with stream(env, body, path=path, headers={"X-DashScope-SSE": "enable"}) as s:
         text = b"".join(s.iter_raw())
         assert s.headers["x-dashscope-sse"] == "enable"
     assert text.count(b"event:result") == 3 and b'"output_tokens": 3' in text
@@ -381,13 +348,7 @@ DASHSCOPE = "/api/v1/services/aigc/text-generation/generation"
 def test_dashscope_stream_by_accept_header(env: Env) -> None:
     up = env.add_upstream("team-a", "chat", "team-a/chat/0", chunks=2)
     body = {"model": "chat", "input": {"prompt": "hi"}}
-    with httpx.stream(
-        "POST",
-        env.server.url + DASHSCOPE,
-        json=body,
-        timeout=10,
-        headers={"Authorization": f"Bearer {KEY_A}", "Accept": "text/event-stream"},
-    ) as s:
+    with stream(env, body, path=DASHSCOPE, headers={"Accept": "text/event-stream"}) as s:
         text = b"".join(s.iter_raw())
     assert text.count(b"event:result") == 2
     assert up.requests[0][0]["x-dashscope-sse"] == "enable"
@@ -417,12 +378,11 @@ def test_dashscope_route_errors_are_dashscope_shaped(env: Env) -> None:
 
 def test_dashscope_held_stream_wake_timeout_is_an_error_event(env: Env) -> None:
     _scaled_to_zero(env, timeout=0.3)
-    with httpx.stream(
-        "POST",
-        env.server.url + DASHSCOPE,
-        json={"model": "chat", "input": {"prompt": "hi"}},
-        timeout=10,
-        headers={"Authorization": f"Bearer {KEY_A}", "X-DashScope-SSE": "enable"},
+    with stream(
+        env,
+        {"model": "chat", "input": {"prompt": "hi"}},
+        path=DASHSCOPE,
+        headers={"X-DashScope-SSE": "enable"},
     ) as s:
         text = b"".join(s.iter_raw()).decode()
     assert "event:error\n:HTTP_STATUS/503\ndata:" in text

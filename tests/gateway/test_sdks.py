@@ -11,51 +11,19 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from berth.gateway.registry import Endpoint, Instance, Key, hash_key, instance_credential
 from berth.gateway.usage import Delta
-from berth.server.testing import ServerProcess
-from tests.gateway.conftest import Env, Server
+from tests.gateway.conftest import REAL_KEY, REAL_TENANT, Env
 
 pytestmark = pytest.mark.slow
 
-MASTER = b"master-secret-sdks"
-TENANT = "bk-sdk-tenant"
+TENANT = REAL_TENANT
 FRANCE = "What is the capital of France?"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    cred = instance_credential(MASTER, "team-a", "chat")
-    proc = ServerProcess(
-        ["--max-num-seqs", "4", "--device", "cpu", "--served-model-name", "smol"],
-        log_dir=tmp_path_factory.mktemp("gw-sdks"),
-        env={"BERTH_API_KEYS": f"berth-gateway:{cred}"},
-    )
-    with proc:
-        yield proc
-
-
-@pytest.fixture(scope="module")
-def gateway(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    from berth.gateway.main import build
-    from berth.gateway.settings import GatewaySettings
-
-    master = tmp_path_factory.mktemp("gw-sdks-master") / "master"
-    master.write_bytes(MASTER)
-    app, gw = build(GatewaySettings(kubernetes=False, master_key_file=master))
-    gw.registry.put_instance(Instance("team-a", "chat", "smol"))
-    gw.registry.put_slice("team-a", "chat", "s", (Endpoint("127.0.0.1", server.port),))
-    gw.registry.put_key(Key("team-a", "sdk", "ak-sdk", hash_key(TENANT)))
-    env = Env(gw, Server(app), {})
-    yield env
-    env.server.stop()
 
 
 def usage_after(env: Env, requests: int) -> Delta:
@@ -64,7 +32,7 @@ def usage_after(env: Env, requests: int) -> Delta:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         for key, delta in env.gw.usage.take().items():
-            assert key == ("team-a", "sdk")
+            assert key == REAL_KEY
             total.add(delta)
         if total.requests >= requests:
             return total
@@ -72,11 +40,11 @@ def usage_after(env: Env, requests: int) -> Delta:
     raise AssertionError(f"usage did not settle: {total}")
 
 
-def test_dashscope_generation_call(gateway: Env) -> None:
+def test_dashscope_generation_call(real_gateway: Env) -> None:
     dashscope = pytest.importorskip("dashscope")
-    gateway.gw.usage.take()
+    real_gateway.gw.usage.take()
     previous = dashscope.base_http_api_url
-    dashscope.base_http_api_url = f"{gateway.server.url}/api/v1"
+    dashscope.base_http_api_url = f"{real_gateway.server.url}/api/v1"
     try:
         resp = dashscope.Generation.call(
             model="smol", prompt=FRANCE, api_key=TENANT, max_tokens=10, temperature=0
@@ -111,16 +79,16 @@ def test_dashscope_generation_call(gateway: Env) -> None:
     finally:
         dashscope.base_http_api_url = previous
     told = [resp.usage, chat.usage, parts[-1].usage]
-    booked = usage_after(gateway, 3)
+    booked = usage_after(real_gateway, 3)
     assert booked.requests == 3
     assert booked.prompt_tokens == sum(u.input_tokens for u in told)
     assert booked.completion_tokens == sum(u.output_tokens for u in told)
 
 
-def test_zai_sdk_chat_completions(gateway: Env) -> None:
+def test_zai_sdk_chat_completions(real_gateway: Env) -> None:
     zai = pytest.importorskip("zai")
-    gateway.gw.usage.take()
-    client = zai.ZhipuAiClient(api_key=TENANT, base_url=f"{gateway.server.url}/v1", max_retries=0)
+    real_gateway.gw.usage.take()
+    client = zai.ZhipuAiClient(api_key=TENANT, base_url=f"{real_gateway.server.url}/v1", max_retries=0)
     messages = [{"role": "user", "content": FRANCE}]
     resp = client.chat.completions.create(
         model="team-a/smol", messages=messages, max_tokens=10, temperature=0
@@ -135,7 +103,7 @@ def test_zai_sdk_chat_completions(gateway: Env) -> None:
         if chunk.choices and chunk.choices[0].delta.content:
             streamed += chunk.choices[0].delta.content
     assert streamed == text
-    booked = usage_after(gateway, 2)
+    booked = usage_after(real_gateway, 2)
     assert booked.prompt_tokens == 2 * resp.usage.prompt_tokens
     assert booked.completion_tokens == 2 * resp.usage.completion_tokens
 
@@ -152,13 +120,13 @@ def _node_modules() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def test_node_openai_sdk_chat_and_stream(gateway: Env) -> None:
+def test_node_openai_sdk_chat_and_stream(real_gateway: Env) -> None:
     modules = _node_modules()
-    gateway.gw.usage.take()
+    real_gateway.gw.usage.take()
     env: dict[str, Any] = {
         **os.environ,
         "NODE_PATH": str(modules),
-        "BASE_URL": f"{gateway.server.url}/v1",
+        "BASE_URL": f"{real_gateway.server.url}/v1",
         "API_KEY": TENANT,
         "MODEL": "team-a/smol",
     }
@@ -174,6 +142,6 @@ def test_node_openai_sdk_chat_and_stream(gateway: Env) -> None:
     assert "Paris" in got["whole"] and got["finish"] in ("stop", "length")
     assert got["model"] == "smol"
     assert got["streamed"] == got["whole"] and got["chunks"] >= 3
-    booked = usage_after(gateway, 2)
+    booked = usage_after(real_gateway, 2)
     assert booked.prompt_tokens == 2 * got["usage"]["prompt_tokens"]
     assert booked.completion_tokens == 2 * got["usage"]["completion_tokens"]

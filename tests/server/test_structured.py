@@ -28,7 +28,7 @@ from openai import OpenAI
 from berth.server.app import Phase, ServerState, create_app
 from berth.server.auth import KeyStore
 from berth.server.engine import Engine, EngineConfig, EngineCore, GenerationRequest, SamplingParams
-from berth.server.engine.guided import schema_spec
+from berth.server.engine.guided import TokenBitmask, schema_spec
 from berth.server.engine.types import GuidedSpec, ParamError
 from berth.server.serving import Serving
 from berth.server.settings import ServerSettings
@@ -119,6 +119,44 @@ def test_regex_grammar(smollm2: LoadedModel, chat_ids: Callable[..., list[int]])
     )["re"]
     assert re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", _text(out)), _text(out)
     assert out[-1].finish_reason == "stop"
+
+
+def test_the_token_bitmask_is_allocated_once_and_reused_dirty_as_if_fresh(smollm2: LoadedModel) -> None:
+    import torch
+    import xgrammar as xgr
+
+    core = _core(smollm2)
+    vocab = core.runner.vocab_size
+    # two rows that allow different tokens: digits, and what opens a JSON object
+    guides = [
+        core.guides.guide(GuidedSpec("regex", r"[0-9]{3}-[a-z]{2,4}", param="grammar")),
+        core.guides.guide(schema_spec(CAT, "response_format")),
+    ]
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(0)).repeat(3, 1)  # equal rows
+    fresh = xgr.allocate_token_bitmask(3, vocab)
+    for r, g in zip((0, 2), guides, strict=True):
+        g.fill(fresh, r)
+    want = logits.clone()
+    xgr.apply_token_bitmask_inplace(want, fresh, vocab_size=vocab, indices=[0, 2])
+    assert torch.isinf(want[0]).sum() > 0 and not torch.equal(want[0].isinf(), want[2].isinf())
+
+    bitmask = TokenBitmask()
+    got = logits.clone()
+    bitmask.apply(got, [0, 2], guides)
+    assert torch.equal(got, want)
+    host = bitmask._host
+    assert host is not None
+    pointer = host.data_ptr()
+    host.fill_(0)  # what an earlier step might have left: every token forbidden, in every row
+    for batch in (3, 2, 3):  # smaller batches reuse the rows of the larger one
+        got = logits[:batch].clone()
+        bitmask.apply(got, [0, batch - 1], [guides[0], guides[1]])
+        assert torch.equal(got[0], want[0]) and torch.equal(got[batch - 1], want[2])
+        if batch == 3:
+            assert torch.equal(got[1], logits[1])  # an unguided row stays as it was
+        assert bitmask._host is host and host.data_ptr() == pointer
+    bitmask.apply(torch.randn(5, vocab), [4], [guides[0]])  # a larger batch: grown once
+    assert bitmask._host is not None and bitmask._host.shape[0] == 5
 
 
 @pytest.mark.parametrize(

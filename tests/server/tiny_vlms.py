@@ -5,6 +5,7 @@ processor, saved as a Hugging Face directory ``berth serve --model DIR`` loads.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,6 @@ QWEN25_VISION = {
     "fullatt_block_indexes": [1],
     "window_size": 56,
 }
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", *SPLIT_MODEL_TYPES)
 # Qwen3-VL-30B-A3B's text model: layer 0 dense, layer 1 a mixture of 4 experts (2 per token)
 QWEN3_MOE = {
     "moe_intermediate_size": 32,
@@ -63,148 +63,137 @@ GLM_MOE = {
 }
 
 
+QWEN3_VISION = {  # deepstack: vision layers 0 and 1 feed decoder layers 0 and 1
+    "depth": 2,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "out_hidden_size": 64,
+    "patch_size": 16,
+    "num_position_embeddings": 64,
+    "deepstack_visual_indexes": [0, 1],
+}
+GLM_VISION = {
+    "depth": 2,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "out_hidden_size": 64,
+    "image_size": 56,
+    "patch_size": 14,
+}
+# 32 px crops of 8 px patches, pixel-shuffled by 2: 4 image tokens per crop
+SPLIT_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
+QWEN_IDS = dict(
+    zip(
+        ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
+        QWEN_TOKENS,
+        strict=True,
+    )
+)
+GLM_IDS = dict(
+    zip(
+        ("image_start_token_id", "image_end_token_id", "image_token_id", "video_token_id"),
+        GLM_TOKENS,
+        strict=True,
+    )
+)
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+GLM_IMAGE = "<|begin_of_image|><|image|><|end_of_image|>"
+SPLIT_IDS = {"image_token_id": "<image>"}
+QWEN2_TEXT = {"rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
+QWEN2_PROCESSOR = ("qwen2_vl.image_processing_pil_qwen2_vl", "Qwen2VLImageProcessorPil")
+QWEN3_ROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+GLM_ROPE = {"rope_type": "default", "mrope_section": [1, 1, 2], "partial_rotary_factor": 0.5}
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one model type's tiny checkpoint is made."""
+
+    tokens: list[str]  # special tokens added to the tokenizer
+    ids: dict[str, str]  # config key -> the token whose id it holds
+    image: str  # what an image part stands for in the chat template
+    text: dict[str, Any]  # text_config beyond TEXT and vocab_size
+    vision: dict[str, Any]
+    processor: tuple[str, str]  # (module under transformers.models, class): the PIL image processor
+    processor_args: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)  # more top-level config
+
+
+def _qwen3(moe: bool) -> Family:
+    text = {"head_dim": 16, "rope_parameters": QWEN3_ROPE, **(QWEN3_MOE if moe else {})}
+    # 16 px patches: 32 px per merged patch
+    args = {
+        "patch_size": 16,
+        "min_pixels": 32 * 32 * 4,
+        "max_pixels": 32 * 32 * 16,
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+    }
+    return Family(QWEN_TOKENS, QWEN_IDS, QWEN_IMAGE, text, QWEN3_VISION, QWEN2_PROCESSOR, args)
+
+
+def _glm(moe: bool) -> Family:
+    text = {"head_dim": 16, "pad_token_id": 0, **(GLM_MOE if moe else {}), "rope_parameters": GLM_ROPE}
+    processor = ("glm4v.image_processing_pil_glm4v", "Glm4vImageProcessorPil")
+    args = {"size": {"shortest_edge": PIXELS["min_pixels"], "longest_edge": PIXELS["max_pixels"]}}
+    return Family(GLM_TOKENS, GLM_IDS, GLM_IMAGE, text, GLM_VISION, processor, args)
+
+
+def _split(processor: tuple[str, str]) -> Family:
+    # an image's longest edge is resized to 64 px: up to 2x2 crops plus the global image
+    args = {"size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 32}, "do_image_splitting": True}
+    text = {"model_type": "llama"}
+    config = {"scale_factor": 2}
+    return Family(SPLIT_TOKENS, SPLIT_IDS, "<image>", text, SPLIT_VISION, processor, args, config)
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen2_vl": Family(QWEN_TOKENS, QWEN_IDS, QWEN_IMAGE, QWEN2_TEXT, QWEN2_VISION, QWEN2_PROCESSOR, PIXELS),
+    "qwen2_5_vl": Family(
+        QWEN_TOKENS, QWEN_IDS, QWEN_IMAGE, QWEN2_TEXT, QWEN25_VISION, QWEN2_PROCESSOR, PIXELS
+    ),
+    "qwen3_vl": _qwen3(moe=False),
+    "qwen3_vl_moe": _qwen3(moe=True),
+    "glm4v": _glm(moe=False),
+    "glm4v_moe": _glm(moe=True),
+    "idefics3": _split(("idefics3.image_processing_pil_idefics3", "Idefics3ImageProcessorPil")),
+    "smolvlm": _split(("smolvlm.image_processing_pil_smolvlm", "SmolVLMImageProcessorPil")),
+}
+MODEL_TYPES = tuple(FAMILIES)
+
+
 def build(model_type: str, directory: Path, tokenizer: Any) -> Path:
     import copy
+    import importlib
 
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    family = FAMILIES[model_type]
     tok = copy.deepcopy(tokenizer)
     torch.manual_seed(0)
-    if model_type in ("qwen2_vl", "qwen2_5_vl"):
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        tok.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
-        ids = tok.convert_tokens_to_ids(QWEN_TOKENS)
-        config = AutoConfig.for_model(
-            model_type,
-            text_config={
-                **TEXT,
-                "vocab_size": len(tok),
-                "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
-            },
-            vision_config=QWEN2_VISION if model_type == "qwen2_vl" else QWEN25_VISION,
-            vision_start_token_id=ids[0],
-            vision_end_token_id=ids[1],
-            image_token_id=ids[2],
-            video_token_id=ids[3],
-        )
-        image = "<|vision_start|><|image_pad|><|vision_end|>"
-        tok.chat_template = CHAT_TEMPLATE.replace("{{ IMAGE }}", image)
-        processor: Any = Qwen2VLImageProcessorPil(**PIXELS)
-    elif model_type in ("qwen3_vl", "qwen3_vl_moe"):
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        tok.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
-        ids = tok.convert_tokens_to_ids(QWEN_TOKENS)
-        config = AutoConfig.for_model(
-            model_type,
-            text_config={
-                **TEXT,
-                "vocab_size": len(tok),
-                "head_dim": 16,
-                "rope_parameters": {
-                    "rope_type": "default",
-                    "mrope_section": [2, 3, 3],
-                    "mrope_interleaved": True,
-                },
-                **(QWEN3_MOE if model_type == "qwen3_vl_moe" else {}),
-            },
-            vision_config={  # deepstack: vision layers 0 and 1 feed decoder layers 0 and 1
-                "depth": 2,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_heads": 2,
-                "out_hidden_size": 64,
-                "patch_size": 16,
-                "num_position_embeddings": 64,
-                "deepstack_visual_indexes": [0, 1],
-            },
-            vision_start_token_id=ids[0],
-            vision_end_token_id=ids[1],
-            image_token_id=ids[2],
-            video_token_id=ids[3],
-        )
-        image = "<|vision_start|><|image_pad|><|vision_end|>"
-        tok.chat_template = CHAT_TEMPLATE.replace("{{ IMAGE }}", image)
-        # 16 px patches: 32 px per merged patch
-        processor = Qwen2VLImageProcessorPil(
-            patch_size=16,
-            min_pixels=32 * 32 * 4,
-            max_pixels=32 * 32 * 16,
-            image_mean=[0.5] * 3,
-            image_std=[0.5] * 3,
-        )
-    elif model_type in ("glm4v", "glm4v_moe"):
-        from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
-
-        tok.add_special_tokens({"additional_special_tokens": GLM_TOKENS})
-        ids = tok.convert_tokens_to_ids(GLM_TOKENS)
-        config = AutoConfig.for_model(
-            model_type,
-            text_config={
-                **TEXT,
-                "vocab_size": len(tok),
-                "head_dim": 16,
-                "pad_token_id": 0,
-                **(GLM_MOE if model_type == "glm4v_moe" else {}),
-                "rope_parameters": {
-                    "rope_type": "default",
-                    "mrope_section": [1, 1, 2],
-                    "partial_rotary_factor": 0.5,
-                },
-            },
-            vision_config={
-                "depth": 2,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_heads": 2,
-                "out_hidden_size": 64,
-                "image_size": 56,
-                "patch_size": 14,
-            },
-            image_start_token_id=ids[0],
-            image_end_token_id=ids[1],
-            image_token_id=ids[2],
-            video_token_id=ids[3],
-        )
-        image = "<|begin_of_image|><|image|><|end_of_image|>"
-        tok.chat_template = CHAT_TEMPLATE.replace("{{ IMAGE }}", image)
-        processor = Glm4vImageProcessorPil(
-            size={"shortest_edge": PIXELS["min_pixels"], "longest_edge": PIXELS["max_pixels"]}
-        )
-    elif model_type in SPLIT_MODEL_TYPES:
-        # 32 px crops of 8 px patches, pixel-shuffled by 2: 4 image tokens per crop; an image's longest
-        # edge is resized to 64 px: up to 2x2 crops plus the global image
-        if model_type == "idefics3":
-            from transformers.models.idefics3.image_processing_pil_idefics3 import (
-                Idefics3ImageProcessorPil as SplitProcessor,
-            )
-        else:
-            from transformers.models.smolvlm.image_processing_pil_smolvlm import (
-                SmolVLMImageProcessorPil as SplitProcessor,
-            )
-        tok.add_special_tokens({"additional_special_tokens": SPLIT_TOKENS})
-        config = AutoConfig.for_model(
-            model_type,
-            text_config={"model_type": "llama", **TEXT, "vocab_size": len(tok)},
-            vision_config={
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "image_size": 32,
-                "patch_size": 8,
-            },
-            scale_factor=2,
-            image_token_id=tok.convert_tokens_to_ids("<image>"),
-        )
-        tok.chat_template = CHAT_TEMPLATE.replace("{{ IMAGE }}", "<image>")
-        processor = SplitProcessor(
-            size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True
-        )
-    else:
-        raise ValueError(model_type)
+    tok.add_special_tokens({"additional_special_tokens": family.tokens})
+    config = AutoConfig.for_model(
+        model_type,
+        text_config={**TEXT, "vocab_size": len(tok), **family.text},
+        vision_config=family.vision,
+        **{key: tok.convert_tokens_to_ids(token) for key, token in family.ids.items()},
+        **family.config,
+    )
+    tok.chat_template = CHAT_TEMPLATE.replace("{{ IMAGE }}", family.image)
+    module, name = family.processor
+    processor = getattr(importlib.import_module(f"transformers.models.{module}"), name)(
+        **family.processor_args
+    )
     model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.pad_token_id = tok.eos_token_id
     model.save_pretrained(directory)

@@ -46,7 +46,7 @@ class RecordingKube:
     existing object, merge-patch semantics, generation bumps on spec changes.
     """
 
-    WRITES = ("create", "patch", "delete", "patch_status", "patch_scale")
+    WRITES = ("create", "patch", "json_patch", "delete", "patch_status", "patch_scale")
 
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -97,6 +97,31 @@ class RecordingKube:
         if "spec" in body:
             obj["metadata"]["generation"] = obj["metadata"].get("generation", 1) + 1
         return copy.deepcopy(obj)
+
+    def json_patch(
+        self, kind: kube.Kind, namespace: str, name: str, ops: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """RFC 6902 `test` and `replace` (all or nothing, as the API server does); the metadata back."""
+        self.calls.append(("json_patch", kind.kind, name, copy.deepcopy(ops)))
+        key = (kind.kind, namespace, name)
+        if key not in self.objects:
+            raise kube.NotFound(404, "NotFound", f"{name} not found")
+        obj = copy.deepcopy(self.objects[key])
+        for op in ops:
+            *parents, last = [p for p in op["path"].split("/")[1:]]
+            node: Any = obj
+            try:
+                for p in parents:
+                    node = node[int(p)] if isinstance(node, list) else node[p]
+                here = node[int(last)] if isinstance(node, list) else node[last]
+            except (KeyError, IndexError, TypeError, ValueError):
+                raise kube.Rejected(422, "Invalid", f"{op['op']} {op['path']}: no such path") from None
+            if op["op"] == "test" and here != op["value"]:
+                raise kube.Rejected(422, "Invalid", f"test {op['path']} failed")
+            if op["op"] == "replace":
+                node[int(last) if isinstance(node, list) else last] = op["value"]
+        self.objects[key] = obj
+        return {"metadata": copy.deepcopy(obj["metadata"])}
 
     def delete(self, kind: kube.Kind, namespace: str, name: str) -> None:
         self.calls.append(("delete", kind.kind, name, None))

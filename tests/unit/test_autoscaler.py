@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import http.server
 import itertools
-import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +21,7 @@ from berth.controller.autoscaler import (
     parse_in_flight,
 )
 from berth.controller.settings import OperatorSettings
+from tests.metrics_stubs import Drip, Huge, Metrics, serve
 
 from .conftest import RecordingKube, md_body
 
@@ -106,16 +105,8 @@ def test_parse_in_flight() -> None:
     assert parse_in_flight(text) == 5.0
 
 
-class _Metrics(http.server.BaseHTTPRequestHandler):
+class _Metrics(Metrics):
     body = b"berth_running_requests 4\nberth_waiting_requests 1\n"
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(self.body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 def _pod(name: str, ip: str, ready: bool) -> dict[str, Any]:
@@ -126,8 +117,7 @@ def _pod(name: str, ip: str, ready: bool) -> dict[str, Any]:
 
 
 def test_pod_metrics_source_reads_only_ready_pods() -> None:
-    server = http.server.HTTPServer(("127.0.0.1", 0), _Metrics)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve(_Metrics)
     try:
         port = server.server_address[1]
         pods = [_pod("a", "127.0.0.1", True), _pod("b", "127.0.0.1", False), _pod("c", "127.0.0.9", True)]
@@ -135,6 +125,34 @@ def test_pod_metrics_source_reads_only_ready_pods() -> None:
         assert got == {"a": 5.0}  # b is not ready; c does not answer
     finally:
         server.shutdown()
+
+
+def _autoscaled(
+    recording: RecordingKube,
+    capacity: int,
+    enabled: bool = True,
+    target: int | None = 8,
+    scale_down_delay: int | None = None,
+) -> dict[str, Any]:
+    """ModelDeployment team-a/chat of ``capacity``, autoscaled between 1 and 4 (``target`` in flight per
+    instance): recorded as it is in the API and returned as the tick reads it."""
+    autoscaling: dict[str, Any] = {"enabled": enabled, "minCapacity": 1, "maxCapacity": 4}
+    if target is not None:
+        autoscaling["targetInFlightPerInstance"] = target
+    if scale_down_delay is not None:
+        autoscaling["scaleDownDelaySeconds"] = scale_down_delay
+    body = md_body(spec={"capacity": capacity, "autoscaling": autoscaling})
+    recording.objects[("ModelDeployment", "team-a", "chat")] = copy.deepcopy(body)
+    return body
+
+
+def _ready_pods(recording: RecordingKube, *names: str) -> None:
+    """Ready pods of team-a/chat on 127.0.0.1."""
+    for name in names:
+        recording.objects[("Pod", "team-a", name)] = {
+            "metadata": {"name": name, "labels": {"berth.dev/model-deployment": "chat"}},
+            "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+        }
 
 
 class FixedLoad:
@@ -149,18 +167,7 @@ class FixedLoad:
 def test_tick_writes_scale_event_and_status_only_when_enabled(
     recording: RecordingKube, settings: OperatorSettings, enabled: bool
 ) -> None:
-    body = md_body(
-        spec={
-            "capacity": 1,
-            "autoscaling": {
-                "enabled": enabled,
-                "minCapacity": 1,
-                "maxCapacity": 4,
-                "targetInFlightPerInstance": 8,
-            },
-        }
-    )
-    recording.objects[("ModelDeployment", "team-a", "chat")] = copy.deepcopy(body)
+    body = _autoscaled(recording, 1, enabled=enabled)
     scaler = Autoscaler(recording, settings, FixedLoad({"p1": 24.0}))
     decision = scaler.tick(body, datetime(2026, 11, 23, 10, 0, tzinfo=UTC), 0.0)
     if not enabled:
@@ -182,43 +189,15 @@ def test_tick_writes_scale_event_and_status_only_when_enabled(
 def test_manual_scale_while_enabled_is_corrected(
     recording: RecordingKube, settings: OperatorSettings
 ) -> None:
-    body = md_body(
-        spec={
-            "capacity": 4,
-            "autoscaling": {
-                "enabled": True,
-                "minCapacity": 1,
-                "maxCapacity": 4,
-                "targetInFlightPerInstance": 8,
-                "scaleDownDelaySeconds": 0,
-            },
-        }
-    )
-    recording.objects[("ModelDeployment", "team-a", "chat")] = copy.deepcopy(body)
+    body = _autoscaled(recording, 4, scale_down_delay=0)
     scaler = Autoscaler(recording, settings, FixedLoad({"p1": 8.0}))
     decision = scaler.tick(body, datetime(2026, 11, 23, tzinfo=UTC), 0.0)
     assert decision is not None and decision.desired == 1  # the load wants 1; the autoscaler owns capacity
 
 
 def test_unanswering_ready_pods_count_as_loaded(recording: RecordingKube, settings: OperatorSettings) -> None:
-    body = md_body(
-        spec={
-            "capacity": 2,
-            "autoscaling": {
-                "enabled": True,
-                "minCapacity": 1,
-                "maxCapacity": 4,
-                "targetInFlightPerInstance": 8,
-                "scaleDownDelaySeconds": 0,
-            },
-        }
-    )
-    recording.objects[("ModelDeployment", "team-a", "chat")] = copy.deepcopy(body)
-    for name in ("p1", "p2"):
-        recording.objects[("Pod", "team-a", name)] = {
-            "metadata": {"name": name, "labels": {"berth.dev/model-deployment": "chat"}},
-            "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
-        }
+    body = _autoscaled(recording, 2, scale_down_delay=0)
+    _ready_pods(recording, *("p1", "p2"))
     # neither ready pod answers (overloaded, slow /metrics): each counts as 8 in flight, so no scale-down
     scaler = Autoscaler(recording, settings, FixedLoad({}))
     decision = scaler.tick(body, datetime(2026, 11, 23, tzinfo=UTC), 100.0)
@@ -231,13 +210,8 @@ def test_unanswering_ready_pods_count_as_loaded(recording: RecordingKube, settin
 
 
 def test_unreadable_pods_are_named_in_status(recording: RecordingKube, settings: OperatorSettings) -> None:
-    body = md_body(spec={"capacity": 2, "autoscaling": {"enabled": True, "minCapacity": 1, "maxCapacity": 4}})
-    recording.objects[("ModelDeployment", "team-a", "chat")] = copy.deepcopy(body)
-    for name in ("p1", "p2", "p3"):
-        recording.objects[("Pod", "team-a", name)] = {
-            "metadata": {"name": name, "labels": {"berth.dev/model-deployment": "chat"}},
-            "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
-        }
+    body = _autoscaled(recording, 2, target=None)
+    _ready_pods(recording, *("p1", "p2", "p3"))
     scaler = Autoscaler(recording, settings, FixedLoad({"p2": 3.0}))
     scaler.tick(body, datetime(2026, 11, 23, tzinfo=UTC), 0.0)
     seen = recording.objects[("ModelDeployment", "team-a", "chat")]["status"]["autoscaler"]
@@ -277,18 +251,7 @@ def test_hpas_targeting_matches_kind_group_and_name() -> None:
 def test_an_hpa_on_the_model_deployment_makes_the_autoscaler_stand_aside(
     recording: RecordingKube, settings: OperatorSettings
 ) -> None:
-    body = md_body(
-        spec={
-            "capacity": 1,
-            "autoscaling": {
-                "enabled": True,
-                "minCapacity": 1,
-                "maxCapacity": 4,
-                "targetInFlightPerInstance": 8,
-            },
-        }
-    )
-    recording.objects[("ModelDeployment", "team-a", "chat")] = copy.deepcopy(body)
+    body = _autoscaled(recording, 1)
     recording.objects[("HorizontalPodAutoscaler", "team-a", "chat-hpa")] = _hpa("chat-hpa", "chat")
     scaler = Autoscaler(recording, settings, FixedLoad({"p1": 24.0}))  # the load alone would ask for 3
     assert scaler.tick(body, datetime(2026, 11, 23, tzinfo=UTC), 0.0) is None
@@ -328,37 +291,8 @@ def test_parse_in_flight_refuses_what_is_not_a_load(text: str) -> None:
         parse_in_flight(text)
 
 
-class _Drip(http.server.BaseHTTPRequestHandler):
-    """A /metrics that sends its headers, then a byte every 0.2 s for ever (until the client leaves)."""
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.end_headers()
-        try:
-            while True:
-                self.wfile.write(b"#")
-                self.wfile.flush()
-                time.sleep(0.2)
-        except OSError:
-            pass
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-class _Huge(_Metrics):
-    body = b"# " + b"x" * (10 << 20) + b"\nberth_running_requests 1\n"  # 10 MB
-
-
-def _serve(handler: type[http.server.BaseHTTPRequestHandler]) -> http.server.HTTPServer:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 def test_a_dripping_and_a_huge_pod_cannot_stall_the_scrape() -> None:
-    servers = {name: _serve(h) for name, h in (("ok", _Metrics), ("drip", _Drip), ("huge", _Huge))}
+    servers = {name: serve(h) for name, h in (("ok", _Metrics), ("drip", Drip), ("huge", Huge))}
     try:
         # every pod on its own port: in_flight takes one port, so read them one source call each
         source = PodMetricsSource(timeout=1.0, concurrency=4, max_bytes=1 << 20)
@@ -379,7 +313,7 @@ def test_a_dripping_and_a_huge_pod_cannot_stall_the_scrape() -> None:
 
 
 def test_pods_are_read_concurrently() -> None:
-    slow = _serve(_Slow)
+    slow = serve(_Slow)
     try:
         pods = [_pod(f"p{i}", "127.0.0.1", True) for i in range(8)]
         t0 = time.monotonic()

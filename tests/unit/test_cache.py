@@ -3,7 +3,9 @@ relists after a watch expires, events only enqueue (a burst is one key), Events 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import queue
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -60,13 +62,8 @@ def test_store_indexes_by_owner_strips_managed_fields_and_keeps_the_newer_copy()
     assert [o["metadata"]["name"] for o in store.owned("team-a", "chat")] == ["chat-1", "chat-3"]
 
 
-class FakeSource:
-    """Scripted LIST results and WATCH streams; a stream may end with an exception."""
-
-    def __init__(self, lists: list[list[dict[str, Any]]], watches: list[list[Any]]) -> None:
-        self.lists = lists
-        self.watches = watches
-        self.calls: list[tuple[str, str]] = []
+class _Source:
+    """The Informer's Source over two hooks: ``listed`` answers a LIST, ``events`` streams a WATCH."""
 
     def list_page(
         self,
@@ -76,9 +73,7 @@ class FakeSource:
         metadata_only: bool = False,
         limit: int = 500,
     ) -> tuple[list[dict[str, Any]], str]:
-        items = self.lists.pop(0)
-        self.calls.append(("list", ""))
-        return copy.deepcopy(items), str(100 + len(self.calls))
+        return self.listed(kind, namespace, label_selector)
 
     def watch(
         self,
@@ -89,6 +84,33 @@ class FakeSource:
         timeout_seconds: int,
         metadata_only: bool = False,
     ) -> Iterator[dict[str, Any]]:
+        return self.events(kind, resource_version)
+
+    def listed(
+        self, kind: kube.Kind, namespace: str, label_selector: str
+    ) -> tuple[list[dict[str, Any]], str]:
+        raise NotImplementedError
+
+    def events(self, kind: kube.Kind, resource_version: str) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+
+class FakeSource(_Source):
+    """Scripted LIST results and WATCH streams; a stream may end with an exception."""
+
+    def __init__(self, lists: list[list[dict[str, Any]]], watches: list[list[Any]]) -> None:
+        self.lists = lists
+        self.watches = watches
+        self.calls: list[tuple[str, str]] = []
+
+    def listed(
+        self, kind: kube.Kind, namespace: str, label_selector: str
+    ) -> tuple[list[dict[str, Any]], str]:
+        items = self.lists.pop(0)
+        self.calls.append(("list", ""))
+        return copy.deepcopy(items), str(100 + len(self.calls))
+
+    def events(self, kind: kube.Kind, resource_version: str) -> Iterator[dict[str, Any]]:
         self.calls.append(("watch", resource_version))
         for event in self.watches.pop(0):
             if isinstance(event, Exception):
@@ -225,22 +247,25 @@ def test_the_event_recorder_sends_an_identical_event_once_per_window() -> None:
     assert sent == ["quota", "another message", "quota"] and recorder.suppressed == 4
 
 
-class LiveApi(RecordingKube):
+class LiveApi(_Source, RecordingKube):
     """A RecordingKube that also serves LIST and WATCH: every write becomes a watch event."""
 
-    def __init__(self) -> None:
+    def __init__(self, forbidden: tuple[str, ...] = ()) -> None:
         super().__init__()
-        import queue as queue_module
-
         self.version = 0
-        self.streams: dict[str, list[queue_module.Queue[dict[str, Any] | None]]] = {}
-        self._queue_module = queue_module
+        self.streams: dict[str, list[queue.Queue[dict[str, Any] | None]]] = {}
+        self.forbidden = forbidden  # kinds whose WATCH the RBAC refuses (403)
 
     def _event(self, kind: str, type_: str, obj: dict[str, Any]) -> None:
         self.version += 1
         obj["metadata"]["resourceVersion"] = str(self.version)
         for q in self.streams.get(kind, []):
             q.put({"type": type_, "object": copy.deepcopy(obj)})
+
+    def _modified(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any]:
+        obj = self.objects[(kind.kind, namespace, name)]
+        self._event(kind.kind, "MODIFIED", obj)
+        return copy.deepcopy(obj)
 
     def create(
         self, kind: kube.Kind, namespace: str, body: dict[str, Any], dry_run: bool = False
@@ -255,47 +280,50 @@ class LiveApi(RecordingKube):
 
     def patch(self, kind: kube.Kind, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         super().patch(kind, namespace, name, body)
-        obj = self.objects[(kind.kind, namespace, name)]
-        self._event(kind.kind, "MODIFIED", obj)
-        return copy.deepcopy(obj)
+        return self._modified(kind, namespace, name)
 
     def patch_status(
         self, kind: kube.Kind, namespace: str, name: str, status: dict[str, Any]
     ) -> dict[str, Any]:
         super().patch_status(kind, namespace, name, status)
-        obj = self.objects[(kind.kind, namespace, name)]
-        self._event(kind.kind, "MODIFIED", obj)
-        return copy.deepcopy(obj)
+        return self._modified(kind, namespace, name)
 
-    def list_page(
-        self,
-        kind: kube.Kind,
-        namespace: str,
-        label_selector: str,
-        metadata_only: bool = False,
-        limit: int = 500,
+    def listed(
+        self, kind: kube.Kind, namespace: str, label_selector: str
     ) -> tuple[list[dict[str, Any]], str]:
         return self.list(kind, namespace, label_selector), str(self.version)
 
-    def watch(
-        self,
-        kind: kube.Kind,
-        namespace: str,
-        label_selector: str,
-        resource_version: str,
-        timeout_seconds: int,
-        metadata_only: bool = False,
-    ) -> Iterator[dict[str, Any]]:
-        q: Any = self._queue_module.Queue()
+    def events(self, kind: kube.Kind, resource_version: str) -> Iterator[dict[str, Any]]:
+        if kind.kind in self.forbidden:
+            raise kube.Forbidden(403, "Forbidden", f"cannot watch resource {kind.plural!r}")
+        q: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.streams.setdefault(kind.kind, []).append(q)
         while True:
             try:
                 event = q.get(timeout=0.2)
-            except self._queue_module.Empty:
+            except queue.Empty:
                 continue
             if event is None:
                 return
             yield event
+
+    def close(self) -> None:
+        """Ends every open watch stream."""
+        for streams in self.streams.values():
+            for q in streams:
+                q.put(None)
+
+
+@contextlib.contextmanager
+def watching(api: LiveApi, settings: OperatorSettings) -> Iterator[OperatorContext]:
+    """An operator context whose informers list and watch ``api``; stopped (streams ended) on exit."""
+    ctx = OperatorContext.create(settings, client=api)
+    ctx.source_factory = lambda: api
+    try:
+        yield ctx
+    finally:
+        ctx.stop()
+        api.close()
 
 
 def test_end_to_end_in_process_a_new_model_deployment_is_reconciled_once_its_event_arrives(
@@ -306,11 +334,9 @@ def test_end_to_end_in_process_a_new_model_deployment_is_reconciled_once_its_eve
     import time
 
     api = LiveApi()
-    ctx = OperatorContext.create(settings.model_copy(update={"workers": 2}), client=api)
-    ctx.source_factory = lambda: api
-    ctx.child_event_delay = 0.05
-    assert ctx.queue is not None
-    try:
+    with watching(api, settings.model_copy(update={"workers": 2})) as ctx:
+        ctx.child_event_delay = 0.05
+        assert ctx.queue is not None
         assert ctx.start_watches(sync_timeout=5)
         ctx.queue.start()
         body = md_body(spec={"capacity": 1})
@@ -337,25 +363,68 @@ def test_end_to_end_in_process_a_new_model_deployment_is_reconciled_once_its_eve
         while not ctx.queue.idle():
             time.sleep(0.02)
         assert api.calls == []
-    finally:
-        ctx.stop()
-        for streams in api.streams.values():
-            for q in streams:
-                q.put(None)
 
 
 def test_inference_pools_are_watched_where_the_cluster_serves_them(settings: OperatorSettings) -> None:
     api = LiveApi()
     api.objects[("APIResourceList", "", "")] = {"resources": [{"name": "inferencepools"}]}  # the CRD
-    ctx = OperatorContext.create(settings, client=api)
-    ctx.source_factory = lambda: api
-    try:
+    with watching(api, settings) as ctx:
         assert ctx.start_watches(sync_timeout=5)
         assert "InferencePool" in ctx.caches.specs
         api.clear()
         assert ctx.client.get(kube.INFERENCE_POOL, "team-a", "chat") is None and api.calls == []
-    finally:
-        ctx.stop()
-        for streams in api.streams.values():
-            for q in streams:
-                q.put(None)
+
+
+HPA_ON_CHAT = {
+    "apiVersion": "autoscaling/v2",
+    "kind": "HorizontalPodAutoscaler",
+    "metadata": {"name": "chat-hpa", "namespace": "team-a"},
+    "spec": {
+        "scaleTargetRef": {"apiVersion": "berth.dev/v1alpha1", "kind": "ModelDeployment", "name": "chat"},
+        "maxReplicas": 3,
+    },
+}
+
+
+def _autoscaled_with_an_hpa(api: LiveApi) -> dict[str, Any]:
+    body = md_body(spec={"capacity": 1, "autoscaling": {"enabled": True, "minCapacity": 1, "maxCapacity": 4}})
+    api.objects[("ModelDeployment", "team-a", "chat")] = copy.deepcopy(body)
+    api.objects[("HorizontalPodAutoscaler", "team-a", "chat-hpa")] = copy.deepcopy(HPA_ON_CHAT)
+    return body
+
+
+def test_an_autoscaler_tick_reads_the_hpas_from_the_watch_cache(settings: OperatorSettings) -> None:
+    """No LIST of HorizontalPodAutoscalers per tick: the watch brings them, and their deletion."""
+    import time
+
+    api = LiveApi()
+    body = _autoscaled_with_an_hpa(api)
+    with watching(api, settings) as ctx:
+        assert ctx.start_watches(sync_timeout=5)
+        api.clear()
+        for t in range(3):
+            assert ctx.autoscaler.tick(body, NOW, float(t)) is None  # stands aside for chat-hpa
+        status = api.objects[("ModelDeployment", "team-a", "chat")]["status"]["autoscaler"]
+        assert status["externalAutoscaler"] == "HorizontalPodAutoscaler/chat-hpa"
+        # the HPA goes: its DELETED event empties the cache, and the autoscaler decides again
+        gone = api.objects.pop(("HorizontalPodAutoscaler", "team-a", "chat-hpa"))
+        api._event("HorizontalPodAutoscaler", "DELETED", gone)
+        hpas = ctx.caches.stores["HorizontalPodAutoscaler"]
+        deadline = time.monotonic() + 5
+        while len(hpas) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        decision = ctx.autoscaler.tick(body, NOW, 3.0)
+        assert decision is not None and decision.desired == 1
+        assert [c for c in api.calls if c[0] in ("get", "list")] == []  # every read from the caches
+
+
+def test_where_the_rbac_refuses_the_hpa_watch_the_tick_lists_them(settings: OperatorSettings) -> None:
+    """An older chart (HPAs: list, no watch): the caches still sync, and HPAs are read from the API."""
+    api = LiveApi(forbidden=("HorizontalPodAutoscaler",))
+    body = _autoscaled_with_an_hpa(api)
+    with watching(api, settings) as ctx:
+        assert ctx.start_watches(sync_timeout=5)
+        assert ctx.caches.stores["HorizontalPodAutoscaler"].forbidden
+        api.clear()
+        assert ctx.autoscaler.tick(body, NOW, 0.0) is None  # still stands aside for chat-hpa
+        assert [c[:2] for c in api.calls if c[0] in ("get", "list")] == [("list", "HorizontalPodAutoscaler")]

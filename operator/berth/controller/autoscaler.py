@@ -33,9 +33,10 @@ from typing import Any, Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from berth.api.models import GROUP, KIND, AutoscalerStatus, ModelDeployment, ModelDeploymentStatus
+from berth.api.models import AutoscalerStatus, ModelDeployment, ModelDeploymentStatus
 from berth.controller import kube, metrics, names
 from berth.controller.events import EventSpec, emit
+from berth.controller.hpas import HPA, hpas_targeting
 from berth.controller.settings import OperatorSettings
 from berth.controller.status import format_time
 
@@ -43,20 +44,6 @@ log = logging.getLogger(__name__)
 
 # Server gauges that make up "in flight" (operator/berth/server/metrics.py).
 IN_FLIGHT_METRICS = ("berth_running_requests", "berth_waiting_requests")
-
-HPA = kube.Kind("HorizontalPodAutoscaler", "apis/autoscaling/v2", "horizontalpodautoscalers")
-
-
-def hpas_targeting(hpas: list[dict[str, Any]], name: str) -> list[str]:
-    """Names of the HPAs (autoscaling/v2 objects of one namespace) whose scaleTargetRef is the
-    ModelDeployment `name` (any berth.dev version), sorted."""
-    found = []
-    for hpa in hpas:
-        ref = (hpa.get("spec") or {}).get("scaleTargetRef") or {}
-        group = str(ref.get("apiVersion") or "").partition("/")[0]
-        if ref.get("kind") == KIND and ref.get("name") == name and group == GROUP:
-            found.append(str((hpa.get("metadata") or {}).get("name")))
-    return sorted(found)
 
 
 @dataclass(frozen=True)
@@ -367,7 +354,10 @@ class Autoscaler:
         self.states.pop((namespace, name), None)
 
     def _external(self, md: ModelDeployment) -> str | None:
-        """The "HorizontalPodAutoscaler/<name>" of each HPA that targets this ModelDeployment, or None."""
+        """The "HorizontalPodAutoscaler/<name>" of each HPA that targets this ModelDeployment, or None.
+
+        The operator's client reads HPAs from its watch cache; only where the RBAC does not allow the
+        watch does this LIST them from the API."""
         try:
             hpas = self.client.list(HPA, md.namespace, "")
         except kube.Forbidden as e:  # an RBAC without the rule (older chart): scale, but say so once

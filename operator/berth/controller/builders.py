@@ -11,6 +11,7 @@ the model source, auth, resources, probes and security contexts); the other chil
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from typing import Any
 
@@ -168,9 +169,32 @@ def build_gateway_key_secret(md: ModelDeployment, credential: str) -> Manifest |
     }
 
 
-def mount_gateway_key(deployment: Manifest, md: ModelDeployment) -> Manifest:
+# The Deployment's record of the credential its gateway-key Secret holds: a fingerprint, on the
+# Deployment's own metadata. Not on the pod template (a new value would roll every pod, and the
+# server reloads its key directory without one), not in the ModelDeployment's status (a CRD field,
+# recomputed each reconcile): the Deployment is the operator's own object, in its watch cache, and
+# the plan's merge patch advances the record only after the Secret was written with that credential
+# (reconcile.py: someone else's Secret keeps the Deployment out of the plan). A new Deployment is
+# created with the record of the Secret it mounts. (A Deployment annotation bumps its generation, and
+# the deployment controller copies it onto the ReplicaSet; the pod template and its hash stay.)
+GATEWAY_KEY_FINGERPRINT = "berth.dev/gateway-key-sha256"
+
+
+def gateway_key_fingerprint(credential: str) -> str:
+    """The first 16 hex digits of SHA-256(credential): tells credentials apart and reveals nothing of
+    one (the credential is a 256-bit HMAC output, not guessable from its hash)."""
+    return hashlib.sha256(credential.encode()).hexdigest()[:16]
+
+
+def gateway_credential(secret: Manifest) -> str:
+    """The credential a build_gateway_key_secret manifest holds."""
+    return base64.b64decode(secret["data"][GATEWAY_KEY_ID]).decode()
+
+
+def mount_gateway_key(deployment: Manifest, md: ModelDeployment, credential: str) -> Manifest:
     """The Deployment with its API-key volume projected from the instance's keys *and* the gateway
-    key Secret, so the server, which reads one directory, accepts both. Unchanged when auth is off."""
+    key Secret, so the server, which reads one directory, accepts both, and the fingerprint of the
+    credential in its metadata (GATEWAY_KEY_FINGERPRINT). Unchanged when auth is off."""
     keys = names.api_key_secret_name(md)
     if keys is None:
         return deployment
@@ -192,8 +216,14 @@ def mount_gateway_key(deployment: Manifest, md: ModelDeployment) -> Manifest:
     template = deployment["spec"]["template"]
     pod = template["spec"]
     volumes = [volume if v.get("name") == "api-keys" else v for v in pod.get("volumes") or []]
+    metadata = deployment["metadata"]
+    annotations = {
+        **(metadata.get("annotations") or {}),
+        GATEWAY_KEY_FINGERPRINT: gateway_key_fingerprint(credential),
+    }
     return {
         **deployment,
+        "metadata": {**metadata, "annotations": annotations},
         "spec": {**deployment["spec"], "template": {**template, "spec": {**pod, "volumes": volumes}}},
     }
 

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from berth.api.models import API_VERSION, KIND
 from berth.controller import kube, names
+from berth.controller.hpas import HPA
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class Store:
         self._owned: dict[Key, set[str]] = {}  # (namespace, owner) -> names
         self._lock = threading.Lock()
         self.synced = threading.Event()  # set after the first complete LIST
+        self.forbidden = False  # an optional kind the operator may not watch: CachedKube asks the API
 
     def __len__(self) -> int:
         with self._lock:
@@ -219,6 +221,7 @@ class InformerSpec:
     metadata_only: bool = False
     transform: Transform = strip
     by_owner: bool = True
+    optional: bool = False  # a 403 (the RBAC lacks the rule) ends the watch; reads then go to the API
 
 
 class Informer:
@@ -315,6 +318,11 @@ class Informer:
                 log.info("%s watch expired; listing again", self.spec.kind.kind)
                 self.resource_version = ""
             except Exception as e:  # API server away, connection broken: list again after a pause
+                if self.spec.optional and isinstance(e, kube.Forbidden):
+                    log.warning("%s watch forbidden (%s): reading them from the API", self.spec.kind.kind, e)
+                    self.store.forbidden = True
+                    self.store.synced.set()
+                    return
                 self.resource_version = ""
                 delay = self.retry(failures)
                 failures += 1
@@ -377,7 +385,8 @@ class Caches:
 
 
 def operator_specs() -> list[InformerSpec]:
-    """What the operator watches: its ModelDeployments and the children they own (by the managed-by label)."""
+    """What the operator watches: its ModelDeployments, the children they own (by the managed-by label)
+    and the HorizontalPodAutoscalers of their namespaces."""
     managed = ",".join(f"{k}={v}" for k, v in names.MANAGED_LABELS.items())
     return [
         InformerSpec(kube.MODEL_DEPLOYMENT, by_owner=False, transform=strip_md),
@@ -386,6 +395,8 @@ def operator_specs() -> list[InformerSpec]:
         InformerSpec(kube.NETWORK_POLICY, managed),
         InformerSpec(kube.PDB, managed),
         InformerSpec(kube.POD, managed, transform=strip_pod),
+        # every HPA (anyone's): the autoscaler stands aside for one that targets a ModelDeployment
+        InformerSpec(HPA, by_owner=False, optional=True),
     ]
 
 
@@ -426,7 +437,7 @@ class CachedKube:
 
     def list(self, kind: kube.Kind, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         store = self.caches.store(kind)
-        if store is None or kind.kind not in self.caches.specs:
+        if store is None or kind.kind not in self.caches.specs or store.forbidden:
             return self.client.list(kind, namespace, label_selector)
         wanted = dict(p.split("=", 1) for p in label_selector.split(",")) if label_selector else {}
         owner = wanted.get(names.SELECTOR_LABEL)
@@ -461,6 +472,11 @@ class CachedKube:
 
     def patch(self, kind: kube.Kind, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         patched = self.client.patch(kind, namespace, name, body)
+        self.remember(kind, patched)
+        return patched
+
+    def json_patch(self, kind: kube.Kind, namespace: str, name: str, ops: kube.JsonPatch) -> dict[str, Any]:
+        patched = self.client.json_patch(kind, namespace, name, ops)
         self.remember(kind, patched)
         return patched
 

@@ -22,6 +22,9 @@ from berth.controller.backoff import TokenBucket
 log = logging.getLogger(__name__)
 
 
+JsonPatch = list[dict[str, Any]]  # RFC 6902 operations
+
+
 @dataclass(frozen=True)
 class Kind:
     """A namespaced resource: REST prefix ("api/v1", "apis/apps/v1") and plural."""
@@ -133,6 +136,11 @@ class Kube(Protocol):
 
     def patch(self, kind: Kind, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]: ...
 
+    def json_patch(self, kind: Kind, namespace: str, name: str, ops: JsonPatch) -> dict[str, Any]:
+        """Apply a JSON Patch (RFC 6902) atomically; the object's metadata only comes back (a Secret's
+        data is never received). A failing `test` op: Rejected (422), nothing written."""
+        ...
+
     def delete(self, kind: Kind, namespace: str, name: str) -> None: ...
 
     def patch_status(
@@ -159,6 +167,8 @@ def _path(kind: Kind, namespace: str, name: str | None = None, sub: str | None =
 # The Accept header that makes the API server send PartialObjectMetadata(List): metadata only.
 METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
 METADATA_ONLY_WATCH = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
+# One object's metadata (a write's response): PartialObjectMetadata, with no fallback to the full object.
+METADATA_ONLY_OBJECT = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
 class KubeClient:
@@ -360,6 +370,16 @@ class KubeClient:
         return self._call(
             "PATCH", _path(kind, namespace, name), body=body, content_type="application/merge-patch+json"
         )
+
+    def json_patch(self, kind: Kind, namespace: str, name: str, ops: JsonPatch) -> dict[str, Any]:
+        response = self._send(
+            "PATCH",
+            _path(kind, namespace, name),
+            body=ops,
+            content_type="application/json-patch+json",
+            accept=METADATA_ONLY_OBJECT,
+        )
+        return self._payload(int(response.status), response.read(), response.getheader("Retry-After"))
 
     def delete(self, kind: Kind, namespace: str, name: str) -> None:
         with contextlib.suppress(NotFound):  # gone already: success for a delete

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from berth.api.models import KIND
 from berth.api.quantity import parse_quantity
-from berth.controller import names
+from berth.controller import builders, names
 
 if TYPE_CHECKING:
     from berth.controller import kube
@@ -182,3 +182,34 @@ def owned_by(obj: dict[str, Any], owner_uid: str | None) -> bool:
         r.get("kind") == KIND and r.get("controller") and (owner_uid is None or r.get("uid") == owner_uid)
         for r in refs
     )
+
+
+def gateway_key_rewrite(
+    secret: dict[str, Any] | None, deployment: dict[str, Any] | None, owner_uid: str
+) -> list[dict[str, Any]] | None:
+    """The JSON Patch that writes the desired gateway-key Secret's credential (`secret`, the manifest;
+    None: no key wanted, as without a master key or with auth off) over the existing Secret of that
+    name; None when nothing is to be written: this ModelDeployment's Deployment records the
+    fingerprint of that credential (builders.GATEWAY_KEY_FINGERPRINT), so its Secret holds it.
+
+    The patch first tests the Secret's controller uid: the API server applies the ops atomically and
+    refuses them all (422) when the Secret is not this ModelDeployment's, so the operator overwrites no
+    Secret it does not own, although it cannot read one."""
+    if secret is None:
+        return None
+    credential = builders.gateway_credential(secret)
+    recorded = ((deployment or {}).get("metadata") or {}).get("annotations") or {}
+    if (
+        deployment is not None
+        and owned_by(deployment, owner_uid)
+        and recorded.get(builders.GATEWAY_KEY_FINGERPRINT) == builders.gateway_key_fingerprint(credential)
+    ):
+        return None
+    return [
+        {"op": "test", "path": "/metadata/ownerReferences/0/uid", "value": owner_uid},
+        {
+            "op": "replace",
+            "path": f"/data/{builders.GATEWAY_KEY_ID}",
+            "value": secret["data"][builders.GATEWAY_KEY_ID],
+        },
+    ]

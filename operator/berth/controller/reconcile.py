@@ -19,7 +19,7 @@ from berth.controller import builders, inference_pool, kube, names, policy
 from berth.controller.cache import CachedKube
 from berth.controller.diagnosis import CHILD_CONFLICT, pod_events_needed, volume_events
 from berth.controller.events import EventRecorder, EventSpec, emit, status_events
-from berth.controller.plan import Action, Desired, conflicts, owned_by, plan, prune
+from berth.controller.plan import Action, Desired, conflicts, gateway_key_rewrite, owned_by, plan, prune
 from berth.controller.settings import OperatorSettings
 from berth.controller.status import Observed, compute_status, managed_status
 from berth.gateway.registry import instance_credential
@@ -42,8 +42,8 @@ def generate_api_key() -> str:
 def gateway_key_child(md: ModelDeployment, settings: OperatorSettings) -> Desired:
     """The instance's gateway-credential Secret ([] when no gateway master key is mounted or auth is off).
 
-    Created once like every Secret: after rotating the master key, delete the ``<name>-gateway-key``
-    Secrets and the operator writes them anew."""
+    The master key file is read in every reconcile: after a rotation (the kubelet updates the mounted
+    file) the next one wants the new credential, and `_gateway_key_secret` rewrites the Secret."""
     master = settings.gateway_master_key()
     if master is None:
         return []
@@ -60,8 +60,9 @@ def desired_children(md: ModelDeployment, settings: OperatorSettings, api_key: C
     gateway_key = gateway_key_child(md, settings)
     children += gateway_key
     deployment = builders.build_deployment(md, settings)
-    if gateway_key:
-        deployment = builders.mount_gateway_key(deployment, md)
+    for _, _, secret in gateway_key:
+        assert secret is not None
+        deployment = builders.mount_gateway_key(deployment, md, builders.gateway_credential(secret))
     children += [
         (kube.DEPLOYMENT, names.deployment_name(md), deployment),
         (kube.SERVICE, names.service_name(md), builders.build_service(md)),
@@ -86,6 +87,11 @@ class _LazySecret(dict[str, Any]):
 def _remember(client: kube.Kube, kind: kube.Kind, obj: dict[str, Any]) -> None:
     if isinstance(client, CachedKube):
         client.remember(kind, obj)
+
+
+def _forget(client: kube.Kube, namespace: str, name: str) -> None:
+    if isinstance(client, CachedKube):
+        client.forget(kube.SECRET, namespace, name)
 
 
 def _fetch(client: kube.Kube, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
@@ -157,37 +163,53 @@ def _generated_secret(
     return stub
 
 
-def _mounts(deployment: dict[str, Any], secret: str) -> bool:
-    volumes = ((deployment.get("spec") or {}).get("template") or {}).get("spec", {}).get("volumes") or []
-    return any(
-        (source.get("secret") or {}).get("name") == secret
-        for v in volumes
-        for source in (v.get("projected") or {}).get("sources") or []
-    )
-
-
 def _gateway_key_secret(
-    md: ModelDeployment, client: kube.Kube, desired: Desired, deployment: dict[str, Any] | None
+    md: ModelDeployment,
+    client: kube.Kube,
+    desired: Desired,
+    secret: dict[str, Any] | None,
+    deployment: dict[str, Any] | None,
 ) -> dict[str, Any] | None:
-    """Create the instance's gateway-key Secret (never read: the operator has no `get` on Secrets); the
-    Secret as observed. A 409 is this ModelDeployment's own Secret when its Deployment already mounts
-    it (the Secret is created before the Deployment mounts it); otherwise the name is taken (a stub
-    without the owner reference: a ChildConflict, and the instances never mount it). Delete such a
-    Secret and the operator writes its own."""
-    name = names.gateway_key_secret_name(md)
+    """The instance's gateway-key Secret as observed (`secret`: remembered by the cache, or None), made
+    to hold the current credential without reading it (the operator has no `get` on Secrets):
+
+    - not known to exist: created; a 409 goes on as below;
+    - this ModelDeployment's Deployment records the fingerprint of the current credential: the Secret
+      holds it (the record follows the Secret, see builders.GATEWAY_KEY_FINGERPRINT); nothing written;
+    - otherwise (the master key was rotated, or a 409 no record vouches for): the JSON Patch of
+      plan.gateway_key_rewrite overwrites the credential, guarded by a test of the Secret's owner uid.
+      The API server refuses it (422) for a Secret that is not this ModelDeployment's: the stub then
+      has no owner reference (a ChildConflict; the Deployment is left as it is)."""
+    ns, name = md.namespace, names.gateway_key_secret_name(md)
+    uid = str(md.metadata.get("uid") or "")
     manifest = next(m for k, n, m in desired if k is kube.SECRET and n == name)
     assert manifest is not None
     body = prune(manifest)
-    created = client.create(kube.SECRET, md.namespace, body)
-    if created is not None:
-        log.info("create Secret %s/%s", md.namespace, name)
-        return created
-    stub = {"metadata": {"name": name, "namespace": md.namespace, "labels": body["metadata"].get("labels")}}
-    uid = str(md.metadata.get("uid") or "")
-    if deployment is not None and owned_by(deployment, uid) and _mounts(deployment, name):
-        stub["metadata"]["ownerReferences"] = body["metadata"].get("ownerReferences")
-        _remember(client, kube.SECRET, stub)
-    return stub
+    if secret is not None and not owned_by(secret, uid):
+        _forget(client, ns, name)  # remembered for an earlier ModelDeployment of this name
+        secret = None
+    if secret is None:
+        created = client.create(kube.SECRET, ns, body)
+        if created is not None:
+            log.info("create Secret %s/%s", ns, name)
+            return created
+    meta = body["metadata"]
+    ours = {"metadata": {k: meta.get(k) for k in ("name", "namespace", "labels", "ownerReferences")}}
+    ops = gateway_key_rewrite(body, deployment, uid)
+    if ops is not None:
+        try:
+            client.json_patch(kube.SECRET, ns, name, ops)
+        except kube.NotFound:  # gone since it was remembered
+            _forget(client, ns, name)
+            created = client.create(kube.SECRET, ns, body)
+            return created or {"metadata": {k: meta.get(k) for k in ("name", "namespace", "labels")}}
+        except kube.Rejected:  # the owner test failed: someone else's Secret, left as it is
+            _forget(client, ns, name)
+            log.warning("Secret %s/%s is not this ModelDeployment's: not rewritten", ns, name)
+            return {"metadata": {k: meta.get(k) for k in ("name", "namespace", "labels")}}
+        log.info("rewrite Secret %s/%s with the current gateway credential", ns, name)
+    _remember(client, kube.SECRET, ours)
+    return secret or ours
 
 
 def _apply(
@@ -206,10 +228,10 @@ def _apply(
         assert manifest is not None
         created = client.create(action.kind, ns, prune(manifest))
         if created is None and action.kind is kube.SECRET:
-            # 409, and the operator may not read Secrets to tell whose it is: taken as its own. (The
-            # generated API-key Secret has a record that tells, see _generated_secret; this is the
-            # gateway-credential Secret, which has none: a Secret planted under its name would be
-            # mounted. Known gap, docs/operations.md.)
+            # 409, and the operator may not read Secrets to tell whose it is: taken as its own. (Not
+            # reached by the Secrets reconcile makes: the generated API-key Secret and the gateway-key
+            # Secret are created before the plan, by _generated_secret and _gateway_key_secret, which
+            # tell whose a 409 is.)
             _remember(client, kube.SECRET, {"metadata": {**prune(manifest)["metadata"]}})
             return deployment
         if created is None:  # it appeared since the read (409): observe the one that is there
@@ -304,11 +326,10 @@ def reconcile(
 
         observed[secret_key] = _generated_secret(md, client, desired, previous, record)
     gateway_key = (kube.SECRET.kind, names.gateway_key_secret_name(md))
-    if (
-        any(k is kube.SECRET and n == gateway_key[1] for k, n, _ in desired)
-        and observed.get(gateway_key) is None
-    ):
-        observed[gateway_key] = _gateway_key_secret(md, client, desired, observed.get(deployment_key))
+    if any(k is kube.SECRET and n == gateway_key[1] for k, n, _ in desired):
+        observed[gateway_key] = _gateway_key_secret(
+            md, client, desired, observed.get(gateway_key), observed.get(deployment_key)
+        )
     taken = conflicts(desired, observed, uid)
     if any(c.startswith(f"{kube.SECRET.kind}/") for c in taken):
         # someone else's Secret under the generated name: the instances must not mount it as their keys

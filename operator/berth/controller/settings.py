@@ -215,6 +215,7 @@ class OperatorSettings(BaseSettings):
         description=(
             "The gateway master key (the chart's <release>-gateway-master Secret, mounted): each "
             "instance's gateway credential is derived from it into the <name>-gateway-key Secret. "
+            "Read in every reconcile: after a rotation the Secrets are rewritten with the new credential. "
             "A missing file: no gateway credentials (the gateway is not installed)."
         ),
     )

@@ -14,7 +14,7 @@ import httpx
 
 from berth.gateway.app import Gateway, create_app
 from berth.gateway.registry import Instance, Registry
-from berth.gateway.settings import GatewaySettings
+from berth.gateway.settings import GatewaySettings, MasterKey
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ def build(settings: GatewaySettings) -> tuple[Any, Gateway]:
     client = httpx.AsyncClient(
         timeout=timeout, limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024)
     )
-    gw = Gateway(settings, Registry(), client, master_key=settings.master_key())
+    master = MasterKey(settings.master_key_file, settings.master_key())  # re-read when the file changes
+    gw = Gateway(settings, Registry(), client, master=master)
     app = create_app(gw)
     if not settings.kubernetes:
         return app, gw

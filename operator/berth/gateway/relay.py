@@ -27,7 +27,7 @@ from berth.gateway.errors import DASHSCOPE_PATH, dashscope_error_body, error
 from berth.gateway.metrics import GatewayMetrics
 from berth.gateway.quota import Quotas
 from berth.gateway.registry import Endpoint, Instance, Key, Registry, Target, instance_credential
-from berth.gateway.settings import GatewaySettings
+from berth.gateway.settings import GatewaySettings, MasterKey
 from berth.gateway.usage import Delta, UsageBook
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class Gateway:
     registry: Registry
     client: httpx.AsyncClient
     master_key: bytes | None = None
+    master: MasterKey = field(default_factory=lambda: MasterKey(None))  # main: the file, re-read
     balancer: Balancer = field(default_factory=Balancer)
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     usage: UsageBook = field(default_factory=UsageBook)
@@ -65,6 +66,8 @@ class Gateway:
     waker: Callable[[Instance], Awaitable[None]] | None = None  # scales a ModelDeployment up from zero
 
     def __post_init__(self) -> None:
+        if self.master.path is None and self.master.key is None:
+            self.master.key = self.master_key  # a fixed key (tests)
         if self.quotas is None:
             self.quotas = Quotas(self.settings.replicas)
 
@@ -73,10 +76,13 @@ class Gateway:
         assert self.quotas is not None
         return self.quotas
 
-    def upstream_headers(self, target: Target, key: Key) -> dict[str, str]:
+    def upstream_headers(self, target: Target, key: Key, previous: bool = False) -> dict[str, str]:
+        """The headers for an instance: its credential from the current master key, or from the one
+        before the last rotation (`previous`)."""
         headers = {"content-type": "application/json", KEY_ID_HEADER: key.key_id}
-        if self.master_key is not None:
-            cred = instance_credential(self.master_key, target.instance.namespace, target.instance.name)
+        master = self.master.previous if previous else self.master.current()
+        if master is not None:
+            cred = instance_credential(master, target.instance.namespace, target.instance.name)
             headers["authorization"] = f"Bearer {cred}"
         return headers
 
@@ -189,12 +195,24 @@ def _done(gw: Gateway, call: Call, endpoint: Endpoint | None) -> None:
 
 
 async def _attempt(gw: Gateway, call: Call, endpoint: Endpoint) -> httpx.Response | None:
-    url = endpoint.url + call.path
+    """One request to an endpoint. A 401 is retried once with the credential of the master key before
+    the last rotation, when there was one: the instance's copy of its gateway-key Secret may not be
+    updated yet (MasterKey)."""
+    resp = await _send(gw, call, endpoint, previous=False)
+    if resp is not None and resp.status_code == 401 and gw.master.previous is not None:
+        await resp.aclose()
+        inst = call.target.instance
+        gw.metrics.retries.labels(inst.namespace, inst.served_name, "previous_master_key").inc()
+        resp = await _send(gw, call, endpoint, previous=True)
+    return resp
+
+
+async def _send(gw: Gateway, call: Call, endpoint: Endpoint, previous: bool) -> httpx.Response | None:
     req = gw.client.build_request(
         "POST",
-        url,
+        endpoint.url + call.path,
         content=json.dumps(call.body).encode(),
-        headers={**gw.upstream_headers(call.target, call.key), **call.extra_headers},
+        headers={**gw.upstream_headers(call.target, call.key, previous), **call.extra_headers},
     )
     try:
         return await gw.client.send(req, stream=True)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
 
 
 class GatewaySettings(BaseSettings):
@@ -35,3 +39,38 @@ class GatewaySettings(BaseSettings):
         if self.master_key_file is None:
             return None
         return self.master_key_file.read_bytes().strip()
+
+
+class MasterKey:
+    """The gateway master key, re-read from its mounted file (at most every `check_seconds`) so a
+    rotation needs no restart: the kubelet updates a mounted Secret in place, typically within a minute.
+
+    The key before the last change is kept (`previous`): the operator rewrites each instance's
+    gateway-key Secret after its own copy of the master changed, and each instance's kubelet updates
+    its file after that, so for a minute or two an instance may accept only the credential derived
+    from the previous key. The relay retries a 401 once with it."""
+
+    def __init__(self, path: Path | None, key: bytes | None = None, check_seconds: float = 1.0) -> None:
+        self.path = path
+        self.key = key
+        self.previous: bytes | None = None
+        self.check_seconds = check_seconds
+        self._checked = time.monotonic() if key is not None else float("-inf")
+
+    def current(self) -> bytes | None:
+        now = time.monotonic()
+        if self.path is None or now - self._checked < self.check_seconds:
+            return self.key
+        self._checked = now
+        try:
+            key = self.path.read_bytes().strip() or None
+        except OSError as exc:  # e.g. in the middle of the kubelet's swap: keep the one we have
+            log.warning("cannot read the gateway master key %s: %s", self.path, exc.__class__.__name__)
+            return self.key
+        if key != self.key and key is not None:
+            if self.key is not None:
+                log.info(
+                    "the gateway master key changed; the previous one is kept for instances not updated yet"
+                )
+            self.previous, self.key = self.key, key
+        return self.key

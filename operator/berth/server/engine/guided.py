@@ -4,13 +4,13 @@ A request that asks for structured output carries a ``GuidedSpec`` (JSON schema,
 or a regular expression) in its ``SamplingParams``. ``Guides`` compiles the spec once per engine
 (compiled grammars are cached by spec) against the model's tokenizer and vocabulary size, and
 gives each sequence its own ``Guide``: an ``xgrammar.GrammarMatcher`` that knows which tokens may
-come next. Each step, the sampler fills one bitmask row per constrained sequence and applies the
-bitmask to those rows of the logits in place, on the logits' device, before penalties' results are
-turned into probabilities (temperature, top-k, top-p then only see allowed tokens), so sampling draws
-exactly from the model's distribution restricted to the grammar; unconstrained rows in the same
-batch are untouched. The scheduler advances the matcher with each token it appends. Preemption
-recomputes the KV cache from the tokens already generated, which the matcher has already accepted,
-so its state stays right.
+come next. Each step, the sampler fills one row of its ``TokenBitmask`` (allocated once, reused)
+per constrained sequence and applies the bitmask to those rows of the logits in place, on the
+logits' device, before penalties' results are turned into probabilities (temperature, top-k,
+top-p then only see allowed tokens), so sampling draws exactly from the model's distribution
+restricted to the grammar; unconstrained rows in the same batch are untouched. The scheduler
+advances the matcher with each token it appends. Preemption recomputes the KV cache from the tokens
+already generated, which the matcher has already accepted, so its state stays right.
 
 Why xgrammar rather than llguidance: it ships CPU and CUDA wheels on PyPI, compiles JSON schemas to
 a cached token mask per grammar state (so a step's mask is mostly a lookup), applies the bitmask with
@@ -138,15 +138,43 @@ def _reason(exc: BaseException) -> str:
     return _LOG_PREFIX.sub("", lines[0]) if lines else type(exc).__name__
 
 
-def apply_masks(logits: torch.Tensor, rows: Sequence[int], guides: Sequence[Guide]) -> None:
-    """Mask (to -inf), in place, every token the guide of each row does not allow next."""
-    import xgrammar as xgr
+class TokenBitmask:
+    """The token bitmask the guided rows of a step are filled into: allocated once per (rows, vocab),
+    grown when a larger batch comes, and reused every step (one per sampler, so per engine thread).
 
-    batch, vocab = logits.shape
-    bitmask = xgr.allocate_token_bitmask(batch, vocab)
-    for r, g in zip(rows, guides, strict=True):
-        g.fill(bitmask, r)
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=vocab, indices=list(rows))
+    Only the rows a step fills are applied (``indices``), and filling writes a whole row, so what
+    earlier steps left in the other rows is never read. Where the logits live on an accelerator the
+    host mask is pinned and copied into a device mask kept alongside, so a step allocates nothing."""
+
+    def __init__(self) -> None:
+        self._host: torch.Tensor | None = None
+        self._device: torch.Tensor | None = None
+        self._vocab = 0
+
+    def _host_rows(self, batch: int, vocab: int, pinned: bool) -> torch.Tensor:
+        import xgrammar as xgr
+
+        host = self._host
+        if host is None or vocab != self._vocab or host.shape[0] < batch:
+            host = xgr.allocate_token_bitmask(batch, vocab)
+            self._host, self._vocab, self._device = (host.pin_memory() if pinned else host), vocab, None
+        assert self._host is not None
+        return self._host[:batch]
+
+    def apply(self, logits: torch.Tensor, rows: Sequence[int], guides: Sequence[Guide]) -> None:
+        """Mask (to -inf), in place, every token the guide of each row does not allow next."""
+        import xgrammar as xgr
+
+        batch, vocab = logits.shape
+        mask = self._host_rows(batch, vocab, pinned=logits.device.type == "cuda")
+        for r, g in zip(rows, guides, strict=True):
+            g.fill(mask, r)
+        if mask.device != logits.device:
+            assert self._host is not None
+            if self._device is None or self._device.device != logits.device:
+                self._device = self._host.to(logits.device)
+            mask = self._device[:batch].copy_(mask)
+        xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=vocab, indices=list(rows))
 
 
 def schema_spec(schema: Any, param: str) -> GuidedSpec:

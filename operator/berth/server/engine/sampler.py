@@ -6,10 +6,10 @@ its own ``torch.Generator`` seeded from its ``seed``, so a seeded request draws 
 tokens whatever else is in the batch.
 
 Rows of structured-output requests get their grammar's token bitmask applied in place (one
-batched call, on the logits' device: ``guided.apply_masks``) after the penalties and before
-temperature, top-k and top-p, so those rows sample exactly from the model's distribution
-restricted to what the grammar allows; the other rows are untouched. Logprobs are those of the
-model, before penalties and masks.
+batched call, on the logits' device, through a ``guided.TokenBitmask`` reused step to step) after
+the penalties and before temperature, top-k and top-p, so those rows sample exactly from the
+model's distribution restricted to what the grammar allows; the other rows are untouched.
+Logprobs are those of the model, before penalties and masks.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
 
 
 class Sampler:
+    def __init__(self) -> None:
+        self._bitmask = guided.TokenBitmask()  # structured-output rows' masks, reused step to step
+
     def _generator(self, seq: Sequence, device: torch.device) -> torch.Generator:
         g: torch.Generator | None = seq.generator
         if g is None or g.device != device:
@@ -81,7 +84,7 @@ class Sampler:
         if penalised:
             _apply_penalties(logits, seqs)
         if guided_rows:
-            guided.apply_masks(logits, guided_rows, [seqs[r].guide for r in guided_rows])
+            self._bitmask.apply(logits, guided_rows, [seqs[r].guide for r in guided_rows])
 
         results: list[SampleResult | None] = [None] * len(seqs)
         greedy = [r for r, s in enumerate(seqs) if s.params.greedy]
