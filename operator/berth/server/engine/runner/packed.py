@@ -27,13 +27,16 @@ int8 5x faster than fp32 over a whole forward; on an AVX-512/bf16 EPYC, the LM h
 fp32 7.8 ms, bf16 1.8, fp16 1.7, int8 0.9 ms. torch's weight-only kernels (``_weight_int8pack_mm``,
 ``_weight_int4pack_mm_for_cpu``) were 10-20x slower than fp32 on the AVX2 CPU (no vectorised path).
 
-The whole forward on the AVX-512/bf16 EPYC (bench/cpu_weight_formats.py: one decode step of B rows, CPU time
-of one torch thread per step, best of 5 and of 7 in two runs at load 4.7-7 on the 2 shared cores):
+The whole forward on the AVX-512/bf16 EPYC (bench/cpu_weight_formats.py: one decode step of B rows, best of 7;
+load 1.8 on the 2 shared cores; 1 thread: its CPU time; 2 threads: wall time, ms per step):
 
-    batch    fp32          fp16         int8         bf16         gguf
-    1        44.7-45.3 ms  18.7-19.9    12.0-13.1    21.5-24.2    12.9-13.9
-    8        113-127       28.1-30.8    18.1-26.1    46.4-48.5    23.4-35.0
-    32       200-226       94.7-102     46.0-59.6    83.9-91.2    97.3-104
+    batch  threads  fp32    fp16   int8   bf16   gguf
+    1      1        39.0    16.5   10.7   17.7   11.1
+    8      1        69.2    24.6   16.4   31.9   22.0
+    32     1        143.8   64.6   33.4   51.6   68.4
+    1      2        38.9    14.6   10.0   14.8   9.4
+    8      2        58.7    16.5   12.2   21.1   14.4
+    32     2        94.5    38.8   22.3   33.7   39.5
 
 The int4pack kernel's cost grows with the rows almost linearly (one 1536x576 linear, weights in cache, one
 thread: 48 us at 1 row, 157 at 8, 478 at 32, 8.5 ms at 512 against fp16's 69, 99, 295 us, 4.9 ms): ``gguf``
