@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
             cpu: dict[str, float] = {}
             wall: dict[str, float] = {}
             for r in runners.values():
-                r._probe_step(b)
+                r.probe_step(b)
             for _ in range(args.rounds):
                 for f, r in runners.items():
                     clock = time.thread_time if threads == 1 else time.process_time
                     c0, w0 = clock(), time.perf_counter()
-                    r._probe_step(b)
+                    r.probe_step(b)
                     c, w = clock() - c0, time.perf_counter() - w0
                     cpu[f] = min(cpu.get(f, c), c)
                     wall[f] = min(wall.get(f, w), w)
