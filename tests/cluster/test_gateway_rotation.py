@@ -1,6 +1,6 @@
 """Rotating the gateway master key against the real API server, with the chart's RBAC: the operator
 notices the new file content without a restart and rewrites each instance's `<name>-gateway-key`
-Secret with the new credential (a JSON Patch whose first op tests the Secret's owner uid), never
+Secret with the new credential (a JSON Patch whose first op tests the Secret's owner references), never
 reading a Secret; a Secret of that name that is not the ModelDeployment's is left untouched and
 reported as a ChildConflict. The test reads Secrets with its admin client; the operator cannot."""
 
@@ -16,6 +16,7 @@ import pytest
 
 from berth.controller.builders import GATEWAY_KEY_FINGERPRINT, gateway_key_fingerprint
 from berth.controller.kube import SECRET, KubeClient, Rejected
+from berth.controller.plan import gateway_key_rewrite
 from berth.gateway.registry import instance_credential
 
 from .conftest import wait_for
@@ -139,35 +140,44 @@ def test_rotation_rewrites_the_secret_and_leaves_a_foreign_one(
 def test_the_guarded_patch_answers_metadata_only_and_refuses_a_foreign_owner(
     cluster: Any, namespace: str
 ) -> None:
-    """kube.KubeClient.json_patch as the operator sends it: the Secret's data never comes back, and a
-    failing owner test writes nothing (422)."""
+    """plan.gateway_key_rewrite's patch as kube.KubeClient.json_patch sends it: the Secret's data never
+    comes back; the owner test compares the whole ownerReferences list, so a Secret whose references
+    are someone else's, or name the owner's uid in another reference, or are absent, is refused (422,
+    "test failed", nothing written); a Secret of ours without its data key is written."""
     client = KubeClient(cluster.api_client())
     configmap = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner"}}
     cluster.kubectl("-n", namespace, "create", "-f", "-", input=json.dumps(configmap), check=True)
     uid = get(cluster, namespace, "configmap", "owner")["metadata"]["uid"]  # a real one: the GC keeps it
-    owner = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid}
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": "probe", "namespace": namespace, "ownerReferences": [owner]},
-        "data": {"berth-gateway": base64.b64encode(b"before").decode()},
-    }
-    assert client.create(SECRET, namespace, secret) is not None
+    owner = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid, "controller": True}
+    before = base64.b64encode(b"before").decode()
     after = base64.b64encode(b"after").decode()
+    desired = {"metadata": {"ownerReferences": [owner]}, "data": {"berth-gateway": after}}
+    ops = gateway_key_rewrite(desired, uid)
+    assert ops is not None
 
-    def ops(uid: str) -> list[dict[str, Any]]:
-        return [
-            {"op": "test", "path": "/metadata/ownerReferences/0/uid", "value": uid},
-            {"op": "replace", "path": "/data/berth-gateway", "value": after},
-        ]
+    def secret(name: str, refs: list[dict[str, Any]] | None, data: dict[str, str] | None) -> None:
+        meta: dict[str, Any] = {"name": name, "namespace": namespace}
+        if refs is not None:
+            meta["ownerReferences"] = refs
+        body = {"apiVersion": "v1", "kind": "Secret", "metadata": meta, **({"data": data} if data else {})}
+        assert client.create(SECRET, namespace, body) is not None
 
-    with pytest.raises(Rejected) as refused:
-        client.json_patch(SECRET, namespace, "probe", ops("uid-someone-else"))
-    assert refused.value.status == 422 and "after" not in str(refused.value)
-    assert (
-        get(cluster, namespace, "secret", "probe")["data"]["berth-gateway"] == secret["data"]["berth-gateway"]
-    )
-    answer = client.json_patch(SECRET, namespace, "probe", ops(uid))
-    assert answer["kind"] == "PartialObjectMetadata" and "data" not in answer
-    assert answer["metadata"]["name"] == "probe"
-    assert get(cluster, namespace, "secret", "probe")["data"]["berth-gateway"] == after
+    foreign_first = {**owner, "name": "x", "kind": "Secret", "controller": False}  # the uid, not the owner
+    for name, refs in (
+        ("elsewhere", [{**owner, "uid": "uid-someone-else"}]),
+        ("uid-first", [foreign_first, owner]),
+        ("unowned", None),
+    ):
+        secret(name, refs, {"berth-gateway": before})
+        with pytest.raises(Rejected) as refused:
+            client.json_patch(SECRET, namespace, name, ops)
+        assert refused.value.status == 422 and refused.value.test_failed, refused.value
+        assert "after" not in str(refused.value) and after not in str(refused.value)
+        assert get(cluster, namespace, "secret", name)["data"]["berth-gateway"] == before
+    secret("probe", [owner], {"berth-gateway": before})
+    secret("emptied", [owner], None)
+    for name in ("probe", "emptied"):
+        answer = client.json_patch(SECRET, namespace, name, ops)
+        assert answer["kind"] == "PartialObjectMetadata" and "data" not in answer
+        assert answer["metadata"]["name"] == name
+        assert get(cluster, namespace, "secret", name)["data"] == {"berth-gateway": after}

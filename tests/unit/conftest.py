@@ -101,23 +101,31 @@ class RecordingKube:
     def json_patch(
         self, kind: kube.Kind, namespace: str, name: str, ops: list[dict[str, Any]]
     ) -> dict[str, Any]:
-        """RFC 6902 `test` and `replace` (all or nothing, as the API server does); the metadata back."""
+        """RFC 6902 `test`, `add` and `replace` (all or nothing, as the API server does, with its
+        "test failed" message); the metadata back."""
         self.calls.append(("json_patch", kind.kind, name, copy.deepcopy(ops)))
         key = (kind.kind, namespace, name)
         if key not in self.objects:
             raise kube.NotFound(404, "NotFound", f"{name} not found")
         obj = copy.deepcopy(self.objects[key])
         for op in ops:
-            *parents, last = [p for p in op["path"].split("/")[1:]]
+            *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
             node: Any = obj
             try:
                 for p in parents:
                     node = node[int(p)] if isinstance(node, list) else node[p]
+                if op["op"] == "add" and isinstance(node, dict):
+                    node[last] = op["value"]
+                    continue
+                if op["op"] == "test" and isinstance(node, dict) and last not in node:
+                    raise kube.Rejected(422, "", f"testing value {op['path']} failed: test failed")
                 here = node[int(last)] if isinstance(node, list) else node[last]
             except (KeyError, IndexError, TypeError, ValueError):
-                raise kube.Rejected(422, "Invalid", f"{op['op']} {op['path']}: no such path") from None
+                raise kube.Rejected(
+                    422, "", f"{op['op']} operation does not apply: missing {op['path']}"
+                ) from None
             if op["op"] == "test" and here != op["value"]:
-                raise kube.Rejected(422, "Invalid", f"test {op['path']} failed")
+                raise kube.Rejected(422, "", f"testing value {op['path']} failed: test failed")
             if op["op"] == "replace":
                 node[int(last) if isinstance(node, list) else last] = op["value"]
         self.objects[key] = obj
@@ -174,3 +182,13 @@ def reconcile_key(ctx: Any, client: RecordingKube, namespace: str = "team-a", na
     the retry delay the reconciler asked for (None: done)."""
     feed(ctx, client)
     return ctx.queue.handler((namespace, name))
+
+
+class NoSecretReads(RecordingKube):
+    """The operator's view of Secrets with RBAC `create` and `patch` only: a read never finds one."""
+
+    def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        if kind.kind == "Secret":
+            self.calls.append(("get", "Secret", name, None))
+            return None
+        return super().get(kind, namespace, name)

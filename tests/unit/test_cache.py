@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import queue
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -14,17 +15,19 @@ import pytest
 
 from berth.controller import kube
 from berth.controller.cache import (
-    CachedKube,
     Caches,
     Informer,
     InformerSpec,
     Store,
     operator_specs,
     remembered_specs,
+    strip_hpa,
     strip_pod,
 )
+from berth.controller.cached_kube import CachedKube
 from berth.controller.context import OperatorContext
 from berth.controller.events import EventRecorder, EventSpec
+from berth.controller.hpas import HPA
 from berth.controller.settings import OperatorSettings
 
 from .conftest import RecordingKube, md_body
@@ -158,6 +161,8 @@ def test_the_cache_reads_are_memory_and_secrets_are_never_read() -> None:
     client = RecordingKube()
     caches = Caches(operator_specs(), remembered_specs())
     reader = CachedKube(client, caches)
+    for store in caches.stores.values():
+        store.synced.set()  # as after start_watches
     client.objects[("Secret", "team-a", "team-keys")] = {
         "metadata": {"name": "team-keys", "namespace": "team-a"}
     }
@@ -175,6 +180,43 @@ def test_the_cache_reads_are_memory_and_secrets_are_never_read() -> None:
     assert reader.fetch(kube.SERVICE, "team-a", "chat") is None and client.calls == [
         ("get", "Service", "chat", None)
     ]
+
+
+def test_a_store_whose_first_list_is_not_in_leaves_the_answer_to_the_api() -> None:
+    """A miss in an unsynced store (a LIST that failed, a namespace still listing) is not "absent":
+    the API answers (e.g. an HPA the autoscaler must not fight), until every namespace has listed."""
+    client = RecordingKube()
+    hpa = {
+        "metadata": {"name": "chat-hpa", "namespace": "team-b"},
+        "spec": {"scaleTargetRef": {"name": "chat"}},
+    }
+    client.objects[("HorizontalPodAutoscaler", "team-b", "chat-hpa")] = hpa
+    caches = Caches(operator_specs(), remembered_specs())
+    store = caches.stores["HorizontalPodAutoscaler"]
+    store.expect(["team-a", "team-b"])
+    reader = CachedKube(client, caches)
+    assert [o["metadata"]["name"] for o in reader.list(HPA, "team-b", "")] == ["chat-hpa"]
+    assert client.calls == [("list", "HorizontalPodAutoscaler", "", None)]
+    store.mark_synced("team-a")  # one namespace listed: not yet the last word
+    assert not store.synced.is_set()
+    store.mark_synced("team-b")
+    assert store.synced.is_set()
+    client.clear()
+    assert reader.list(HPA, "team-b", "") == [] and client.calls == []  # from the (empty) store now
+
+
+def test_an_hpa_keeps_only_its_target() -> None:
+    hpa = obj(
+        "chat-hpa",
+        "7",
+        "",
+        spec={"scaleTargetRef": {"kind": "ModelDeployment", "name": "chat"}, "minReplicas": 1},
+    )
+    hpa["status"] = {"currentReplicas": 3}
+    assert strip_hpa(hpa) == {
+        "metadata": {k: v for k, v in hpa["metadata"].items() if k != "managedFields"},
+        "spec": {"scaleTargetRef": {"kind": "ModelDeployment", "name": "chat"}},
+    }
 
 
 def test_a_pod_keeps_what_status_and_the_autoscaler_read() -> None:
@@ -424,7 +466,11 @@ def test_where_the_rbac_refuses_the_hpa_watch_the_tick_lists_them(settings: Oper
     body = _autoscaled_with_an_hpa(api)
     with watching(api, settings) as ctx:
         assert ctx.start_watches(sync_timeout=5)
-        assert ctx.caches.stores["HorizontalPodAutoscaler"].forbidden
+        hpas = ctx.caches.stores["HorizontalPodAutoscaler"]
+        deadline = time.monotonic() + 5  # the LIST is allowed: the watch after it gets the 403
+        while not hpas.forbidden and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert hpas.forbidden
         api.clear()
         assert ctx.autoscaler.tick(body, NOW, 0.0) is None  # still stands aside for chat-hpa
         assert [c[:2] for c in api.calls if c[0] in ("get", "list")] == [("list", "HorizontalPodAutoscaler")]

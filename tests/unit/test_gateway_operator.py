@@ -19,7 +19,7 @@ from berth.controller.settings import OperatorSettings
 from berth.gateway.registry import instance_credential
 from berth.server.auth import GATEWAY_KEY_ID, KeyStore
 
-from .conftest import RecordingKube, md_body
+from .conftest import NoSecretReads, RecordingKube, md_body
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 MASTER = b"the-gateway-master-key"
@@ -227,16 +227,6 @@ def test_held_requests_wake_and_keep_a_deployment_at_zero_ready(
     assert decision is not None and decision.desired == 0
     scaler_off = Autoscaler(recording, settings.model_copy(update={"gateway_metrics_port": 0}), NoPods())
     assert scaler_off.gateway is None and scaler_off.gateway_waiting(_md()) == 0.0
-
-
-class NoSecretReads(RecordingKube):
-    """The operator's view of Secrets with RBAC `create` only: a read never finds one."""
-
-    def get(self, kind: Any, namespace: str, name: str) -> dict[str, Any] | None:
-        if kind.kind == "Secret":
-            self.calls.append(("get", "Secret", name, None))
-            return None
-        return super().get(kind, namespace, name)
 
 
 def test_gateway_key_409_is_ours_only_when_our_deployment_mounts_it(gw_settings: OperatorSettings) -> None:

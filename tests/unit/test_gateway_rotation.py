@@ -14,17 +14,27 @@ from typing import Any
 import pytest
 
 from berth.api import ModelDeployment
-from berth.controller import builders
+from berth.controller import builders, kube
+from berth.controller.cache import Caches, operator_specs, remembered_specs
+from berth.controller.cached_kube import CachedKube
 from berth.controller.plan import gateway_key_rewrite
 from berth.controller.reconcile import desired_children, reconcile
 from berth.controller.settings import OperatorSettings
 from berth.gateway.registry import instance_credential
 
-from .conftest import RecordingKube, md_body
+from .conftest import NoSecretReads, RecordingKube, md_body
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 OLD, NEW = b"the-old-master-key", b"the-new-master-key"
 FINGERPRINT = builders.GATEWAY_KEY_FINGERPRINT
+OWNER = {
+    "apiVersion": "berth.dev/v1alpha1",
+    "kind": "ModelDeployment",
+    "name": "chat",
+    "uid": "uid-chat",
+    "controller": True,
+    "blockOwnerDeletion": True,
+}
 
 
 @pytest.fixture
@@ -50,16 +60,6 @@ def _children(settings: OperatorSettings) -> dict[str, Any]:
 
 def _b64(credential: str) -> str:
     return base64.b64encode(credential.encode()).decode()
-
-
-class NoSecretReads(RecordingKube):
-    """The operator's view of Secrets with RBAC create and patch only: a read never finds one."""
-
-    def get(self, kind: Any, namespace: str, name: str) -> dict[str, Any] | None:
-        if kind.kind == "Secret":
-            self.calls.append(("get", "Secret", name, None))
-            return None
-        return super().get(kind, namespace, name)
 
 
 def _reconcile(k: RecordingKube, settings: OperatorSettings) -> dict[str, Any]:
@@ -95,12 +95,12 @@ def test_a_changed_credential_plans_a_patch_that_tests_the_owner(gw: OperatorSet
     observed = _children(gw)["Deployment"]  # records the old credential
     master.write_bytes(NEW)
     secret = _children(gw)["Secret"]
-    assert gateway_key_rewrite(secret, observed, "uid-chat") == [
-        {"op": "test", "path": "/metadata/ownerReferences/0/uid", "value": "uid-chat"},
+    assert gateway_key_rewrite(secret, "uid-chat", observed) == [
+        {"op": "test", "path": "/metadata/ownerReferences", "value": [OWNER]},
         {
-            "op": "replace",
-            "path": "/data/berth-gateway",
-            "value": _b64(instance_credential(NEW, "team-a", "chat")),
+            "op": "add",
+            "path": "/data",
+            "value": {"berth-gateway": _b64(instance_credential(NEW, "team-a", "chat"))},
         },
     ]
 
@@ -109,9 +109,9 @@ def test_the_same_credential_or_no_master_plans_nothing(
     gw: OperatorSettings, settings: OperatorSettings
 ) -> None:
     children = _children(gw)
-    assert gateway_key_rewrite(children["Secret"], children["Deployment"], "uid-chat") is None
+    assert gateway_key_rewrite(children["Secret"], "uid-chat", children["Deployment"]) is None
     assert _children(settings)["Secret"] is None  # no master key file: no Secret wanted, nothing to rewrite
-    assert gateway_key_rewrite(None, children["Deployment"], "uid-chat") is None
+    assert gateway_key_rewrite(None, "uid-chat", children["Deployment"]) is None
 
 
 def test_a_deployment_that_vouches_for_nothing_plans_the_guarded_patch(gw: OperatorSettings) -> None:
@@ -120,12 +120,15 @@ def test_a_deployment_that_vouches_for_nothing_plans_the_guarded_patch(gw: Opera
     someone_elses = {**deployment, "metadata": {**deployment["metadata"], "ownerReferences": []}}
     unrecorded = {**deployment, "metadata": {**deployment["metadata"], "annotations": {}}}
     for observed in (None, someone_elses, unrecorded):  # a 409 with no record, an old operator's Deployment
-        ops = gateway_key_rewrite(secret, observed, "uid-chat")
+        ops = gateway_key_rewrite(secret, "uid-chat", observed)
         assert ops is not None and ops[0] == {
             "op": "test",
-            "path": "/metadata/ownerReferences/0/uid",
-            "value": "uid-chat",
+            "path": "/metadata/ownerReferences",
+            "value": [OWNER],
         }
+    # the operator's remembered stub of the Secret vouches as the Deployment does
+    stub = {"metadata": {"ownerReferences": [OWNER], "annotations": deployment["metadata"]["annotations"]}}
+    assert gateway_key_rewrite(secret, "uid-chat", None, stub) is None
 
 
 def test_rotating_the_master_rewrites_the_secret_then_the_record(
@@ -175,3 +178,107 @@ def test_a_foreign_secret_under_the_name_is_not_rewritten_and_is_a_conflict(
     assert k.objects[("Deployment", "team-a", "chat")]["metadata"]["annotations"][FINGERPRINT] == recorded
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "ChildConflict" and "Secret/chat-gateway-key" in ready["message"]
+
+
+def _rotate_against(
+    k: RecordingKube, gw: OperatorSettings, master: Path, secret: dict[str, Any]
+) -> dict[str, Any]:
+    """Reconcile, replace the gateway-key Secret with `secret`, rotate the master key, reconcile again."""
+    k.objects[("ModelDeployment", "team-a", "chat")] = md_body()
+    _reconcile(k, gw)
+    k.objects[("Secret", "team-a", "chat-gateway-key")] = secret
+    master.write_bytes(NEW)
+    k.clear()
+    return _reconcile(k, gw)
+
+
+def test_a_foreign_secret_that_names_the_owner_uid_in_another_reference_is_not_rewritten(
+    gw: OperatorSettings, master: Path
+) -> None:
+    """A tenant's Secret whose first reference carries this ModelDeployment's uid (a ConfigMap's, not a
+    controller) does not pass the owner test: the whole list is compared."""
+    planted = {
+        "metadata": {
+            "name": "chat-gateway-key",
+            "ownerReferences": [
+                {"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "uid-chat", "controller": False}
+            ],
+        },
+        "data": {"berth-gateway": _b64("planted")},
+    }
+    status = _rotate_against(NoSecretReads(), gw, master, planted)
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "ChildConflict" and "Secret/chat-gateway-key" in ready["message"]
+
+
+def test_our_secret_without_its_data_key_is_rewritten(gw: OperatorSettings, master: Path) -> None:
+    k = NoSecretReads()
+    emptied = {"metadata": {"name": "chat-gateway-key", "ownerReferences": [OWNER]}}  # someone removed /data
+    status = _rotate_against(k, gw, master, emptied)
+    assert _stored_credential(k) == instance_credential(NEW, "team-a", "chat")
+    assert "ChildConflict" not in str(status)
+
+
+class PatchRefused(NoSecretReads):
+    """An API server that refuses the Secret's JSON Patch: RBAC without `patch` (an older chart), or an
+    admission webhook."""
+
+    def __init__(self, error: kube.ApiError) -> None:
+        super().__init__()
+        self.error = error
+
+    def json_patch(
+        self, kind: kube.Kind, namespace: str, name: str, ops: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        self.calls.append(("json_patch", kind.kind, name, ops))
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(kube.Forbidden(403, "Forbidden", 'secrets "chat-gateway-key" is forbidden'), id="rbac"),
+        pytest.param(kube.Rejected(422, "Invalid", "admission webhook denied the request"), id="webhook"),
+    ],
+)
+def test_a_refused_rewrite_warns_and_keeps_the_record_and_the_instance(
+    gw: OperatorSettings, master: Path, error: kube.ApiError
+) -> None:
+    k = PatchRefused(error)
+    k.objects[("ModelDeployment", "team-a", "chat")] = md_body()
+    _reconcile(k, gw)
+    recorded = k.objects[("Deployment", "team-a", "chat")]["metadata"]["annotations"][FINGERPRINT]
+    master.write_bytes(NEW)
+    body = k.objects[("ModelDeployment", "team-a", "chat")]
+    body["spec"]["capacity"] = 2  # the reconcile goes on with everything else
+    k.clear()
+    result = reconcile(body, k, gw, NOW, api_key=lambda: "sk-test")
+    deployment = k.objects[("Deployment", "team-a", "chat")]
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["metadata"]["annotations"][FINGERPRINT] == recorded  # the record does not claim it
+    assert _stored_credential(k) == instance_credential(OLD, "team-a", "chat")
+    warning = next(e for e in result.events if e.reason == "GatewayKeyNotWritten")
+    assert warning.type == "Warning" and error.message in warning.message
+    assert "ChildConflict" not in str(result.status)
+
+
+def test_a_held_back_deployment_does_not_make_a_secret_patch_every_resync(
+    gw: OperatorSettings, master: Path
+) -> None:
+    """Someone else's Deployment under the name: the record on ours never advances, so the operator's
+    cache remembers the credential it wrote and the next reconciles write nothing."""
+    k = NoSecretReads()
+    k.objects[("Deployment", "team-a", "chat")] = {"metadata": {"name": "chat", "namespace": "team-a"}}
+    client = CachedKube(k, Caches(operator_specs(), remembered_specs()))
+    k.objects[("ModelDeployment", "team-a", "chat")] = md_body()
+    reconcile(k.objects[("ModelDeployment", "team-a", "chat")], client, gw, NOW, api_key=lambda: "sk-test")
+    master.write_bytes(NEW)
+    patches = []
+    for _ in range(3):
+        k.clear()
+        body = k.objects[("ModelDeployment", "team-a", "chat")]
+        reconcile(body, client, gw, NOW, api_key=lambda: "sk-test")
+        patches.append([c[0] for c in k.writes() if c[1] == "Secret"])
+    assert _stored_credential(k) == instance_credential(NEW, "team-a", "chat")
+    assert patches[0][-1] == "json_patch"
+    assert patches[1:] == [[], []]

@@ -91,7 +91,7 @@ def _condition(
 
 
 def _remember(client: kube.Kube, obj: dict[str, Any]) -> None:
-    remember = getattr(client, "remember", None)  # a cache.CachedKube keeps it in memory
+    remember = getattr(client, "remember", None)  # a cached_kube.CachedKube keeps it in memory
     if remember is not None:
         remember(kube.SECRET, obj)
 

@@ -7,9 +7,7 @@
   resourceVersion with bookmarks; a watch that ends is resumed from the last version seen, an
   expired one (410) or a broken one is followed by a fresh LIST whose result replaces the store (so
   deletions missed meanwhile are noticed). Every change calls `on_change(old, new)`.
-- `CachedKube`: the `kube.Kube` that reconcile is given: reads of cached kinds come from the stores,
-  everything else and every write goes to the API, and a write's response is put into the store at
-  once (a reconcile that follows before the watch event sees its own write).
+- `cached_kube.CachedKube` reads them (its own module).
 """
 
 from __future__ import annotations
@@ -44,6 +42,12 @@ def strip(obj: dict[str, Any]) -> dict[str, Any]:
     out = dict(obj)
     out["metadata"] = meta
     return out
+
+
+def strip_hpa(obj: dict[str, Any]) -> dict[str, Any]:
+    """An HPA as hpas.py reads it: its metadata (stripped) and its scaleTargetRef."""
+    ref = (obj.get("spec") or {}).get("scaleTargetRef")
+    return {"metadata": strip(obj)["metadata"], "spec": {"scaleTargetRef": ref} if ref else {}}
 
 
 def strip_pod(obj: dict[str, Any]) -> dict[str, Any]:
@@ -97,12 +101,26 @@ class Store:
         self._objects: dict[Key, dict[str, Any]] = {}
         self._owned: dict[Key, set[str]] = {}  # (namespace, owner) -> names
         self._lock = threading.Lock()
-        self.synced = threading.Event()  # set after the first complete LIST
+        self.synced = threading.Event()  # set after the first complete LIST of every namespace watched
+        self._unsynced: set[str] = set()  # the namespaces whose first LIST is still to come
         self.forbidden = False  # an optional kind the operator may not watch: CachedKube asks the API
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._objects)
+
+    def expect(self, namespaces: Iterable[str]) -> None:
+        """The namespaces (one informer each) whose first LIST `synced` waits for."""
+        with self._lock:
+            self._unsynced = set(namespaces)
+
+    def mark_synced(self, namespace: str) -> None:
+        """The first complete LIST of `namespace` is in: `synced` once every expected one is."""
+        with self._lock:
+            self._unsynced.discard(namespace)
+            done = not self._unsynced
+        if done:
+            self.synced.set()
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:
@@ -270,7 +288,7 @@ class Informer:
         self.lists += 1
         for old, new in self.store.replace(self.namespace, items):
             self._notify(old, new)
-        self.store.synced.set()
+        self.store.mark_synced(self.namespace)
 
     def apply(self, event: dict[str, Any]) -> None:
         """One watch event into the store (and to the listener when it changed something)."""
@@ -362,6 +380,7 @@ class Caches:
         watch_timeout: int = 300,
     ) -> None:
         for spec in self.specs.values():
+            self.stores[spec.kind.kind].expect(namespaces or [""])
             for ns in namespaces or [""]:
                 informer = Informer(
                     source_factory(),
@@ -396,7 +415,7 @@ def operator_specs() -> list[InformerSpec]:
         InformerSpec(kube.PDB, managed),
         InformerSpec(kube.POD, managed, transform=strip_pod),
         # every HPA (anyone's): the autoscaler stands aside for one that targets a ModelDeployment
-        InformerSpec(HPA, by_owner=False, optional=True),
+        InformerSpec(HPA, by_owner=False, optional=True, transform=strip_hpa),
     ]
 
 
@@ -410,86 +429,3 @@ def remembered_specs() -> list[InformerSpec]:
     """Kinds kept from the operator's own writes, not watched: Secrets (metadata only), as the operator
     may not read Secrets at all (RBAC: create only)."""
     return [InformerSpec(kube.SECRET, metadata_only=True, transform=metadata_only)]
-
-
-class CachedKube:
-    """`kube.Kube` for reconcile: reads from the caches, writes to the API (and into the caches).
-
-    A watched store has the last word once synced: a miss means "absent" (a create that answers 409
-    then asks the API with `fetch`, e.g. for someone else's object the label-filtered watch does not
-    show). A remembered store (Secrets) holds only what the operator created, or confirmed with a
-    create that answered 409, and never causes an API read: a miss means "not known to exist"."""
-
-    def __init__(self, client: kube.Kube, caches: Caches) -> None:
-        self.client = client
-        self.caches = caches
-
-    def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
-        store = self.caches.store(kind)
-        if store is None:
-            return self.client.get(kind, namespace, name)
-        return store.get(namespace, name)
-
-    def fetch(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
-        """A GET from the API server, not from (nor into) the cache: for the rare object the watches
-        cannot show (someone else's, named like a child)."""
-        return self.client.get(kind, namespace, name)
-
-    def list(self, kind: kube.Kind, namespace: str, label_selector: str) -> list[dict[str, Any]]:
-        store = self.caches.store(kind)
-        if store is None or kind.kind not in self.caches.specs or store.forbidden:
-            return self.client.list(kind, namespace, label_selector)
-        wanted = dict(p.split("=", 1) for p in label_selector.split(",")) if label_selector else {}
-        owner = wanted.get(names.SELECTOR_LABEL)
-        if owner and store.by_owner and namespace:
-            candidates = store.owned(namespace, owner)
-        else:
-            candidates = store.items(namespace)
-        return [
-            o
-            for o in candidates
-            if all(((o.get("metadata") or {}).get("labels") or {}).get(a) == b for a, b in wanted.items())
-        ]
-
-    def remember(self, kind: kube.Kind, obj: dict[str, Any] | None) -> None:
-        """Put an object the operator knows about (its own write's response, a confirmed stub) in the store."""
-        store = self.caches.store(kind)
-        if store is not None and obj and (obj.get("metadata") or {}).get("name"):
-            store.upsert(obj)
-
-    def forget(self, kind: kube.Kind, namespace: str, name: str) -> None:
-        store = self.caches.store(kind)
-        if store is not None:
-            store.delete(namespace, name)
-
-    def create(
-        self, kind: kube.Kind, namespace: str, body: dict[str, Any], dry_run: bool = False
-    ) -> dict[str, Any] | None:
-        created = self.client.create(kind, namespace, body, dry_run=dry_run)
-        if not dry_run:
-            self.remember(kind, created)
-        return created
-
-    def patch(self, kind: kube.Kind, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        patched = self.client.patch(kind, namespace, name, body)
-        self.remember(kind, patched)
-        return patched
-
-    def json_patch(self, kind: kube.Kind, namespace: str, name: str, ops: kube.JsonPatch) -> dict[str, Any]:
-        patched = self.client.json_patch(kind, namespace, name, ops)
-        self.remember(kind, patched)
-        return patched
-
-    def delete(self, kind: kube.Kind, namespace: str, name: str) -> None:
-        self.client.delete(kind, namespace, name)
-        self.forget(kind, namespace, name)
-
-    def patch_status(
-        self, kind: kube.Kind, namespace: str, name: str, status: dict[str, Any]
-    ) -> dict[str, Any]:
-        patched = self.client.patch_status(kind, namespace, name, status)
-        self.remember(kind, patched)
-        return patched
-
-    def patch_scale(self, kind: kube.Kind, namespace: str, name: str, replicas: int) -> dict[str, Any]:
-        return self.client.patch_scale(kind, namespace, name, replicas)

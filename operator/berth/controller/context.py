@@ -23,7 +23,6 @@ from berth.controller import inference_pool, kube, metrics
 from berth.controller.autoscaler import Autoscaler
 from berth.controller.backoff import Backoff, TokenBucket
 from berth.controller.cache import (
-    CachedKube,
     Caches,
     OnChange,
     inference_pool_spec,
@@ -31,6 +30,7 @@ from berth.controller.cache import (
     owner_of,
     remembered_specs,
 )
+from berth.controller.cached_kube import CachedKube
 from berth.controller.events import EventRecorder
 from berth.controller.leader import LeaseElector, default_identity
 from berth.controller.loops import Loop, Reconciler

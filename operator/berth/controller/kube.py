@@ -78,6 +78,11 @@ class ApiError(Exception):
 class Rejected(ApiError):
     """400 / 422: the API server refused the object (validation, admission)."""
 
+    @property
+    def test_failed(self) -> bool:
+        """The refusal of a JSON Patch whose `test` op did not hold (422, "... test failed")."""
+        return self.status == 422 and "test failed" in self.message.lower()
+
 
 class NotFound(ApiError):
     """404: no such object."""
@@ -201,8 +206,9 @@ class KubeClient:
         body: Any = None,
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
+        accept: str = "application/json",
     ) -> dict[str, Any]:
-        response = self._send(method, path, body, query, content_type)
+        response = self._send(method, path, body, query, content_type, accept)
         try:
             data = response.read()
         except Exception as e:  # the connection broke while reading the body
@@ -372,14 +378,13 @@ class KubeClient:
         )
 
     def json_patch(self, kind: Kind, namespace: str, name: str, ops: JsonPatch) -> dict[str, Any]:
-        response = self._send(
+        return self._call(
             "PATCH",
             _path(kind, namespace, name),
             body=ops,
             content_type="application/json-patch+json",
             accept=METADATA_ONLY_OBJECT,
         )
-        return self._payload(int(response.status), response.read(), response.getheader("Retry-After"))
 
     def delete(self, kind: Kind, namespace: str, name: str) -> None:
         with contextlib.suppress(NotFound):  # gone already: success for a delete

@@ -185,31 +185,62 @@ def owned_by(obj: dict[str, Any], owner_uid: str | None) -> bool:
 
 
 def gateway_key_rewrite(
-    secret: dict[str, Any] | None, deployment: dict[str, Any] | None, owner_uid: str
+    secret: dict[str, Any] | None,
+    owner_uid: str,
+    *records: dict[str, Any] | None,
 ) -> list[dict[str, Any]] | None:
     """The JSON Patch that writes the desired gateway-key Secret's credential (`secret`, the manifest;
     None: no key wanted, as without a master key or with auth off) over the existing Secret of that
-    name; None when nothing is to be written: this ModelDeployment's Deployment records the
-    fingerprint of that credential (builders.GATEWAY_KEY_FINGERPRINT), so its Secret holds it.
+    name; None when nothing is to be written: one of `records` (this ModelDeployment's Deployment, the
+    operator's remembered stub of the Secret) carries the fingerprint of that credential
+    (builders.GATEWAY_KEY_FINGERPRINT), so the Secret holds it.
 
-    The patch first tests the Secret's controller uid: the API server applies the ops atomically and
-    refuses them all (422) when the Secret is not this ModelDeployment's, so the operator overwrites no
-    Secret it does not own, although it cannot read one."""
+    The patch first tests the Secret's whole ownerReferences list against the one the operator gives
+    its children: the API server applies the ops atomically and refuses them all (422, `test failed`)
+    for a Secret that is not this ModelDeployment's, however its references are arranged, so the
+    operator overwrites no Secret it does not own although it cannot read one. (A Secret of ours
+    that someone gave another reference is refused too: left as it is, a ChildConflict.) The data is
+    written with `add` of the whole map, which succeeds whatever keys the Secret holds now."""
     if secret is None:
         return None
     credential = builders.gateway_credential(secret)
-    recorded = ((deployment or {}).get("metadata") or {}).get("annotations") or {}
-    if (
-        deployment is not None
-        and owned_by(deployment, owner_uid)
-        and recorded.get(builders.GATEWAY_KEY_FINGERPRINT) == builders.gateway_key_fingerprint(credential)
-    ):
-        return None
+    fingerprint = builders.gateway_key_fingerprint(credential)
+    for record in records:
+        annotations = ((record or {}).get("metadata") or {}).get("annotations") or {}
+        if (
+            record is not None
+            and owned_by(record, owner_uid)
+            and annotations.get(builders.GATEWAY_KEY_FINGERPRINT) == fingerprint
+        ):
+            return None
     return [
-        {"op": "test", "path": "/metadata/ownerReferences/0/uid", "value": owner_uid},
+        {"op": "test", "path": "/metadata/ownerReferences", "value": secret["metadata"]["ownerReferences"]},
         {
-            "op": "replace",
-            "path": f"/data/{builders.GATEWAY_KEY_ID}",
-            "value": secret["data"][builders.GATEWAY_KEY_ID],
+            "op": "add",
+            "path": "/data",
+            "value": {builders.GATEWAY_KEY_ID: secret["data"][builders.GATEWAY_KEY_ID]},
         },
     ]
+
+
+def hold_gateway_key_record(desired: Desired, deployment: dict[str, Any] | None) -> Desired:
+    """`desired` with the Deployment's gateway-key record (builders.GATEWAY_KEY_FINGERPRINT) as
+    `deployment` (observed) has it: the credential could not be written, so the record must not
+    claim it (absent when the Deployment is new or has none)."""
+    recorded = (((deployment or {}).get("metadata") or {}).get("annotations") or {}).get(
+        builders.GATEWAY_KEY_FINGERPRINT
+    )
+    held: Desired = []
+    for kind, name, manifest in desired:
+        if kind.kind == "Deployment" and manifest is not None:
+            metadata = manifest["metadata"]
+            annotations = {
+                k: v
+                for k, v in (metadata.get("annotations") or {}).items()
+                if k != builders.GATEWAY_KEY_FINGERPRINT
+            }
+            if recorded is not None:
+                annotations[builders.GATEWAY_KEY_FINGERPRINT] = recorded
+            manifest = {**manifest, "metadata": {**metadata, "annotations": annotations}}
+        held.append((kind, name, manifest))
+    return held

@@ -16,10 +16,19 @@ from typing import Any
 
 from berth.api.models import ModelDeployment
 from berth.controller import builders, inference_pool, kube, names, policy
-from berth.controller.cache import CachedKube
+from berth.controller.cached_kube import CachedKube
 from berth.controller.diagnosis import CHILD_CONFLICT, pod_events_needed, volume_events
 from berth.controller.events import EventRecorder, EventSpec, emit, status_events
-from berth.controller.plan import Action, Desired, conflicts, gateway_key_rewrite, owned_by, plan, prune
+from berth.controller.plan import (
+    Action,
+    Desired,
+    conflicts,
+    gateway_key_rewrite,
+    hold_gateway_key_record,
+    owned_by,
+    plan,
+    prune,
+)
 from berth.controller.settings import OperatorSettings
 from berth.controller.status import Observed, compute_status, managed_status
 from berth.gateway.registry import instance_credential
@@ -163,28 +172,48 @@ def _generated_secret(
     return stub
 
 
+@dataclass
+class GatewayKey:
+    """What `_gateway_key_secret` found: the Secret as observed (a stub; None: not known to exist), and
+    why the current credential could not be written (None when the Secret holds it)."""
+
+    secret: dict[str, Any] | None
+    not_written: str | None = None
+
+
 def _gateway_key_secret(
     md: ModelDeployment,
     client: kube.Kube,
     desired: Desired,
     secret: dict[str, Any] | None,
     deployment: dict[str, Any] | None,
-) -> dict[str, Any] | None:
+) -> GatewayKey:
     """The instance's gateway-key Secret as observed (`secret`: remembered by the cache, or None), made
     to hold the current credential without reading it (the operator has no `get` on Secrets):
 
     - not known to exist: created; a 409 goes on as below;
-    - this ModelDeployment's Deployment records the fingerprint of the current credential: the Secret
-      holds it (the record follows the Secret, see builders.GATEWAY_KEY_FINGERPRINT); nothing written;
+    - this ModelDeployment's Deployment, or the stub the cache remembers from the operator's last write,
+      records the fingerprint of the current credential: the Secret holds it; nothing written;
     - otherwise (the master key was rotated, or a 409 no record vouches for): the JSON Patch of
-      plan.gateway_key_rewrite overwrites the credential, guarded by a test of the Secret's owner uid.
-      The API server refuses it (422) for a Secret that is not this ModelDeployment's: the stub then
-      has no owner reference (a ChildConflict; the Deployment is left as it is)."""
+      plan.gateway_key_rewrite overwrites the credential, guarded by a test of the Secret's owner
+      references. The API server refuses it (422, test failed) for a Secret that is not this
+      ModelDeployment's: the stub then has no owner reference (a ChildConflict; the Deployment is left
+      as it is). Any other refusal (403 from an RBAC without `patch` on Secrets, an admission
+      webhook) is `not_written`: the instance goes on with the credential it has, and the caller keeps
+      the Deployment's record where it is and says why."""
     ns, name = md.namespace, names.gateway_key_secret_name(md)
     uid = str(md.metadata.get("uid") or "")
     manifest = next(m for k, n, m in desired if k is kube.SECRET and n == name)
     assert manifest is not None
     body = prune(manifest)
+    meta = body["metadata"]
+    fingerprint = builders.gateway_key_fingerprint(builders.gateway_credential(body))
+    claimed = {"metadata": {k: meta.get(k) for k in ("name", "namespace", "labels", "ownerReferences")}}
+    # what the cache remembers after a write: the record of the credential is in the cache only
+    ours = {
+        "metadata": {**claimed["metadata"], "annotations": {builders.GATEWAY_KEY_FINGERPRINT: fingerprint}}
+    }
+    foreign = {"metadata": {k: meta.get(k) for k in ("name", "namespace", "labels")}}
     if secret is not None and not owned_by(secret, uid):
         _forget(client, ns, name)  # remembered for an earlier ModelDeployment of this name
         secret = None
@@ -192,24 +221,55 @@ def _gateway_key_secret(
         created = client.create(kube.SECRET, ns, body)
         if created is not None:
             log.info("create Secret %s/%s", ns, name)
-            return created
-    meta = body["metadata"]
-    ours = {"metadata": {k: meta.get(k) for k in ("name", "namespace", "labels", "ownerReferences")}}
-    ops = gateway_key_rewrite(body, deployment, uid)
-    if ops is not None:
-        try:
-            client.json_patch(kube.SECRET, ns, name, ops)
-        except kube.NotFound:  # gone since it was remembered
-            _forget(client, ns, name)
-            created = client.create(kube.SECRET, ns, body)
-            return created or {"metadata": {k: meta.get(k) for k in ("name", "namespace", "labels")}}
-        except kube.Rejected:  # the owner test failed: someone else's Secret, left as it is
-            _forget(client, ns, name)
-            log.warning("Secret %s/%s is not this ModelDeployment's: not rewritten", ns, name)
-            return {"metadata": {k: meta.get(k) for k in ("name", "namespace", "labels")}}
-        log.info("rewrite Secret %s/%s with the current gateway credential", ns, name)
+            _remember(client, kube.SECRET, ours)
+            return GatewayKey(ours)
+    ops = gateway_key_rewrite(body, uid, deployment, secret)
+    if ops is None:
+        _remember(client, kube.SECRET, ours)
+        return GatewayKey(secret or ours)
+    try:
+        client.json_patch(kube.SECRET, ns, name, ops)
+    except kube.NotFound:  # gone since it was remembered
+        _forget(client, ns, name)
+        if client.create(kube.SECRET, ns, body) is None:
+            return GatewayKey(foreign)  # re-created by someone else in between: not known to be ours
+        _remember(client, kube.SECRET, ours)
+        return GatewayKey(ours)
+    except kube.Rejected as e:
+        if not e.test_failed:
+            return GatewayKey(
+                secret or claimed, f"the API server refused to rewrite Secret {name}: {e.message}"
+            )
+        _forget(client, ns, name)  # the owner test failed: someone else's Secret, left as it is
+        log.warning("Secret %s/%s is not this ModelDeployment's: not rewritten", ns, name)
+        return GatewayKey(foreign)
+    except kube.Forbidden as e:
+        return GatewayKey(secret or claimed, f"the operator may not rewrite Secret {name}: {e.message}")
+    log.info("rewrite Secret %s/%s with the current gateway credential", ns, name)
     _remember(client, kube.SECRET, ours)
-    return secret or ours
+    return GatewayKey(ours)
+
+
+def _settle_gateway_key(
+    md: ModelDeployment,
+    client: kube.Kube,
+    desired: Desired,
+    observed: dict[tuple[str, str], dict[str, Any] | None],
+) -> tuple[Desired, EventSpec | None]:
+    """Make the gateway-key Secret (when one is desired) hold the current credential, updating
+    `observed`; `desired` with the Deployment's record held where it is, and a Warning, when the
+    credential could not be written."""
+    key = (kube.SECRET.kind, names.gateway_key_secret_name(md))
+    if not any(k is kube.SECRET and n == key[1] for k, n, _ in desired):
+        return desired, None
+    deployment = observed.get((kube.DEPLOYMENT.kind, names.deployment_name(md)))
+    found = _gateway_key_secret(md, client, desired, observed.get(key), deployment)
+    observed[key] = found.secret
+    if found.not_written is None:
+        return desired, None
+    log.warning("%s/%s: %s", md.namespace, md.name, found.not_written)
+    event = EventSpec("Warning", "GatewayKeyNotWritten", found.not_written)
+    return hold_gateway_key_record(desired, deployment), event
 
 
 def _apply(
@@ -271,7 +331,7 @@ def reconcile(
 ) -> Result:
     """Bring the children of one ModelDeployment in line with its spec, then its status with the children.
 
-    `client` is a `cache.CachedKube` in the operator (reads from the watch caches, writes to the API),
+    `client` is a `cached_kube.CachedKube` in the operator (reads from the watch caches, writes to the API),
     so a reconcile with nothing to do sends no request at all.
     Raises pydantic.ValidationError for a spec the operator cannot act on (the caller records it);
     kube.ApiError for a write the API server refused (the caller records it and backs off).
@@ -325,11 +385,7 @@ def reconcile(
             write_status(observe(conflicts(desired, observed, uid), observed.get(deployment_key)))
 
         observed[secret_key] = _generated_secret(md, client, desired, previous, record)
-    gateway_key = (kube.SECRET.kind, names.gateway_key_secret_name(md))
-    if any(k is kube.SECRET and n == gateway_key[1] for k, n, _ in desired):
-        observed[gateway_key] = _gateway_key_secret(
-            md, client, desired, observed.get(gateway_key), observed.get(deployment_key)
-        )
+    desired, gateway_key_event = _settle_gateway_key(md, client, desired, observed)
     taken = conflicts(desired, observed, uid)
     if any(c.startswith(f"{kube.SECRET.kind}/") for c in taken):
         # someone else's Secret under the generated name: the instances must not mount it as their keys
@@ -346,6 +402,8 @@ def reconcile(
     if taken and _ready(status).get("message") != _ready(body_status).get("message"):
         result.events.append(EventSpec("Warning", "ChildConflict", str(_ready(status).get("message", ""))))
     result.events += status_events(body_status, status)
+    if gateway_key_event is not None:
+        result.events.append(gateway_key_event)
     (recorder.emit if recorder is not None else emit)(client, body, result.events, now)
     return result
 
