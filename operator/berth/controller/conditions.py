@@ -19,7 +19,7 @@ Cond = tuple[ConditionStatus, str, str]
 
 
 @dataclass(frozen=True)
-class Rollout:
+class DeploymentCounts:
     """The Deployment's counts that the phase depends on."""
 
     replicas: int = 0
@@ -29,7 +29,7 @@ class Rollout:
     current: bool = False  # the Deployment controller has acted on the Deployment's latest spec
 
     @classmethod
-    def of(cls, deployment: dict[str, Any] | None) -> Rollout:
+    def of(cls, deployment: dict[str, Any] | None) -> DeploymentCounts:
         if deployment is None:
             return cls()
         status = deployment.get("status") or {}
@@ -60,7 +60,7 @@ class View:
     """Everything the phase and the conditions are decided from."""
 
     capacity: int
-    rollout: Rollout
+    rollout: DeploymentCounts
     cause: Cause | None
     ever_ready: bool
     scheduled: int  # live pods bound to a node

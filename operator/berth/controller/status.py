@@ -40,7 +40,7 @@ from berth.api.models import (
 from berth.controller import names
 from berth.controller.conditions import (
     Cond,
-    Rollout,
+    DeploymentCounts,
     View,
     autoscaling_condition,
     available_condition,
@@ -186,7 +186,7 @@ def _observe(
     on_the_way = len(pulling) + len(fetching) + starting
     return View(
         capacity=md.spec.capacity,
-        rollout=Rollout.of(observed.deployment),
+        rollout=DeploymentCounts.of(observed.deployment),
         cause=_patient(_cause(md, observed, settings.crash_loop_restarts), on_the_way),
         ever_ready=bool(prev.get("readyAt")),
         scheduled=len(scheduled),
