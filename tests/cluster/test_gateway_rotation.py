@@ -143,35 +143,44 @@ def test_the_guarded_patch_answers_metadata_only_and_refuses_a_foreign_owner(
     """plan.gateway_key_rewrite's patch as kube.KubeClient.json_patch sends it: the Secret's data never
     comes back; the owner test compares the whole ownerReferences list, so a Secret whose references
     are someone else's, or name the owner's uid in another reference, or are absent, is refused (422,
-    "test failed", nothing written); a Secret of ours without its data key is written."""
+    the patch does not apply, nothing written); a Secret of ours without its data key is written."""
     client = KubeClient(cluster.api_client())
-    configmap = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner"}}
-    cluster.kubectl("-n", namespace, "create", "-f", "-", input=json.dumps(configmap), check=True)
-    uid = get(cluster, namespace, "configmap", "owner")["metadata"]["uid"]  # a real one: the GC keeps it
-    owner = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid, "controller": True}
+    refs = {}
+    for name in ("owner", "someone-else"):  # real owners: the garbage collector keeps what they own
+        configmap = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}}
+        cluster.kubectl("-n", namespace, "create", "-f", "-", input=json.dumps(configmap), check=True)
+        cm_uid = get(cluster, namespace, "configmap", name)["metadata"]["uid"]
+        refs[name] = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "name": name,
+            "uid": cm_uid,
+            "controller": True,
+        }
+    owner, uid = refs["owner"], refs["owner"]["uid"]
     before = base64.b64encode(b"before").decode()
     after = base64.b64encode(b"after").decode()
     desired = {"metadata": {"ownerReferences": [owner]}, "data": {"berth-gateway": after}}
     ops = gateway_key_rewrite(desired, uid)
     assert ops is not None
 
-    def secret(name: str, refs: list[dict[str, Any]] | None, data: dict[str, str] | None) -> None:
+    def secret(name: str, owners: list[dict[str, Any]] | None, data: dict[str, str] | None) -> None:
         meta: dict[str, Any] = {"name": name, "namespace": namespace}
-        if refs is not None:
-            meta["ownerReferences"] = refs
+        if owners is not None:
+            meta["ownerReferences"] = owners
         body = {"apiVersion": "v1", "kind": "Secret", "metadata": meta, **({"data": data} if data else {})}
         assert client.create(SECRET, namespace, body) is not None
 
-    foreign_first = {**owner, "name": "x", "kind": "Secret", "controller": False}  # the uid, not the owner
-    for name, refs in (
-        ("elsewhere", [{**owner, "uid": "uid-someone-else"}]),
-        ("uid-first", [foreign_first, owner]),
+    for name, their_refs in (
+        ("elsewhere", [refs["someone-else"]]),
+        ("the-uid-not-as-controller", [{**owner, "controller": False}]),  # the uid, not the controller
+        ("another-first", [{**refs["someone-else"], "controller": False}, owner]),
         ("unowned", None),
     ):
-        secret(name, refs, {"berth-gateway": before})
+        secret(name, their_refs, {"berth-gateway": before})
         with pytest.raises(Rejected) as refused:
             client.json_patch(SECRET, namespace, name, ops)
-        assert refused.value.status == 422 and refused.value.test_failed, refused.value
+        assert refused.value.status == 422 and refused.value.patch_not_applicable, refused.value
         assert "after" not in str(refused.value) and after not in str(refused.value)
         assert get(cluster, namespace, "secret", name)["data"]["berth-gateway"] == before
     secret("probe", [owner], {"berth-gateway": before})

@@ -101,8 +101,8 @@ class RecordingKube:
     def json_patch(
         self, kind: kube.Kind, namespace: str, name: str, ops: list[dict[str, Any]]
     ) -> dict[str, Any]:
-        """RFC 6902 `test`, `add` and `replace` (all or nothing, as the API server does, with its
-        "test failed" message); the metadata back."""
+        """RFC 6902 `test`, `add` and `replace` (all or nothing, as the API server does, with its 422
+        that does not say which op failed); the metadata back."""
         self.calls.append(("json_patch", kind.kind, name, copy.deepcopy(ops)))
         key = (kind.kind, namespace, name)
         if key not in self.objects:
@@ -118,14 +118,12 @@ class RecordingKube:
                     node[last] = op["value"]
                     continue
                 if op["op"] == "test" and isinstance(node, dict) and last not in node:
-                    raise kube.Rejected(422, "", f"testing value {op['path']} failed: test failed")
+                    raise kube.Rejected(422, "Invalid", kube.PATCH_NOT_APPLICABLE)
                 here = node[int(last)] if isinstance(node, list) else node[last]
             except (KeyError, IndexError, TypeError, ValueError):
-                raise kube.Rejected(
-                    422, "", f"{op['op']} operation does not apply: missing {op['path']}"
-                ) from None
+                raise kube.Rejected(422, "Invalid", kube.PATCH_NOT_APPLICABLE) from None
             if op["op"] == "test" and here != op["value"]:
-                raise kube.Rejected(422, "", f"testing value {op['path']} failed: test failed")
+                raise kube.Rejected(422, "Invalid", kube.PATCH_NOT_APPLICABLE)
             if op["op"] == "replace":
                 node[int(last) if isinstance(node, list) else last] = op["value"]
         self.objects[key] = obj

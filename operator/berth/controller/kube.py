@@ -75,13 +75,19 @@ class ApiError(Exception):
         return _BY_STATUS.get(status, ApiError)(status, reason, message, retry_after)
 
 
+# What the API server answers (422) for a JSON Patch that does not apply (k8s.io/apiserver's patch handler)
+PATCH_NOT_APPLICABLE = "the server rejected our request due to an error in our request"
+
+
 class Rejected(ApiError):
     """400 / 422: the API server refused the object (validation, admission)."""
 
     @property
-    def test_failed(self) -> bool:
-        """The refusal of a JSON Patch whose `test` op did not hold (422, "... test failed")."""
-        return self.status == 422 and "test failed" in self.message.lower()
+    def patch_not_applicable(self) -> bool:
+        """The refusal of a JSON Patch that does not apply to the object (a `test` op that does not
+        hold, a path that is not there): 422 with the API server's generic message and no causes (it
+        does not say which op failed), unlike a refusal of the patched object (validation, admission)."""
+        return self.status == 422 and self.message == PATCH_NOT_APPLICABLE
 
 
 class NotFound(ApiError):

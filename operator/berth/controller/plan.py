@@ -196,7 +196,7 @@ def gateway_key_rewrite(
     (builders.GATEWAY_KEY_FINGERPRINT), so the Secret holds it.
 
     The patch first tests the Secret's whole ownerReferences list against the one the operator gives
-    its children: the API server applies the ops atomically and refuses them all (422, `test failed`)
+    its children: the API server applies the ops atomically and refuses them all (422: the patch does not apply)
     for a Secret that is not this ModelDeployment's, however its references are arranged, so the
     operator overwrites no Secret it does not own although it cannot read one. (A Secret of ours
     that someone gave another reference is refused too: left as it is, a ChildConflict.) The data is

@@ -196,7 +196,8 @@ def _gateway_key_secret(
       records the fingerprint of the current credential: the Secret holds it; nothing written;
     - otherwise (the master key was rotated, or a 409 no record vouches for): the JSON Patch of
       plan.gateway_key_rewrite overwrites the credential, guarded by a test of the Secret's owner
-      references. The API server refuses it (422, test failed) for a Secret that is not this
+      references. The API server refuses it (422, the patch does not apply: only the test can fail)
+      for a Secret that is not this
       ModelDeployment's: the stub then has no owner reference (a ChildConflict; the Deployment is left
       as it is). Any other refusal (403 from an RBAC without `patch` on Secrets, an admission
       webhook) is `not_written`: the instance goes on with the credential it has, and the caller keeps
@@ -236,7 +237,7 @@ def _gateway_key_secret(
         _remember(client, kube.SECRET, ours)
         return GatewayKey(ours)
     except kube.Rejected as e:
-        if not e.test_failed:
+        if not e.patch_not_applicable:
             return GatewayKey(
                 secret or claimed, f"the API server refused to rewrite Secret {name}: {e.message}"
             )
