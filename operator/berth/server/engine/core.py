@@ -76,7 +76,7 @@ class EngineCore:
             num_blocks=num_blocks,
             block_size=config.block_size,
             adapters=model.adapters,
-            sampler=Sampler(),
+            sampler=Sampler(config.max_num_seqs),
             static_decode=config.cuda_graphs,
             **_weight_format_arg(model.backend, config.weight_format),
             max_num_seqs=config.max_num_seqs,
