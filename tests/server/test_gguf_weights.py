@@ -35,9 +35,12 @@ def attached(smollm2: LoadedModel) -> Iterator[str]:
 
 
 def _q4(mod: Any) -> Any:
-    from berth.server.engine.runner.packed import Q4_ATTR
+    """The module's GGUF 4-bit weight, read from the file (attach leaves where to read it, not the codes)."""
+    from berth.server.engine.runner.packed import Q4_ATTR, Q4Source
 
-    return getattr(mod, Q4_ATTR)
+    source = getattr(mod, Q4_ATTR)
+    assert isinstance(source, Q4Source)
+    return source.load()
 
 
 def test_the_gguf_blocks_are_the_loaded_weights_after_undoing_the_row_permutation(
@@ -244,3 +247,106 @@ def test_a_merged_adapter_is_not_served_from_the_file(tmp_path: Path) -> None:
     assert merged.merged_adapters == ["only"] and not hasattr(merged.model, GGUF_SOURCE)
     with pytest.raises(ValueError, match="or an adapter was merged into its weights"):
         EngineCore(merged, EngineConfig(num_blocks=8, prepare_guided=False, weight_format="gguf"))
+
+
+def _tensor_bytes(model: Any) -> int:
+    """Bytes of the model's parameters and buffers that hold storage (not ``meta``), each storage once."""
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type != "meta":
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def test_an_int4pack_linear_holds_5_bits_per_weight(smollm2: LoadedModel, attached: str) -> None:
+    from berth.server.engine.runner.packed import Int4Linear, pack_modules
+
+    mlp = smollm2.model.model.layers[2].mlp
+    served = pack_modules([mlp.gate_proj, mlp.up_proj], "gguf")
+    assert isinstance(served, Int4Linear)
+    n, k = 2 * mlp.gate_proj.weight.shape[0], mlp.gate_proj.weight.shape[1]
+    held = served.packed.untyped_storage().nbytes() + served.scale_zeros.untyped_storage().nbytes()
+    # 4 bits of code + a bf16 scale and zero per group of 32 (the file's Q4_1 is 5 bits as well)
+    assert held * 8 / (n * k) == 5.0
+
+
+def test_packing_reads_the_gguf_codes_one_packed_linear_at_a_time(
+    smollm2: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """attach leaves where to read each weight, not its codes: at most one fused linear's codes (q|k|v: three)
+    are alive at once while the engine packs, not the 210 linears' (as when attach held them all)."""
+    import weakref
+
+    from berth.server.engine import EngineConfig, EngineCore
+    from berth.server.engine.runner import gguf_q4
+
+    alive: list[weakref.ref[Any]] = []
+    peak = 0
+    read = gguf_q4.read_q4
+
+    def tracked(kind: str, data: Any) -> Any:
+        nonlocal peak
+        q4 = read(kind, data)
+        alive.append(weakref.ref(q4.codes))
+        peak = max(peak, sum(r() is not None for r in alive))
+        return q4
+
+    monkeypatch.setattr(gguf_q4, "read_q4", tracked)
+    EngineCore(smollm2, EngineConfig(num_blocks=8, prepare_guided=False, weight_format="gguf"))
+    assert len(alive) == 2 * 210  # each served weight read twice: checked at attach, then packed
+    assert peak <= 3, peak
+
+
+def test_released_float_weights_leave_the_packs_only(
+    smollm2: LoadedModel, chat_ids: Callable[..., list[int]]
+) -> None:
+    """With release_packed_weights (berth serve) the float weights of the packed linears are freed: the model
+    keeps its embedding (the tied LM head's weight), norms and rotary buffers, and generates the same tokens."""
+    from berth.server.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams
+    from berth.server.loader import load_model
+
+    own = load_model("builtin://smollm2-135m-instruct", dtype="float32", device="cpu", served_name="smollm2")
+    before = _tensor_bytes(own.model)
+    config = EngineConfig(
+        max_num_seqs=8, prepare_guided=False, weight_format="gguf", release_packed_weights=True
+    )
+    core = EngineCore(own, config)
+    after = _tensor_bytes(own.model)
+    inner = own.model.model
+    linears = [m for layer in inner.layers for m in layer.modules() if m.__class__.__name__ == "Linear"]
+    assert len(linears) == 210 and all(m.weight.device.type == "meta" for m in linears)
+    assert tuple(linears[0].weight.shape) == (576, 576)  # the shapes stay readable
+    assert own.model.lm_head.weight is inner.embed_tokens.weight  # tied: the embedding is kept
+    assert inner.embed_tokens.weight.device.type == "cpu"
+    embedding = inner.embed_tokens.weight.numel() * 4
+    assert before > 4 * embedding and embedding <= after < embedding * 1.01, (before, after, embedding)
+
+    prompts = [chat_ids(q) for q in PROMPTS]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    out = core.run(GenerationRequest(f"r{i}", p, params) for i, p in enumerate(prompts))
+    released = [[e.token_id for e in out[f"r{i}"] if e.token_id is not None] for i in range(len(prompts))]
+    assert released == _greedy(smollm2, prompts, "gguf", 16)  # the shared model's weights are its own
+
+
+def test_berth_serve_releases_the_packed_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server loads its model for its engine alone, so it asks for the release; EngineConfig's default keeps
+    the weights (engines built on one shared model, as the tests and bench/cpu_weight_formats.py do)."""
+    from berth.server import engine, loader
+    from berth.server.engine import EngineConfig
+    from berth.server.main import Runtime
+    from berth.server.settings import settings_from_args
+
+    assert EngineConfig().release_packed_weights is False
+    configs: list[EngineConfig] = []
+
+    class FakeEngine:
+        def __init__(self, model: Any, config: EngineConfig) -> None:
+            configs.append(config)
+
+        def start(self) -> None:
+            pass
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **kw: object())
+    monkeypatch.setattr(engine, "Engine", FakeEngine)
+    Runtime(settings_from_args(["--weight-format", "gguf", "--threads", "auto"]))._build_engine()
+    assert [(c.weight_format, c.release_packed_weights) for c in configs] == [("gguf", True)]

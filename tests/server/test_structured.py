@@ -155,8 +155,49 @@ def test_the_token_bitmask_is_allocated_once_and_reused_dirty_as_if_fresh(smollm
         if batch == 3:
             assert torch.equal(got[1], logits[1])  # an unguided row stays as it was
         assert bitmask._host is host and host.data_ptr() == pointer
-    bitmask.apply(torch.randn(5, vocab), [4], [guides[0]])  # a larger batch: grown once
-    assert bitmask._host is not None and bitmask._host.shape[0] == 5
+    bitmask.apply(torch.randn(5, vocab), [4], [guides[0]])  # a larger batch: grown once, doubled
+    assert bitmask._host is not None and bitmask._host.shape[0] == 6
+    sampler = core.runner.sampler
+    assert sampler is not None and sampler._bitmask.capacity == core.config.max_num_seqs == 32
+
+
+class _AllowAll:
+    """A guide that allows every token (xgrammar's bitmask: -1 is every bit set)."""
+
+    def fill(self, bitmask: Any, row: int) -> None:
+        bitmask[row].fill_(-1)
+
+
+def test_the_token_bitmask_is_not_reallocated_each_time_the_batch_grows_by_a_row() -> None:
+    import torch
+
+    vocab = 1000
+    seen: list[tuple[int, int]] = []  # (data pointer, rows) of the host mask after each step
+
+    def grow(bitmask: TokenBitmask, upto: int) -> list[tuple[int, int]]:
+        seen.clear()
+        for batch in range(1, upto + 1):
+            logits = torch.randn(batch, vocab)
+            want = logits.clone()
+            bitmask.apply(logits, list(range(batch)), [_AllowAll()] * batch)  # type: ignore[list-item]
+            assert torch.equal(logits, want)  # everything allowed: untouched
+            host = bitmask._host
+            assert host is not None
+            seen.append((host.data_ptr(), host.shape[0]))
+        return seen
+
+    # Sized for max_num_seqs up front: 1 -> 2 -> 3 rows use the one allocation.
+    steps = grow(TokenBitmask(capacity=8), 3)
+    assert len({p for p, _ in steps}) == 1 and [r for _, r in steps] == [8, 8, 8]
+    # Without a capacity it doubles: 1, 2, 4, 4, 8 rows for batches 1..5 (4 allocations, not 5; 1..64: 7).
+    steps = grow(TokenBitmask(), 5)
+    assert [r for _, r in steps] == [1, 2, 4, 4, 8]
+    assert steps[2][0] == steps[3][0]  # batch 4 reuses batch 3's allocation
+    assert len({r for _, r in grow(TokenBitmask(), 64)}) == 7
+    # A batch past the capacity grows it: doubled (to at least the batch).
+    bitmask = TokenBitmask(capacity=2)
+    grow(bitmask, 3)
+    assert [r for _, r in seen] == [2, 2, 4]
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,11 @@ def build(settings: GatewaySettings) -> tuple[Any, Gateway]:
     client = httpx.AsyncClient(
         timeout=timeout, limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024)
     )
-    master = MasterKey(settings.master_key_file, settings.master_key())  # re-read when the file changes
+    master = MasterKey(  # re-read when the file changes
+        settings.master_key_file,
+        settings.master_key(),
+        grace_seconds=settings.previous_master_key_grace_seconds,
+    )
     gw = Gateway(settings, Registry(), client, master=master)
     app = create_app(gw)
     if not settings.kubernetes:

@@ -76,11 +76,12 @@ class Gateway:
         assert self.quotas is not None
         return self.quotas
 
-    def upstream_headers(self, target: Target, key: Key, previous: bool = False) -> dict[str, str]:
-        """The headers for an instance: its credential from the current master key, or from the one
-        before the last rotation (`previous`)."""
+    def upstream_headers(self, target: Target, key: Key, master: bytes | None = None) -> dict[str, str]:
+        """The headers for an instance: its credential from the current master key, or from `master`
+        (the key before the last rotation, for the retry of a 401)."""
         headers = {"content-type": "application/json", KEY_ID_HEADER: key.key_id}
-        master = self.master.previous if previous else self.master.current()
+        if master is None:
+            master = self.master.current()
         if master is not None:
             cred = instance_credential(master, target.instance.namespace, target.instance.name)
             headers["authorization"] = f"Bearer {cred}"
@@ -196,23 +197,28 @@ def _done(gw: Gateway, call: Call, endpoint: Endpoint | None) -> None:
 
 async def _attempt(gw: Gateway, call: Call, endpoint: Endpoint) -> httpx.Response | None:
     """One request to an endpoint. A 401 is retried once with the credential of the master key before
-    the last rotation, when there was one: the instance's copy of its gateway-key Secret may not be
-    updated yet (MasterKey)."""
-    resp = await _send(gw, call, endpoint, previous=False)
-    if resp is not None and resp.status_code == 401 and gw.master.previous is not None:
+    the last rotation, while it is kept (`BERTH_GATEWAY_PREVIOUS_MASTER_KEY_GRACE_SECONDS` after the
+    change): the instance's copy of its gateway-key Secret may not be updated yet (MasterKey)."""
+    resp = await _send(gw, call, endpoint)
+    if resp is None or resp.status_code != 401:
+        return resp
+    previous = gw.master.previous
+    if previous is not None:
         await resp.aclose()
         inst = call.target.instance
         gw.metrics.retries.labels(inst.namespace, inst.served_name, "previous_master_key").inc()
-        resp = await _send(gw, call, endpoint, previous=True)
+        resp = await _send(gw, call, endpoint, previous)
     return resp
 
 
-async def _send(gw: Gateway, call: Call, endpoint: Endpoint, previous: bool) -> httpx.Response | None:
+async def _send(
+    gw: Gateway, call: Call, endpoint: Endpoint, master: bytes | None = None
+) -> httpx.Response | None:
     req = gw.client.build_request(
         "POST",
         endpoint.url + call.path,
         content=json.dumps(call.body).encode(),
-        headers={**gw.upstream_headers(call.target, call.key, previous), **call.extra_headers},
+        headers={**gw.upstream_headers(call.target, call.key, master), **call.extra_headers},
     )
     try:
         return await gw.client.send(req, stream=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import Field
@@ -23,6 +24,11 @@ class GatewaySettings(BaseSettings):
     namespaces: tuple[str, ...] = Field((), description="namespaces to watch (empty: all)")
     master_key_file: Path | None = Field(
         None, description="file with the gateway master key; per-instance credentials are HMAC'd from it"
+    )
+    previous_master_key_grace_seconds: float = Field(
+        600.0,
+        ge=0,
+        description="after the master key file changes, how long a 401 is retried with the previous key",
     )
     connect_timeout_seconds: float = Field(2.0, gt=0, description="connecting to an instance")
     read_timeout_seconds: float = Field(600.0, gt=0, description="between two bytes from an instance")
@@ -45,20 +51,42 @@ class MasterKey:
     """The gateway master key, re-read from its mounted file (at most every `check_seconds`) so a
     rotation needs no restart: the kubelet updates a mounted Secret in place, typically within a minute.
 
-    The key before the last change is kept (`previous`): the operator rewrites each instance's
-    gateway-key Secret after its own copy of the master changed, and each instance's kubelet updates
-    its file after that, so for a minute or two an instance may accept only the credential derived
-    from the previous key. The relay retries a 401 once with it."""
+    The key before the last change is kept (`previous`) for `grace_seconds` after the change was
+    noticed, then dropped: the operator rewrites each instance's gateway-key Secret after its own copy of
+    the master changed, and each instance's kubelet updates its file after that, so for a minute or two an
+    instance may accept only the credential derived from the previous key. The relay retries a 401 once
+    with it while it is kept; after the window a 401 is not retried (an instance still without the new
+    credential is not one the rotation can wait for). `clock` is injectable for tests."""
 
-    def __init__(self, path: Path | None, key: bytes | None = None, check_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        key: bytes | None = None,
+        check_seconds: float = 1.0,
+        grace_seconds: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = path
         self.key = key
-        self.previous: bytes | None = None
         self.check_seconds = check_seconds
-        self._checked = time.monotonic() if key is not None else float("-inf")
+        self.grace_seconds = grace_seconds
+        self._clock = clock
+        self._previous: bytes | None = None
+        self._rotated = float("-inf")  # when the current key replaced `_previous`
+        self._checked = clock() if key is not None else float("-inf")
+
+    @property
+    def previous(self) -> bytes | None:
+        """The key before the last change, within `grace_seconds` of the change; None after (dropped)."""
+        if self._previous is not None and self._clock() - self._rotated >= self.grace_seconds:
+            log.info(
+                "the previous gateway master key is dropped (%.0f s after the change)", self.grace_seconds
+            )
+            self._previous = None
+        return self._previous
 
     def current(self) -> bytes | None:
-        now = time.monotonic()
+        now = self._clock()
         if self.path is None or now - self._checked < self.check_seconds:
             return self.key
         self._checked = now
@@ -70,7 +98,9 @@ class MasterKey:
         if key != self.key and key is not None:
             if self.key is not None:
                 log.info(
-                    "the gateway master key changed; the previous one is kept for instances not updated yet"
+                    "the gateway master key changed; the previous one is kept for %.0f s for instances "
+                    "not updated yet",
+                    self.grace_seconds,
                 )
-            self.previous, self.key = self.key, key
+            self._previous, self.key, self._rotated = self.key, key, now
         return self.key

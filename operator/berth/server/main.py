@@ -136,6 +136,7 @@ class Runtime:
             kv_cache_cpu_gib=s.kv_cache_cpu_gib,
             cuda_graphs=s.cuda_graphs,
             weight_format=s.weight_format,
+            release_packed_weights=True,  # the model was loaded for this engine alone
             threads=s.threads,
         )
         engine = Engine(model, config)

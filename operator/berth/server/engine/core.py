@@ -46,11 +46,11 @@ def _adapters(seqs: list[Sequence]) -> tuple[str, ...]:
     return tuple(sorted({s.adapter for s in seqs if s.adapter}))
 
 
-def _weight_format_arg(backend: str, fmt: str) -> dict[str, Any]:
-    """The runner's ``weight_format`` argument: only the native forward packs weights (``auto`` and
-    full precision mean the model's own weights on the other backends)."""
+def _weight_format_arg(backend: str, fmt: str, release_weights: bool = False) -> dict[str, Any]:
+    """The runner's ``weight_format`` (and ``release_weights``) arguments: only the native forward packs
+    weights (``auto`` and full precision mean the model's own weights on the other backends)."""
     if backend == "native":
-        return {"weight_format": fmt}
+        return {"weight_format": fmt, "release_weights": release_weights}
     if fmt in ("auto", "fp32", "none"):
         return {}
     raise ValueError(
@@ -76,9 +76,9 @@ class EngineCore:
             num_blocks=num_blocks,
             block_size=config.block_size,
             adapters=model.adapters,
-            sampler=Sampler(),
+            sampler=Sampler(config.max_num_seqs),
             static_decode=config.cuda_graphs,
-            **_weight_format_arg(model.backend, config.weight_format),
+            **_weight_format_arg(model.backend, config.weight_format, config.release_packed_weights),
             max_num_seqs=config.max_num_seqs,
             max_model_len=model.max_model_len,
         )

@@ -4,8 +4,8 @@ A request that asks for structured output carries a ``GuidedSpec`` (JSON schema,
 or a regular expression) in its ``SamplingParams``. ``Guides`` compiles the spec once per engine
 (compiled grammars are cached by spec) against the model's tokenizer and vocabulary size, and
 gives each sequence its own ``Guide``: an ``xgrammar.GrammarMatcher`` that knows which tokens may
-come next. Each step, the sampler fills one row of its ``TokenBitmask`` (allocated once, reused)
-per constrained sequence and applies the bitmask to those rows of the logits in place, on the
+come next. Each step, the sampler fills one row of its ``TokenBitmask`` (allocated once for the
+engine's ``max_num_seqs`` rows, reused) per constrained sequence and applies the bitmask to those rows of the logits in place, on the
 logits' device, before penalties' results are turned into probabilities (temperature, top-k,
 top-p then only see allowed tokens), so sampling draws exactly from the model's distribution
 restricted to the grammar; unconstrained rows in the same batch are untouched. The scheduler
@@ -139,14 +139,17 @@ def _reason(exc: BaseException) -> str:
 
 
 class TokenBitmask:
-    """The token bitmask the guided rows of a step are filled into: allocated once per (rows, vocab),
-    grown when a larger batch comes, and reused every step (one per sampler, so per engine thread).
+    """The token bitmask the guided rows of a step are filled into, reused every step (one per sampler, so
+    per engine thread). Its first allocation has ``capacity`` rows (the engine's ``max_num_seqs``: no step
+    has more) or the step's rows if more; a larger batch doubles it (at least to the batch), so a batch
+    that grows row by row reallocates O(log rows) times, not once per row. A step uses the first rows.
 
     Only the rows a step fills are applied (``indices``), and filling writes a whole row, so what
     earlier steps left in the other rows is never read. Where the logits live on an accelerator the
     host mask is pinned and copied into a device mask kept alongside, so a step allocates nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 0) -> None:
+        self.capacity = capacity
         self._host: torch.Tensor | None = None
         self._device: torch.Tensor | None = None
         self._vocab = 0
@@ -156,7 +159,8 @@ class TokenBitmask:
 
         host = self._host
         if host is None or vocab != self._vocab or host.shape[0] < batch:
-            host = xgr.allocate_token_bitmask(batch, vocab)
+            rows = max(batch, self.capacity if host is None or vocab != self._vocab else 2 * host.shape[0])
+            host = xgr.allocate_token_bitmask(rows, vocab)
             self._host, self._vocab, self._device = (host.pin_memory() if pinned else host), vocab, None
         assert self._host is not None
         return self._host[:batch]

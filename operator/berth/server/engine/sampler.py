@@ -56,8 +56,9 @@ def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
 
 
 class Sampler:
-    def __init__(self) -> None:
-        self._bitmask = guided.TokenBitmask()  # structured-output rows' masks, reused step to step
+    def __init__(self, max_num_seqs: int = 0) -> None:
+        # structured-output rows' masks, reused step to step: rows for max_num_seqs allocated at the first use
+        self._bitmask = guided.TokenBitmask(max_num_seqs)
 
     def _generator(self, seq: Sequence, device: torch.device) -> torch.Generator:
         g: torch.Generator | None = seq.generator

@@ -185,6 +185,9 @@ class EngineConfig:
     # Native backend on CPU (runner/packed.py): "fp32" (also "none": the model's own weights), "fp16", "bf16",
     # "int8" packed weights, or "auto" (fp32 or fp16, whichever decodes faster here, measured at start-up).
     weight_format: str = "fp32"
+    # gguf: free the model's float weights of the linears its packs serve (runner/packed.py). Only for a model
+    # this engine alone uses (berth serve): the float weights are gone from the LoadedModel afterwards.
+    release_packed_weights: bool = False
     # torch threads (runner/threads.py): "auto" (1 or every usable core, timed at start-up), "N", or None (torch's).
     threads: str | None = None
     seed: int = 0  # seeds the RNG that gives requests without a seed their own seed

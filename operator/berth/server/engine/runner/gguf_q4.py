@@ -5,9 +5,13 @@ adapter was merged into the weights). ``attach`` reads the file's raw blocks (th
 GGUFReader), maps its tensor names to the HF modules of the native runner (``blk.N.attn_q`` ->
 ``model.layers.N.self_attn.q_proj``, ...; ``output``, or the tied ``token_embd``, -> ``lm_head``), undoes
 llama.cpp's row permutation of ``attn_q``/``attn_k`` (the order transformers' GGUF loader restores), and checks
-each weight against the dequantized one the model holds. A Q4_0 / Q4_1 weight that matches is attached to its
-module as a ``packed.Q4Weight``; ``packed.pack_modules`` then packs it as int4pack (``Int4Linear``: Q4_1's
-``w = d q + m`` is int4pack's ``(q - 8) scale + zero`` with scale d, zero m + 8d, group 32).
+each weight against the dequantized one the model holds, one tensor at a time. A Q4_0 / Q4_1 weight that matches
+is attached to its module as a ``packed.Q4Source`` (the reader's tensor and the row order that matched, no codes):
+``packed.pack_modules`` reads its codes again when it packs that module as int4pack (``Int4Linear``: Q4_1's
+``w = d q + m`` is int4pack's ``(q - 8) scale + zero`` with scale d, zero m + 8d, group 32), so the uint8 codes of
+only the linears being packed are in memory, never all of them (reading the blocks twice costs SmolLM2's 210
+tensors about 0.3 s more at start-up, one thread; the check is 0.4 s). The reader's memory map stays open until
+``detach``.
 
 Every other linear (Q8_0, K-quants, F16; on SmolLM2 only the LM head, the tied Q8_0 ``token_embd``) keeps its
 dequantized weights packed as fp16 (``packed.GGUF_FALLBACKS``); ``attach`` returns the summary the runner logs.
@@ -24,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from berth.server.engine.runner.packed import GGUF_FALLBACKS, Q4_ATTR, Q4_GROUP, Q4Weight, int4_ok
+from berth.server.engine.runner.packed import GGUF_FALLBACKS, Q4_ATTR, Q4_GROUP, Q4Source, Q4Weight, int4_ok
 
 logger = logging.getLogger(__name__)
 
@@ -92,17 +96,31 @@ def _matches(q4: Q4Weight, weight: torch.Tensor) -> bool:
     return float((q4.dequantize() - w).abs().max()) <= tol
 
 
-def _candidates(q4: Q4Weight, gguf_name: str, arch: str, heads: int, kv_heads: int) -> list[Q4Weight]:
-    """The row orders to try: llama.cpp permutes the rows of attn_q/attn_k of llama-arch files."""
+def _row_orders(q4: Q4Weight, gguf_name: str, arch: str, heads: int, kv_heads: int) -> list[int]:
+    """The row orders to try, as the ``n_head`` to undo llama.cpp's permutation with (0: the file's order):
+    llama.cpp permutes the rows of attn_q/attn_k of llama-arch files."""
     n_head = heads if ".attn_q." in gguf_name else kv_heads if ".attn_k." in gguf_name else 0
     if n_head == 0 or q4.codes.shape[0] % (2 * n_head):
-        return [q4]
-    permuted = unpermute_rows(q4, n_head)
-    return [permuted, q4] if arch == "llama" else [q4, permuted]
+        return [0]
+    return [n_head, 0] if arch == "llama" else [0, n_head]
+
+
+def _in_order(q4: Q4Weight, n_head: int) -> Q4Weight:
+    return unpermute_rows(q4, n_head) if n_head else q4
+
+
+def _source(tensor: Any, kind: str, n_head: int) -> Q4Source:
+    """The reader's ``tensor`` read again (its blocks, in the row order that matched) when it is packed."""
+
+    def load() -> Q4Weight:
+        return _in_order(read_q4(kind, tensor.data), n_head)
+
+    return Q4Source(load)
 
 
 def attach(model: Any) -> str:
-    """Attach the GGUF 4-bit weight of every linear that has a kernel to its module; the summary to log.
+    """Attach where the GGUF 4-bit weight of every linear that has a kernel is read from (a ``Q4Source``) to its
+    module; the summary to log. Each tensor's codes are in memory only while it is checked.
 
     Raises GGUFWeightsError when the model was not loaded from a GGUF file or none of its linears is 4-bit."""
     path = getattr(model, GGUF_SOURCE, None)
@@ -135,14 +153,16 @@ def attach(model: Any) -> str:
             others[f"{kind}, no 4-bit kernel"].append(hf)
             continue
         q4 = read_q4(kind, t.data)
-        cands = [c for c in _candidates(q4, t.name, arch, heads, kv_heads) if _matches(c, modules[hf].weight)]
-        if not cands:
+        orders = _row_orders(q4, t.name, arch, heads, kv_heads)
+        match = next((o for o in orders if _matches(_in_order(q4, o), modules[hf].weight)), None)
+        if match is None:
             others["differs from the loaded weights"].append(hf)
-        elif not int4_ok(cands[0]):
+        elif not int4_ok(q4):
             others[f"{kind}, shape {tuple(q4.codes.shape)} not int4pack's"].append(hf)
         else:
-            setattr(modules[hf], Q4_ATTR, cands[0])
+            setattr(modules[hf], Q4_ATTR, _source(t, kind, match))
             served.add(hf)
+        del q4
     for n in linears:
         if n not in served and not any(n in v for v in others.values()):
             others["not in the GGUF file"].append(n)
@@ -167,7 +187,8 @@ def _describe(others: dict[str, list[str]]) -> str:
 
 
 def detach(model: Any) -> None:
-    """Drop the attached GGUF weights (the packed linears hold what they need)."""
+    """Drop the attached GGUF weight sources (the packed linears hold what they need; the file's memory map is
+    closed with the last reference to its reader)."""
     for m in model.modules():
         if hasattr(m, Q4_ATTR):
             delattr(m, Q4_ATTR)

@@ -129,6 +129,7 @@ class ModelRunner:
         max_model_len: int = 0,
         weight_format: str = "fp32",
         fuse: bool = True,
+        release_weights: bool = False,
     ) -> None:
         self.model_type = check_supported(model)
         self.model = model
@@ -163,6 +164,11 @@ class ModelRunner:
         self.packed: dict[tuple[int, str], PackedLinear] = {}
         self.packed_head: PackedLinear | None = None
         self.fused: list[_FusedLayer] | None = None  # set after the weight format is settled
+        fusing = fuse and self.model_type in ("llama", "mistral", "qwen2", "qwen3")
+        # gguf: the fused q|k|v and gate|up packs of each layer, built with its other packs (see _gguf_packs)
+        self._gguf_fused: list[tuple[PackedLinear, PackedLinear]] = []
+        # gguf: free the float weights of the linears the packs serve (the model is this runner's alone)
+        self.release_weights = release_weights
 
         # One block more than the block manager hands out: the scratch block padded decode rows write to.
         self.scratch_block = num_blocks
@@ -181,10 +187,11 @@ class ModelRunner:
         if fmt == "auto":
             self.weight_format, self.weight_format_reason = self._auto_weight_format(max_num_seqs)
         if self.weight_format in PACKED_FORMATS and not self.packed:
-            self._pack(self.weight_format)
+            self._pack(self.weight_format, fusing)
         logger.info("weight format %s: %s", self.weight_format, self.weight_format_reason)
-        if fuse and self.model_type in ("llama", "mistral", "qwen2", "qwen3"):
+        if fusing:
             self.fused = [self._fuse(li, layer) for li, layer in enumerate(self.layers)]
+            self._gguf_fused = []
             if not self.adapters:  # the per-module packs serve only steps with adapter rows
                 for key in [k for k in self.packed if k[1] not in ("o_proj", "down_proj")]:
                     del self.packed[key]
@@ -222,13 +229,40 @@ class ModelRunner:
                 packs[(li, name)] = pack_module(getattr(parent, name), fmt)
         return packs, pack_module(self.lm_head, fmt)
 
-    def _pack(self, fmt: str) -> None:
+    def _pack(self, fmt: str, fusing: bool) -> None:
         """Every projection and the LM head packed in ``fmt`` (CPU); see ``packed.py``."""
         self._check_packable(fmt)
         if fmt == weight_formats.GGUF_FORMAT:
             logger.info("weight format gguf: %s", gguf_q4.attach(self.model))
-        self.packed, self.packed_head = self._packs(fmt)
+            self.packed, self.packed_head = self._gguf_packs(fusing)
+        else:
+            self.packed, self.packed_head = self._packs(fmt)
         logger.info("native forward: projections and LM head packed as %s (CPU)", fmt)
+
+    def _gguf_packs(self, fusing: bool) -> tuple[dict[tuple[int, str], PackedLinear], PackedLinear]:
+        """The gguf format's packs, layer by layer: only those the forward uses (fusing without adapters: the
+        fused q|k|v and gate|up, kept in ``_gguf_fused``, and o, down), each reading its GGUF codes when it is
+        built. With ``release_weights`` a layer's float linear weights are freed once its packs exist (and the
+        LM head's, unless it is the embedding's, tied)."""
+        fmt = weight_formats.GGUF_FORMAT
+        names = ("o_proj", "down_proj") if fusing and not self.adapters else LORA_TARGETS
+        packs: dict[tuple[int, str], PackedLinear] = {}
+        for li, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            for name in names:
+                packs[(li, name)] = pack_module(getattr(attn if hasattr(attn, name) else mlp, name), fmt)
+            qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+            if fusing:
+                self._gguf_fused.append(
+                    (weight_formats.pack_modules(qkv, fmt), weight_formats.pack_modules(gate_up, fmt))
+                )
+            if self.release_weights:
+                for mod in (*qkv, attn.o_proj, *gate_up, mlp.down_proj):
+                    weight_formats.release_weight(mod)
+        head = pack_module(self.lm_head, fmt)
+        if self.release_weights and self.lm_head.weight.data_ptr() != self.embed.weight.data_ptr():
+            weight_formats.release_weight(self.lm_head)
+        return packs, head
 
     def _auto_weight_format(self, max_num_seqs: int) -> tuple[str, str]:
         """``auto``: fp32 or fp16, by timing decode steps of both here (see ``packed.choose``)."""
@@ -287,8 +321,10 @@ class ModelRunner:
         attn, mlp = layer.self_attn, layer.mlp
         fmt = self.weight_format if self.weight_format in PACKED_FORMATS else None
         lins: list[Linear] = []
-        for mods in ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]):
-            if fmt is None:
+        for i, mods in enumerate(([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj])):
+            if self._gguf_fused:  # built with the layer's other packs
+                lins.append(self._gguf_fused[li][i])
+            elif fmt is None:
                 lins.append(_dense(*_fused_weight(mods)))
             else:
                 lins.append(weight_formats.pack_modules(mods, fmt))

@@ -40,7 +40,17 @@ load 1.8 on the 2 shared cores; 1 thread: its CPU time; 2 threads: wall time, ms
 
 The int4pack kernel's cost grows with the rows almost linearly (one 1536x576 linear, weights in cache, one
 thread: 48 us at 1 row, 157 at 8, 478 at 32, 8.5 ms at 512 against fp16's 69, 99, 295 us, 4.9 ms): ``gguf``
-pays at one or two decode rows and in weight memory (4.5 bits per weight), not in prefill or larger batches.
+pays at one or two decode rows and in weight memory, not in prefill or larger batches. Weight memory of an
+``Int4Linear``: 5 bits per weight (4 bits of code, two per byte, plus a bfloat16 scale and zero per group of 32:
+32 bits / 32 weights; 6 with the float32 scales of ``act_dtype=float32``), whether the file's block was Q4_1 (5
+bits there too) or Q4_0 (4.5 bits in the file: int4pack stores a zero for it as well). SmolLM2-135M: 63 MiB of
+int4pack for its 30 layers' linears, plus the LM head as fp16 (54 MiB).
+
+Memory while and after packing (``ModelRunner(..., release_weights=True)``, what ``berth serve`` asks for): the
+GGUF codes are read from the file one packed linear at a time (a fused q|k|v holds three), and each packed
+linear's float weights are released once the packs of its layer are built (replaced by a ``meta`` tensor of the
+same shape: the forward uses only the packs). Without ``release_weights`` (the default: several runners may
+share one loaded model, as the tests and bench/cpu_weight_formats.py do) the model keeps its float weights.
 """
 
 from __future__ import annotations
@@ -69,7 +79,7 @@ PACKED_FORMATS = (*LINEAR_FORMATS, GGUF_FORMAT)
 # What a linear of the gguf format without a 4-bit kernel (Q8_0, K-quants, F16, the LM head) is packed as:
 # fp16 where torch can pack it (the dequantized GGUF values within fp16 rounding, fp32 compute), else bf16.
 GGUF_FALLBACKS = ("fp16", "bf16")
-# The attribute of an nn.Linear that holds its GGUF 4-bit weight (a Q4Weight) while the runner packs.
+# The attribute of an nn.Linear that holds where its GGUF 4-bit weight is read from (a Q4Source) while the runner packs.
 Q4_ATTR = "berth_gguf_q4"
 Q4_GROUP = 32
 # Candidates of ``auto``: greedy output equal to fp32 on the fixed prompt set (tests/server/test_packed_weights.py).
@@ -143,6 +153,15 @@ class PackedLinear:
 
 
 @dataclass
+class Q4Source:
+    """Where a module's GGUF 4-bit weight is read from, on demand (runner/gguf_q4.py attaches one per module as
+    ``Q4_ATTR``): ``load()`` reads the codes again from the file, so only the linears being packed have theirs in
+    memory."""
+
+    load: Callable[[], Q4Weight]
+
+
+@dataclass
 class Q4Weight:
     """A GGUF Q4_0/Q4_1 weight as it is in the file (rows in the HF module's order): ``codes`` uint8 [N, K] in
     0..15, per block of 32 along K a scale ``d`` and a minimum ``m`` [N, K/32] (float32 of the file's fp16):
@@ -204,29 +223,44 @@ def int4_ok(q4: Q4Weight) -> bool:
 def stack_modules(mods: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weights (and biases, zeros where a module has none) of ``mods`` stacked along the output
     dimension, as new tensors."""
-    weight = torch.cat([m.weight.detach() for m in mods], dim=0)
+    return torch.cat([m.weight.detach() for m in mods], dim=0), stack_biases(mods)
+
+
+def stack_biases(mods: list[Any]) -> torch.Tensor | None:
+    """The biases of ``mods`` stacked along the output dimension (zeros where a module has none), None when no
+    module has one; reads only the weights' shapes."""
     biases = [getattr(m, "bias", None) for m in mods]
-    bias = None
-    if any(b is not None for b in biases):
-        bias = torch.cat(
-            [
-                b.detach() if b is not None else weight.new_zeros(m.weight.shape[0])
-                for m, b in zip(mods, biases, strict=True)
-            ]
-        )
-    return weight, bias
+    if all(b is None for b in biases):
+        return None
+    like = next(b for b in biases if b is not None)
+    return torch.cat(
+        [
+            b.detach() if b is not None else like.new_zeros(m.weight.shape[0])
+            for m, b in zip(mods, biases, strict=True)
+        ]
+    )
+
+
+def release_weight(mod: Any) -> None:
+    """Free an ``nn.Linear``'s float weight (and bias) whose packed form serves it: replaced by ``meta`` tensors
+    of the same shape and dtype (the shapes stay readable; calling the module fails instead of computing)."""
+    for name in ("weight", "bias"):
+        t = getattr(mod, name, None)
+        if isinstance(t, torch.nn.Parameter) and t.device.type != "meta":
+            setattr(mod, name, torch.nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False))
 
 
 def pack_modules(mods: list[Any], fmt: str) -> PackedLinear:
     """One packed linear for ``nn.Linear`` modules stacked along the output dimension (fused q|k|v, gate|up).
 
-    ``gguf``: an ``Int4Linear`` when every module holds its GGUF 4-bit weight (``Q4_ATTR``), else the
-    dequantized weights as the first of GGUF_FALLBACKS torch can pack (runner/gguf_q4.py logs which)."""
+    ``gguf``: an ``Int4Linear`` when every module has its GGUF 4-bit weight attached (``Q4_ATTR``, a ``Q4Source``:
+    the codes of these modules only are read, and dropped once packed), else the dequantized weights as the first
+    of GGUF_FALLBACKS torch can pack (runner/gguf_q4.py logs which)."""
     if fmt != GGUF_FORMAT:
         return PackedLinear(*stack_modules(mods), fmt)
-    q4 = [getattr(m, Q4_ATTR, None) for m in mods]
-    if all(w is not None for w in q4):
-        return Int4Linear([w for w in q4 if w is not None], stack_modules(mods)[1])
+    sources = [getattr(m, Q4_ATTR, None) for m in mods]
+    if all(s is not None for s in sources):
+        return Int4Linear([s.load() for s in sources if s is not None], stack_biases(mods))
     weight, bias = stack_modules(mods)
     try:
         return PackedLinear(weight, bias, GGUF_FALLBACKS[0])
