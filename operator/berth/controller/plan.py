@@ -205,14 +205,10 @@ def gateway_key_rewrite(
         return None
     credential = builders.gateway_credential(secret)
     fingerprint = builders.gateway_key_fingerprint(credential)
-    for record in records:
-        annotations = ((record or {}).get("metadata") or {}).get("annotations") or {}
-        if (
-            record is not None
-            and owned_by(record, owner_uid)
-            and annotations.get(builders.GATEWAY_KEY_FINGERPRINT) == fingerprint
-        ):
-            return None
+    if any(
+        r is not None and owned_by(r, owner_uid) and recorded_fingerprint(r) == fingerprint for r in records
+    ):
+        return None
     return [
         {"op": "test", "path": "/metadata/ownerReferences", "value": secret["metadata"]["ownerReferences"]},
         {
@@ -223,13 +219,18 @@ def gateway_key_rewrite(
     ]
 
 
+def recorded_fingerprint(obj: dict[str, Any] | None) -> str | None:
+    """The gateway-key credential fingerprint `obj` records (builders.GATEWAY_KEY_FINGERPRINT), if any."""
+    annotations = ((obj or {}).get("metadata") or {}).get("annotations") or {}
+    found: str | None = annotations.get(builders.GATEWAY_KEY_FINGERPRINT)
+    return found
+
+
 def hold_gateway_key_record(desired: Desired, deployment: dict[str, Any] | None) -> Desired:
     """`desired` with the Deployment's gateway-key record (builders.GATEWAY_KEY_FINGERPRINT) as
     `deployment` (observed) has it: the credential could not be written, so the record must not
     claim it (absent when the Deployment is new or has none)."""
-    recorded = (((deployment or {}).get("metadata") or {}).get("annotations") or {}).get(
-        builders.GATEWAY_KEY_FINGERPRINT
-    )
+    recorded = recorded_fingerprint(deployment)
     held: Desired = []
     for kind, name, manifest in desired:
         if kind.kind == "Deployment" and manifest is not None:

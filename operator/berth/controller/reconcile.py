@@ -226,7 +226,8 @@ def _gateway_key_secret(
             return GatewayKey(ours)
     ops = gateway_key_rewrite(body, uid, deployment, secret)
     if ops is None:
-        _remember(client, kube.SECRET, ours)
+        if secret is None:  # a 409 the Deployment's record vouches for: remembered from now on
+            _remember(client, kube.SECRET, ours)
         return GatewayKey(secret or ours)
     try:
         client.json_patch(kube.SECRET, ns, name, ops)
