@@ -83,7 +83,10 @@ class EngineCore:
             max_model_len=model.max_model_len,
         )
         if not explicit:
-            self.threads, self.threads_reason = self._threads(getattr(self.runner, "probe_step", None))
+            self.threads, self.threads_reason = self._threads(
+                getattr(self.runner, "probe_step", None),
+                bool(getattr(self.runner, "uses_cpu_kernels", False)),
+            )
         self.detokenizer = Detokenizer(
             model.tokenizer, frozenset(model.eos_token_ids), self.runner.vocab_size
         )
@@ -98,9 +101,13 @@ class EngineCore:
                 model.max_model_len,
             )
 
-    def _threads(self, probe: Any) -> tuple[int, str]:
+    def _threads(self, probe: Any, kernels: bool = False) -> tuple[int, str]:
         n, why = threads.configure(
-            self.config.threads, device=self.model.device, probe=probe, max_num_seqs=self.config.max_num_seqs
+            self.config.threads,
+            device=self.model.device,
+            probe=probe,
+            max_num_seqs=self.config.max_num_seqs,
+            kernels=kernels,
         )
         logger.info("threads %d: %s", n, why)
         return n, why

@@ -27,6 +27,7 @@ class AttnGroup:
     mask: torch.Tensor  # [B, 1, Q, NB * block_size] bool, True = attend
     src: torch.Tensor | None  # rows of the [B * Q] output that are real queries (None: all of them)
     dst: torch.Tensor | None  # their flat token index (None: the output already is in token order)
+    ctx: torch.Tensor | None = None  # [B] positions each row attends to, for decode groups (Q = 1)
 
 
 @dataclass
@@ -80,6 +81,7 @@ def _group(
         mask=mask.unsqueeze(1).to(dev),
         src=None if in_order else torch.nonzero(flat_valid).flatten().to(dev),
         dst=None if in_order else dst_idx.to(dev),
+        ctx=ctx_t.to(dev) if q_len == 1 else None,
     )
 
 

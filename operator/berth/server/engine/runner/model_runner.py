@@ -196,6 +196,9 @@ class ModelRunner:
                 for key in [k for k in self.packed if k[1] not in ("o_proj", "down_proj")]:
                     del self.packed[key]
         gguf_q4.detach(model)  # the packed linears hold the GGUF weights they serve
+        self.kernel_attention = (
+            self.uses_cpu_kernels and self.dtype == torch.float32 and self.model_type != "qwen3"
+        )
         self.static: StaticDecode | None = None
         if static_decode and max_num_seqs > 0 and max_model_len > 0:
             self.static = StaticDecode(
@@ -305,16 +308,10 @@ class ModelRunner:
             mask=mask,
             src=None,
             dst=None,
+            ctx=torch.ones(b, dtype=torch.long, device=dev),
         )
         zeros = torch.zeros(b, dtype=torch.long, device=dev)
-        self._forward(
-            zeros,
-            zeros,
-            torch.full((b,), slot, dtype=torch.long, device=dev),
-            lambda q, li: self._attention(q, li, [group]),
-            None,
-            [],
-        )
+        self._forward(zeros, zeros, torch.full((b,), slot, dtype=torch.long, device=dev), [group], None, [])
 
     def _fuse(self, li: int, layer: Any) -> _FusedLayer:
         """Layer ``li`` with q|k|v and gate|up as one matmul each (packed in the weight format, if any)."""
@@ -346,6 +343,11 @@ class ModelRunner:
             )
             return False
         return True
+
+    @property
+    def uses_cpu_kernels(self) -> bool:
+        fused = [lin for f in self.fused or [] for lin in (f.qkv, f.o, f.gate_up, f.down)]
+        return weight_formats.uses_kernels([*self.packed.values(), self.packed_head, *fused])
 
     @property
     def num_static_steps(self) -> int:
@@ -395,14 +397,14 @@ class ModelRunner:
     def _static_forward(
         self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, groups: list[AttnGroup]
     ) -> torch.Tensor:
-        return self._forward(ids, pos, slots, lambda q, li: self._attention(q, li, groups), None, [])
+        return self._forward(ids, pos, slots, groups, None, [])
 
     def _forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         slots: torch.Tensor,
-        attend: Callable[[torch.Tensor, int], torch.Tensor],
+        groups: list[AttnGroup],
         sample_idx: torch.Tensor | None,
         adapter_rows: list[tuple[int, torch.Tensor]],
     ) -> torch.Tensor:
@@ -413,7 +415,7 @@ class ModelRunner:
         cos = cos[0].unsqueeze(1)  # [T, 1, D]
         sin = sin[0].unsqueeze(1)
         if self.fused is not None and not adapter_rows:
-            h = fused_layers.layers(self, h, cos, sin, slots, attend)
+            h = fused_layers.layers(self, h, cos, sin, slots, groups)
             return self._head(h, sample_idx)
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -434,7 +436,7 @@ class ModelRunner:
             k = k * cos + _rotate_half(k) * sin
             self.k_cache[li].view(-1, self.num_kv_heads, self.head_dim)[slots] = k
             self.v_cache[li].view(-1, self.num_kv_heads, self.head_dim)[slots] = v
-            o = attend(q, li).reshape(t, self.num_heads * self.head_dim)
+            o = self._attention(q, li, groups).reshape(t, self.num_heads * self.head_dim)
             h = h + self._linear(o, attn.o_proj, li, "o_proj", adapter_rows)
             x = layer.post_attention_layernorm(h)
             mlp = layer.mlp
@@ -448,8 +450,9 @@ class ModelRunner:
         return self._head(h, sample_idx)
 
     def _head(self, h: torch.Tensor, sample_idx: torch.Tensor | None) -> torch.Tensor:
-        last = fused_layers.rms_norm(self.norm, h if sample_idx is None else h.index_select(0, sample_idx))
-        logits: torch.Tensor = self.lm_head(last) if self.packed_head is None else self.packed_head(last)
+        rows = h if sample_idx is None else h.index_select(0, sample_idx)
+        head = self.lm_head if self.packed_head is None else self.packed_head
+        logits = fused_layers.norm_linear(self.norm, head, rows)
         return logits.float()
 
     @torch.inference_mode()
@@ -461,12 +464,7 @@ class ModelRunner:
             return self.static.execute(batch, *bucket)
         inp = attention.prepare(batch, self.block_size, self.device)
         return self._forward(
-            inp.input_ids,
-            inp.positions,
-            inp.slots,
-            lambda q, li: self._attention(q, li, inp.groups),
-            inp.sample_idx,
-            inp.adapter_rows,
+            inp.input_ids, inp.positions, inp.slots, inp.groups, inp.sample_idx, inp.adapter_rows
         )
 
     def step(self, batch: Seq[ScheduledSeq], sampling: Seq[Sequence]) -> list[SampleResult]:

@@ -8,15 +8,18 @@
 - ``int8``: weights quantized per output channel (symmetric int8), activations quantized dynamically per
   call (``torch.ops.quantized.linear_dynamic``, fbgemm; 7-bit activation range as torch's default, since
   CPUs without VNNI saturate on the full range). About 4x fewer weight bytes per step; not exact.
-- ``gguf``: a model loaded from a .gguf file keeps its Q4_0/Q4_1 linear weights as they are in the file
-  (runner/gguf_q4.py attaches them; ``Int4Linear``: torch's int4pack, ``_weight_int4pack_mm_for_cpu``, group
-  32; Q4_1's ``d q + m`` is int4pack's ``(q - 8) scale + zero``), activations, scales and zeros in bfloat16 (the
-  kernel's only vectorised path: with fp32 activations it is exact but 1.5 ms against 43 us for a 1536x576
-  linear at one row); fused q|k|v and gate|up as the
-  other formats. Linears of other quant types (Q8_0, K-quants) and the LM head (SmolLM2: the tied Q8_0
-  embedding) are packed as fp16 (bf16 where torch has no fbgemm), which the log says. Not exact (bf16
-  activations): greedy output within the tolerance of tests/server/test_gguf_weights.py. A model not loaded
-  from a GGUF file is refused naming the flag.
+- ``gguf``: a model loaded from a .gguf file keeps its linear weights' blocks as they are in the file
+  (runner/gguf_q4.py attaches them): where Berth's AVX2 kernels build (runner/cpu_kernels.py: x86-64 with
+  AVX2/FMA/F16C and a C compiler) Q4_0/Q4_1 and Q8_0 run in them (``KernelQ4Linear``, ``KernelQ8Linear``:
+  activations quantized inside the call to two int8 digits per block of 32, about 15 bits; the norm before a
+  projection and the residual add after it in the same call), and a decode step's attention too (rotary, cache
+  write, paged attention in one call a layer). Elsewhere Q4_0/Q4_1 go to torch's int4pack (``Int4Linear``,
+  ``_weight_int4pack_mm_for_cpu``, group 32; Q4_1's ``d q + m`` is int4pack's ``(q - 8) scale + zero``) with
+  activations, scales and zeros in bfloat16 (the kernel's only vectorised path: with fp32 activations it is
+  exact but 1.5 ms against 43 us for a 1536x576 linear at one row). Fused q|k|v and gate|up as the other
+  formats. Linears without a kernel (K-quants, F16; Q8_0 without Berth's kernels) are packed as fp16 (bf16
+  where torch has no fbgemm), which the log says. Not exact: greedy output within the tolerance of
+  tests/server/test_gguf_weights.py. A model not loaded from a GGUF file is refused naming the flag.
 - ``auto``: measured at start-up on the machine it runs on, among the formats whose greedy output equals
   fp32's on the fixed prompt set (fp32, fp16): see ``choose``. fp32 stays unless fp16 is clearly faster.
   ``gguf`` is not a candidate: it is not exact (one of 8 prompts leaves fp32's tokens at token 24) and,
@@ -55,17 +58,18 @@ share one loaded model, as the tests and bench/cpu_weight_formats.py do) the mod
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from berth.server.engine.runner import cpu_kernels
+from berth.server.engine.runner.cpu_kernels import cpu_flags
 
 logger = logging.getLogger(__name__)
 
@@ -94,15 +98,6 @@ def normalize(fmt: str) -> str:
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}: use one of {', '.join(WEIGHT_FORMATS)}")
     return fmt
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (``/proc/cpuinfo``), empty where unknown."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def native_bf16() -> bool:
@@ -154,11 +149,11 @@ class PackedLinear:
 
 @dataclass
 class Q4Source:
-    """Where a module's GGUF 4-bit weight is read from, on demand (runner/gguf_q4.py attaches one per module as
-    ``Q4_ATTR``): ``load()`` reads the codes again from the file, so only the linears being packed have theirs in
-    memory."""
+    """Where a module's GGUF weight (Q4_0/Q4_1, or Q8_0 where Berth's CPU kernels run) is read from, on demand
+    (runner/gguf_q4.py attaches one per module as ``Q4_ATTR``): ``load()`` reads the codes again from the file, so
+    only the linears being packed have theirs in memory."""
 
-    load: Callable[[], Q4Weight]
+    load: Callable[[], Q4Weight | Q8Weight]
 
 
 @dataclass
@@ -183,6 +178,77 @@ class Q4Weight:
         """int4pack's per-group (scale, zero), w = (q - 8) * scale + zero: scale = d, zero = m + 8 d."""
         zero = self.m + 8.0 * self.d if self.m is not None else torch.zeros_like(self.d)
         return self.d, zero
+
+
+@dataclass
+class Q8Weight:
+    """A GGUF Q8_0 weight as it is in the file: ``codes`` int8 [N, K], a scale ``d`` [N, K/32] (float32 of the
+    file's fp16) per block of 32 along K: w = d * q. ``m`` is always None (the fields are Q4Weight's)."""
+
+    codes: torch.Tensor
+    d: torch.Tensor
+    m: None = None
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.codes.shape
+        return (self.d.unsqueeze(-1) * self.codes.view(n, k // Q4_GROUP, Q4_GROUP).float()).reshape(n, k)
+
+
+class KernelLinear(PackedLinear):
+    """A linear in Berth's AVX2 kernels (runner/cpu_kernels.c); ``run`` can also apply the RMSNorm before it and add
+    the residual after it in the same call (runner/fused_layers.py). float32 in and out."""
+
+    bias: torch.Tensor | None
+    kernel: Callable[..., torch.Tensor]
+
+    def run(
+        self,
+        x: torch.Tensor,
+        norm: tuple[torch.Tensor, float] | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``residual + f(x) W^T + b``, f the RMSNorm ``norm`` = (weight, eps) where given."""
+        res = residual if self.bias is None else None
+        y = self.kernel(x, self.packed, self.out_features, norm, res)
+        if self.bias is not None:
+            y = y + self.bias if residual is None else y + self.bias + residual.reshape(y.shape)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
+
+
+class KernelQ4Linear(KernelLinear):
+    """``y = x W^T + b`` with W a GGUF Q4_0/Q4_1 weight in its file's code layout (two codes a byte, a float32 scale
+    and zero per block of 32, in tiles of 4 rows; 6 bits per weight), computed by Berth's AVX2 kernel
+    (runner/cpu_kernels.c), the activations quantized inside the call to two int8 digits per block of 32."""
+
+    def __init__(self, weights: list[Q4Weight], bias: torch.Tensor | None) -> None:
+        self.fmt = GGUF_FORMAT
+        self.kernel = cpu_kernels.q4_linear
+        self.packed = cpu_kernels.pack_q4(
+            torch.cat([w.codes for w in weights]),
+            torch.cat([w.d for w in weights]),
+            torch.cat([w.m if w.m is not None else -8.0 * w.d for w in weights]),
+        )
+        self.out_features = sum(int(w.codes.shape[0]) for w in weights)
+        self.weight = None
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+
+
+class KernelQ8Linear(KernelLinear):
+    """``y = x W^T + b`` with W a GGUF Q8_0 weight as in the file (int8, a float32 scale per block of 32; 9 bits
+    per weight), computed by Berth's AVX2 kernel (runner/cpu_kernels.c) as ``KernelQ4Linear``."""
+
+    def __init__(self, weights: list[Q8Weight], bias: torch.Tensor | None) -> None:
+        self.fmt = GGUF_FORMAT
+        self.kernel = cpu_kernels.q8_linear
+        self.packed = cpu_kernels.pack_q8(
+            torch.cat([w.codes for w in weights]), torch.cat([w.d for w in weights])
+        )
+        self.out_features = sum(int(w.codes.shape[0]) for w in weights)
+        self.weight = None
+        self.bias = None if bias is None else bias.detach().float().contiguous()
 
 
 class Int4Linear(PackedLinear):
@@ -212,6 +278,11 @@ class Int4Linear(PackedLinear):
         y = y.to(x.dtype) if self.bias is None else y.float().add_(self.bias).to(x.dtype)
         out: torch.Tensor = y.reshape(*shape[:-1], self.out_features)
         return out
+
+
+def uses_kernels(linears: Iterable[object]) -> bool:
+    """Whether any of ``linears`` runs in Berth's CPU kernels."""
+    return any(isinstance(lin, KernelLinear) for lin in linears)
 
 
 def int4_ok(q4: Q4Weight) -> bool:
@@ -253,14 +324,22 @@ def release_weight(mod: Any) -> None:
 def pack_modules(mods: list[Any], fmt: str) -> PackedLinear:
     """One packed linear for ``nn.Linear`` modules stacked along the output dimension (fused q|k|v, gate|up).
 
-    ``gguf``: an ``Int4Linear`` when every module has its GGUF 4-bit weight attached (``Q4_ATTR``, a ``Q4Source``:
-    the codes of these modules only are read, and dropped once packed), else the dequantized weights as the first
-    of GGUF_FALLBACKS torch can pack (runner/gguf_q4.py logs which)."""
+    ``gguf``: when every module has its GGUF weight attached (``Q4_ATTR``, a ``Q4Source``: the codes of these
+    modules only are read, and dropped once packed), a ``KernelQ4Linear`` / ``KernelQ8Linear`` where Berth's CPU
+    kernels run, else an ``Int4Linear`` (int4pack; Q8_0 is attached only for the kernels); otherwise the
+    dequantized weights as the first of GGUF_FALLBACKS torch can pack (runner/gguf_q4.py logs which)."""
     if fmt != GGUF_FORMAT:
         return PackedLinear(*stack_modules(mods), fmt)
     sources = [getattr(m, Q4_ATTR, None) for m in mods]
     if all(s is not None for s in sources):
-        return Int4Linear([s.load() for s in sources if s is not None], stack_biases(mods))
+        weights = [s.load() for s in sources if s is not None]
+        q4 = [w for w in weights if isinstance(w, Q4Weight)]
+        q8 = [w for w in weights if isinstance(w, Q8Weight)]
+        kernels = cpu_kernels.library() is not None
+        if len(q4) == len(weights):
+            return KernelQ4Linear(q4, stack_biases(mods)) if kernels else Int4Linear(q4, stack_biases(mods))
+        if len(q8) == len(weights) and kernels:
+            return KernelQ8Linear(q8, stack_biases(mods))
     weight, bias = stack_modules(mods)
     try:
         return PackedLinear(weight, bias, GGUF_FALLBACKS[0])

@@ -134,6 +134,7 @@ class StaticDecode:
             mask=(kpos[None, :] < ctx[:, None]).view(b, 1, 1, w * self.block_size),
             src=None,
             dst=None,
+            ctx=ctx,
         )
         return self.forward(self._ids[:b], self._pos[:b], self._slots[:b], [group])
 

@@ -9,7 +9,10 @@
   wait for each other at every op were far slower than one (a median decode step 0.82 s with 2 threads vs
   0.14 s with 1 at load 10 on 2 cores). ``OMP_NUM_THREADS`` in the environment caps the candidates (the operator
   sets it to the pod's CPU limit); on CUDA torch's default stays, and where there is nothing to time (the
-  transformers backend) every usable core.
+  transformers backend) every usable core. Where the runner serves its linears through Berth's CPU kernels
+  (the gguf format, runner/cpu_kernels.py), the candidate of several threads is those threads in the kernels with
+  torch's own ops on one thread (measured, SmolLM2-135M Q4_1 at one row on 2 cores: all on 1 thread 23.4 ms a
+  step, kernels on 2 and torch on 1 19.8 ms, both on 2 29.3 ms: torch's small ops only pay for the fork).
 
 The choice and its figures are logged in one line and shown on ``/info`` (``threads``).
 """
@@ -26,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from berth.server.engine.runner import cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -85,28 +90,36 @@ def time_threads(
     batches: tuple[int, ...],
     rounds: int = 5,
     budget_s: float = 3.0,
+    apply: Callable[[int], None] = torch.set_num_threads,
 ) -> dict[int, dict[int, float]]:
-    """{threads: {batch: median wall seconds of one ``step(batch)``}}: candidates interleaved, one untimed
-    step of each first, up to ``rounds`` timed rounds (at least one) within about ``budget_s``."""
+    """{threads: {batch: median wall seconds of one ``step(batch)``}}: candidates interleaved (``apply(n)`` sets
+    candidate n), one untimed step of each first, up to ``rounds`` timed rounds (at least one) within about
+    ``budget_s``."""
     before = torch.get_num_threads()
     times: dict[int, dict[int, list[float]]] = {n: {b: [] for b in batches} for n in candidates}
     start = time.perf_counter()
     try:
         for i, b in enumerate(batches):
             for n in candidates:
-                torch.set_num_threads(n)
+                apply(n)
                 step(b)
             for r in range(rounds):
                 if r > 0 and time.perf_counter() - start > budget_s * (i + (r + 1) / rounds) / len(batches):
                     break
                 for n in candidates:
-                    torch.set_num_threads(n)
+                    apply(n)
                     t0 = time.perf_counter()
                     step(b)
                     times[n][b].append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(before)
+        cpu_kernels.set_threads(None)
     return {n: {b: statistics.median(ts) for b, ts in per.items()} for n, per in times.items()}
+
+
+def _kernel_threads(n: int) -> None:
+    torch.set_num_threads(1)
+    cpu_kernels.set_threads(n)
 
 
 def choose(timings: dict[int, dict[int, float]]) -> tuple[int, str]:
@@ -129,8 +142,10 @@ def configure(
     device: torch.device,
     probe: Callable[[int], None] | None,
     max_num_seqs: int,
+    kernels: bool = False,
 ) -> tuple[int, str]:
-    """Set torch's threads from ``setting`` (None: leave them); (threads, why)."""
+    """Set torch's threads from ``setting`` (None: leave them); (threads, why). ``kernels``: the probe's linears
+    run in Berth's CPU kernels (auto then times their threads with torch's ops on one, see the module doc)."""
     n = parse(setting)
     if n is not None:
         set_threads(n)
@@ -152,8 +167,14 @@ def configure(
         return cores, f"auto: every usable core ({cores}, {source}); this backend has no decode probe to time"
     t0 = time.perf_counter()
     batches = (1,) if max_num_seqs <= 1 else (1, min(8, max_num_seqs))
-    chosen, why = choose(time_threads(probe, (1, cores), batches))
-    set_threads(chosen)
+    if kernels:
+        chosen, why = choose(time_threads(probe, (1, cores), batches, apply=_kernel_threads))
+        set_threads(1)
+        cpu_kernels.set_threads(chosen)
+        why = f"{why}; threads in Berth's CPU kernels, torch's own ops on 1"
+    else:
+        chosen, why = choose(time_threads(probe, (1, cores), batches))
+        set_threads(chosen)
     return (
         chosen,
         f"auto: {why}; {cores} usable cores ({source}); measured in {time.perf_counter() - t0:.1f} s",
