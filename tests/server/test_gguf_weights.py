@@ -393,3 +393,30 @@ def test_berth_serve_releases_the_packed_weights(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(engine, "Engine", FakeEngine)
     Runtime(settings_from_args(["--weight-format", "gguf", "--threads", "auto"]))._build_engine()
     assert [(c.weight_format, c.release_packed_weights) for c in configs] == [("gguf", True)]
+
+
+def test_without_the_kernels_the_4_bit_blocks_go_to_int4pack_and_the_log_says_why(
+    smollm2: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from berth.server.engine.runner import cpu_kernels, gguf_q4
+    from berth.server.engine.runner.packed import Q4_ATTR, Int4Linear, PackedLinear, pack_modules
+
+    monkeypatch.setenv("BERTH_CPU_KERNELS", "0")
+    cpu_kernels._loaded.cache_clear()
+    try:
+        summary = gguf_q4.attach(smollm2.model)
+        try:
+            assert summary == (
+                "210 linear weights served from the GGUF file's 4-bit blocks (int4pack, group 32, bf16 "
+                "activations; Berth's CPU kernels: BERTH_CPU_KERNELS=0); as fp16: lm_head (Q8_0, no kernel)"
+            )
+            mlp = smollm2.model.model.layers[0].mlp
+            assert isinstance(pack_modules([mlp.gate_proj, mlp.up_proj], "gguf"), Int4Linear)
+            assert not hasattr(smollm2.model.lm_head, Q4_ATTR)
+            head = pack_modules([smollm2.model.lm_head], "gguf")
+            assert type(head) is PackedLinear and head.fmt == "fp16"
+        finally:
+            gguf_q4.detach(smollm2.model)
+    finally:
+        monkeypatch.delenv("BERTH_CPU_KERNELS")
+        cpu_kernels._loaded.cache_clear()

@@ -37,7 +37,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-ABI = 6
+ABI = 7
 # Output rows a tile of the kernels' weight layout (cpu_kernels.c: TILE).
 TILE = 4
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")

@@ -182,7 +182,7 @@ def attach(model: Any) -> str:
             continue
         kind = t.tensor_type.name
         if kind not in kinds:
-            others[f"{kind}, no kernel" + ("" if kernels else f" ({cpu_kernels.why_not()})")].append(hf)
+            others[f"{kind}, no kernel"].append(hf)
             continue
         q4 = read(kind, t.data)
         orders = _row_orders(q4, t.name, arch, heads, kv_heads)
