@@ -6,7 +6,7 @@ Servers (one at a time, each on a free loopback port, stopped before the next st
                    on the shared 2 cores two threads waited on each other; not exact,
                    see tests/server/test_packed_weights.py; ``--fast-args``/``--fast-env`` change it)
   berth-gguf       `berth serve --weight-format gguf` (--threads auto): the GGUF's own Q4_1 linear weights and
-                   Q8_0 LM head in Berth's AVX2 kernels with int8 activations (int4pack with bf16 activations
+                   Q8_0 LM head in Berth's AVX2 kernels (int4pack with bf16 activations
                    where the kernels cannot be built); the same weights llama.cpp serves; not exact, see
                    tests/server/test_gguf_weights.py
   transformers     `transformers serve --continuous-batching --device cpu --dtype float32` on the converted
@@ -257,7 +257,9 @@ def run_server(srv: Server, args: argparse.Namespace, work: Path) -> dict[str, A
     chosen = [line for line in text.splitlines() if "weight format" in line]
     if chosen:
         out["weight_format_log"] = chosen[-1].split("weight format", 1)[1].strip()
-    threads = [line for line in text.splitlines() if "berth.server.engine.core" in line and " threads " in line]
+    threads = [
+        line for line in text.splitlines() if "berth.server.engine.core" in line and " threads " in line
+    ]
     if threads:
         out["threads_log"] = threads[-1].split(" threads ", 1)[1].strip()
     return out
@@ -317,8 +319,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Notes: `transformers` gives fp32's greedy tokens and `berth` (fp16 weights when `auto` picks them, as logged) "
         "the same on the fixed prompt set of the tests; `berth-fast` (int8) and `llama.cpp` (Q4_1) are quantized and give "
-        "other tokens; `berth-gguf` serves the GGUF's Q4_1 weights and Q8_0 LM head as they are, with activations "
-        "quantized to int8 per block of 32 in Berth's AVX2 kernels (within the tolerance of tests/server/test_gguf_weights.py). llama-cpp-python's "
+        "other tokens; `berth-gguf` serves the GGUF's Q4_1 weights and Q8_0 LM head as they are, in Berth's AVX2 "
+        "kernels (activations as two int8 digits per block of 32 at up to 4 rows, float32 from 5 rows; within the tolerance "
+        "of tests/server/test_gguf_weights.py). llama-cpp-python's "
         "server runs one request at a time (no batching; `--interrupt_requests False` so a new request waits "
         "instead of cutting the running one short): more streams only queue, so its TTFT grows with them. "
         "transformers serve refuses `ignore_eos`, so some of its requests end early (tok/req).",
