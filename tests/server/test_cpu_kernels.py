@@ -122,6 +122,20 @@ def test_where_they_cannot_be_built_the_reason_is_given(
     monkeypatch.setenv("CC", "no-such-compiler")
     monkeypatch.setenv("PATH", str(tmp_path))  # neither cc nor gcc
     assert cpu_kernels._build() == (None, "no C compiler (cc, gcc or $CC) to build them")
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(
+        0o777
+    )  # a directory others may write to (a shared temp dir): nothing is built or loaded there
+    monkeypatch.setenv("BERTH_KERNEL_DIR", str(shared))
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: "/bin/false")
+    lib, why = cpu_kernels._build()
+    assert lib is None and why.endswith("can be written by another user: not loading code from it"), why
+    monkeypatch.undo()
+    monkeypatch.setenv("BERTH_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("PATH", str(tmp_path))
     broken = tmp_path / "cc"
     broken.write_text("#!/bin/sh\necho 'cc: error: this compiler is broken' >&2\nexit 1\n")
     broken.chmod(0o755)

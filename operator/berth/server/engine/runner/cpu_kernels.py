@@ -74,7 +74,16 @@ def _cache_dir() -> Path:
     if configured:
         return Path(configured)
     home = Path(os.path.expanduser("~"))
-    return home / ".cache" / "berth" / "kernels" if os.access(home, os.W_OK) else Path(tempfile.gettempdir())
+    if os.access(home, os.W_OK):
+        return home / ".cache" / "berth" / "kernels"
+    return Path(tempfile.gettempdir()) / f"berth-kernels-{os.getuid()}"
+
+
+def _private(path: Path) -> bool:
+    """Whether ``path`` is ours and no one else may write it: a library loaded from a directory another user can
+    write to (a shared temp dir) would run their code in this process."""
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def _compiler() -> str | None:
@@ -99,8 +108,17 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + cc.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
     target = _cache_dir() / f"berth-cpu-kernels-{key}.so"
+    try:
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private = _private(target.parent) and (not target.exists() or _private(target))
+    except OSError as e:
+        return None, f"the kernel directory {target.parent} is not usable ({e})"
+    if not private:
+        return (
+            None,
+            f"{target.parent} or {target.name} can be written by another user: not loading code from it",
+        )
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
         try:
             subprocess.run(
