@@ -271,48 +271,93 @@ static int float_linear(int bits, const float *x0, int64_t rows, int64_t k, cons
     return failed ? -1 : 0;
 }
 
-/* y [rows, n] = res + f(x) W^T, W Q4_0/Q4_1 (n a multiple of TILE), f the RMSNorm with weight `norm` (NULL: none,
- * see prepare), res [rows, n] (NULL: none); 0, or -1 when out of memory. */
-int berth_q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *w, int64_t n, float *y, int threads,
-                    const float *norm, float eps, const float *res)
+/* One row r of one tile, integer path: Q4 blocks. */
+static inline void q4_row(const uint8_t *tw, int64_t groups, const qrows *q, int64_t k, int64_t r, float *out)
+{
+    const int8_t *a = q->xq + r * k, *ar = q->xr + r * k;
+    const float *ad = q->xd + r * groups, *as = q->xs + r * groups, *az = q->xz + r * groups;
+    __m256 acc[TILE];
+    float macc[TILE];
+    for (int i = 0; i < TILE; i++) {
+        acc[i] = _mm256_setzero_ps();
+        macc[i] = 0.0f;
+    }
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *b = tw + g * Q4_TILE_BYTES;
+        _mm_prefetch((const char *)(b + AHEAD * Q4_TILE_BYTES), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + AHEAD * Q4_TILE_BYTES + 64), _MM_HINT_T0);
+        const float *d = (const float *)(b + TILE * 16), *z = d + TILE;
+        const __m256i av = _mm256_loadu_si256((const __m256i *)(a + g * QK));
+        const __m256i avr = _mm256_loadu_si256((const __m256i *)(ar + g * QK));
+        const __m256 adg = _mm256_broadcast_ss(ad + g);
+        for (int i = 0; i < TILE; i++) {
+            const __m256 sc = _mm256_mul_ps(_mm256_broadcast_ss(d + i), adg);
+            acc[i] = _mm256_fmadd_ps(sc, dot32x2(nibbles(b + i * 16), av, avr), acc[i]);
+            macc[i] += z[i] * as[g] - 8.0f * d[i] * az[g];
+        }
+    }
+    for (int i = 0; i < TILE; i++) {
+        out[i] = hsum(acc[i]) + macc[i];
+    }
+}
+
+/* One row r of one tile, integer path: Q8 blocks. */
+static inline void q8_row(const uint8_t *tw, int64_t groups, const qrows *q, int64_t k, int64_t r, float *out)
+{
+    const int8_t *a = q->xq + r * k, *ar = q->xr + r * k;
+    const float *ad = q->xd + r * groups;
+    __m256 acc[TILE];
+    for (int i = 0; i < TILE; i++) {
+        acc[i] = _mm256_setzero_ps();
+    }
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *b = tw + g * Q8_TILE_BYTES;
+        _mm_prefetch((const char *)(b + AHEAD * Q8_TILE_BYTES), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + AHEAD * Q8_TILE_BYTES + 64), _MM_HINT_T0);
+        const float *d = (const float *)(b + TILE * 32);
+        const __m256i av = _mm256_loadu_si256((const __m256i *)(a + g * QK));
+        const __m256i avr = _mm256_loadu_si256((const __m256i *)(ar + g * QK));
+        const __m256 adg = _mm256_broadcast_ss(ad + g);
+        for (int i = 0; i < TILE; i++) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(b + i * 32));
+            /* |w| (unsigned, -128 -> 128) times a with w's sign: the same products as w * a. */
+            const __m256 p =
+                dot32x2(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv), _mm256_sign_epi8(avr, wv));
+            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_broadcast_ss(d + i), adg), p, acc[i]);
+        }
+    }
+    for (int i = 0; i < TILE; i++) {
+        out[i] = hsum(acc[i]);
+    }
+}
+
+/* y [rows, n] = res + f(x) W^T for W of `bits` 4 (Q4_0/Q4_1) or 8 (Q8_0), n a multiple of TILE, f the RMSNorm with
+ * weight `norm` (NULL: none, see prepare), res [rows, n] (NULL: none): the integer path below FLOAT_ROWS rows, the
+ * float path from there; 0, or -1 when out of memory. */
+static int linear(int bits, const float *x, int64_t rows, int64_t k, const uint8_t *w, int64_t n, float *y,
+                  int threads, const float *norm, float eps, const float *res)
 {
     if (rows >= FLOAT_ROWS) {
-        return float_linear(4, x, rows, k, w, n, y, threads, norm, eps, res);
+        return float_linear(bits, x, rows, k, w, n, y, threads, norm, eps, res);
     }
-    const int64_t groups = k / QK;
+    const int64_t groups = k / QK, tile_bytes = bits == 4 ? Q4_TILE_BYTES : Q8_TILE_BYTES;
     qrows q;
     if (quantize(x, rows, k, norm, eps, &q)) {
         return -1;
     }
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t tile = 0; tile < n / TILE; tile++) {
-        const uint8_t *tw = w + tile * groups * Q4_TILE_BYTES;
+        const uint8_t *tw = w + tile * groups * tile_bytes;
         for (int64_t r = 0; r < rows; r++) {
-            const int8_t *a = q.xq + r * k, *ar = q.xr + r * k;
-            const float *ad = q.xd + r * groups, *as = q.xs + r * groups, *az = q.xz + r * groups;
-            __m256 acc[TILE];
-            float macc[TILE];
-            for (int i = 0; i < TILE; i++) {
-                acc[i] = _mm256_setzero_ps();
-                macc[i] = 0.0f;
-            }
-            for (int64_t g = 0; g < groups; g++) {
-                const uint8_t *b = tw + g * Q4_TILE_BYTES;
-                _mm_prefetch((const char *)(b + AHEAD * Q4_TILE_BYTES), _MM_HINT_T0);
-                _mm_prefetch((const char *)(b + AHEAD * Q4_TILE_BYTES + 64), _MM_HINT_T0);
-                const float *d = (const float *)(b + TILE * 16), *m = d + TILE; /* m: the zeros z */
-                const __m256i av = _mm256_loadu_si256((const __m256i *)(a + g * QK));
-                const __m256i avr = _mm256_loadu_si256((const __m256i *)(ar + g * QK));
-                const __m256 adg = _mm256_broadcast_ss(ad + g);
-                for (int i = 0; i < TILE; i++) {
-                    const __m256 sc = _mm256_mul_ps(_mm256_broadcast_ss(d + i), adg);
-                    acc[i] = _mm256_fmadd_ps(sc, dot32x2(nibbles(b + i * 16), av, avr), acc[i]);
-                    macc[i] += m[i] * as[g] - 8.0f * d[i] * az[g];
-                }
+            float out[TILE];
+            if (bits == 4) {
+                q4_row(tw, groups, &q, k, r, out);
+            } else {
+                q8_row(tw, groups, &q, k, r, out);
             }
             for (int i = 0; i < TILE; i++) {
                 const int64_t o = r * n + tile * TILE + i;
-                y[o] = hsum(acc[i]) + macc[i] + (res ? res[o] : 0.0f);
+                y[o] = out[i] + (res ? res[o] : 0.0f);
             }
         }
     }
@@ -320,52 +365,16 @@ int berth_q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *w, i
     return 0;
 }
 
-/* y [rows, n] = res + f(x) W^T, W Q8_0 (n a multiple of TILE), as berth_q4_linear. */
+int berth_q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *w, int64_t n, float *y, int threads,
+                    const float *norm, float eps, const float *res)
+{
+    return linear(4, x, rows, k, w, n, y, threads, norm, eps, res);
+}
+
 int berth_q8_linear(const float *x, int64_t rows, int64_t k, const uint8_t *w, int64_t n, float *y, int threads,
                     const float *norm, float eps, const float *res)
 {
-    if (rows >= FLOAT_ROWS) {
-        return float_linear(8, x, rows, k, w, n, y, threads, norm, eps, res);
-    }
-    const int64_t groups = k / QK;
-    qrows q;
-    if (quantize(x, rows, k, norm, eps, &q)) {
-        return -1;
-    }
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (int64_t tile = 0; tile < n / TILE; tile++) {
-        const uint8_t *tw = w + tile * groups * Q8_TILE_BYTES;
-        for (int64_t r = 0; r < rows; r++) {
-            const int8_t *a = q.xq + r * k, *ar = q.xr + r * k;
-            const float *ad = q.xd + r * groups;
-            __m256 acc[TILE];
-            for (int i = 0; i < TILE; i++) {
-                acc[i] = _mm256_setzero_ps();
-            }
-            for (int64_t g = 0; g < groups; g++) {
-                const uint8_t *b = tw + g * Q8_TILE_BYTES;
-                _mm_prefetch((const char *)(b + AHEAD * Q8_TILE_BYTES), _MM_HINT_T0);
-                _mm_prefetch((const char *)(b + AHEAD * Q8_TILE_BYTES + 64), _MM_HINT_T0);
-                const float *d = (const float *)(b + TILE * 32);
-                const __m256i av = _mm256_loadu_si256((const __m256i *)(a + g * QK));
-                const __m256i avr = _mm256_loadu_si256((const __m256i *)(ar + g * QK));
-                const __m256 adg = _mm256_broadcast_ss(ad + g);
-                for (int i = 0; i < TILE; i++) {
-                    const __m256i wv = _mm256_loadu_si256((const __m256i *)(b + i * 32));
-                    /* |w| (unsigned, -128 -> 128) times a with w's sign: the same products as w * a. */
-                    const __m256 p =
-                        dot32x2(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv), _mm256_sign_epi8(avr, wv));
-                    acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_broadcast_ss(d + i), adg), p, acc[i]);
-                }
-            }
-            for (int i = 0; i < TILE; i++) {
-                const int64_t o = r * n + tile * TILE + i;
-                y[o] = hsum(acc[i]) + (res ? res[o] : 0.0f);
-            }
-        }
-    }
-    release(&q);
-    return 0;
+    return linear(8, x, rows, k, w, n, y, threads, norm, eps, res);
 }
 
 static inline float dot_f32(const float *a, const float *b, int64_t n)

@@ -203,7 +203,7 @@ def pack_q8(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return torch.cat([_tiles(p) for p in parts], dim=-1).contiguous()
 
 
-def _linear(
+def linear(
     fn: str,
     x: torch.Tensor,
     w: torch.Tensor,
@@ -211,6 +211,9 @@ def _linear(
     norm: tuple[torch.Tensor, float] | None,
     residual: torch.Tensor | None,
 ) -> torch.Tensor:
+    """float32 [rows, n] = residual + f(x) [rows, K] W^T by the kernel ``fn`` (``berth_q4_linear`` for ``w`` =
+    ``pack_q4(...)`` of W [n, K], ``berth_q8_linear`` for ``pack_q8``); f is the RMSNorm ``norm`` = (weight, eps)
+    where given, else the identity; residual None: none."""
     lib = library()
     assert lib is not None
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
@@ -238,29 +241,6 @@ def _linear(
     if residual is not None and res is None:
         out = out + residual.reshape(-1, n)
     return out
-
-
-def q4_linear(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    n: int,
-    norm: tuple[torch.Tensor, float] | None = None,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """float32 [rows, n] = residual + f(x) [rows, K] W^T, ``w`` = ``pack_q4(...)`` of W [n, K]; f is the
-    RMSNorm ``norm`` = (weight, eps) where given, else the identity."""
-    return _linear("berth_q4_linear", x, w, n, norm, residual)
-
-
-def q8_linear(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    n: int,
-    norm: tuple[torch.Tensor, float] | None = None,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """float32 [rows, n] = residual + f(x) [rows, K] W^T, ``w`` = ``pack_q8(...)`` of W [n, K]; as ``q4_linear``."""
-    return _linear("berth_q8_linear", x, w, n, norm, residual)
 
 
 def decode_attention(

@@ -34,15 +34,16 @@ if TYPE_CHECKING:
 
 def rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)`` for a Llama-style RMSNorm module; one fused kernel for float32 on CPU."""
-    eps = getattr(norm, "variance_epsilon", None)
-    if eps is None or x.dtype != torch.float32 or x.device.type != "cpu":
+    args = _norm_args(norm, x)
+    if args is None:
         out: torch.Tensor = norm(x)
         return out
-    return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), *args)
 
 
 def _norm_args(norm: Any, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
-    """(weight, eps) of a Llama-style RMSNorm on float32 CPU activations (what Berth's kernels apply), else None."""
+    """(weight, eps) of a Llama-style RMSNorm on float32 CPU activations (what ``F.rms_norm`` and Berth's kernels
+    apply), else None."""
     eps = getattr(norm, "variance_epsilon", None)
     if eps is None or x.dtype != torch.float32 or x.device.type != "cpu":
         return None

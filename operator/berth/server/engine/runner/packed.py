@@ -198,8 +198,15 @@ class KernelLinear(PackedLinear):
     """A linear in Berth's AVX2 kernels (runner/cpu_kernels.c); ``run`` can also apply the RMSNorm before it and add
     the residual after it in the same call (runner/fused_layers.py). float32 in and out."""
 
-    bias: torch.Tensor | None
-    kernel: Callable[..., torch.Tensor]
+    def __init__(
+        self, kernel: str, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None
+    ) -> None:
+        self.fmt = GGUF_FORMAT
+        self.kernel = kernel  # the C function: berth_q4_linear or berth_q8_linear
+        self.packed = packed
+        self.out_features = out_features
+        self.weight = None
+        self.bias: torch.Tensor | None = None if bias is None else bias.detach().float().contiguous()
 
     def run(
         self,
@@ -209,7 +216,7 @@ class KernelLinear(PackedLinear):
     ) -> torch.Tensor:
         """``residual + f(x) W^T + b``, f the RMSNorm ``norm`` = (weight, eps) where given."""
         res = residual if self.bias is None else None
-        y = self.kernel(x, self.packed, self.out_features, norm, res)
+        y = cpu_kernels.linear(self.kernel, x, self.packed, self.out_features, norm, res)
         if self.bias is not None:
             y = y + self.bias if residual is None else y + self.bias + residual.reshape(y.shape)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -224,16 +231,12 @@ class KernelQ4Linear(KernelLinear):
     (runner/cpu_kernels.c), the activations quantized inside the call to two int8 digits per block of 32."""
 
     def __init__(self, weights: list[Q4Weight], bias: torch.Tensor | None) -> None:
-        self.fmt = GGUF_FORMAT
-        self.kernel = cpu_kernels.q4_linear
-        self.packed = cpu_kernels.pack_q4(
+        packed = cpu_kernels.pack_q4(
             torch.cat([w.codes for w in weights]),
             torch.cat([w.d for w in weights]),
             torch.cat([w.m if w.m is not None else -8.0 * w.d for w in weights]),
         )
-        self.out_features = sum(int(w.codes.shape[0]) for w in weights)
-        self.weight = None
-        self.bias = None if bias is None else bias.detach().float().contiguous()
+        super().__init__("berth_q4_linear", packed, sum(int(w.codes.shape[0]) for w in weights), bias)
 
 
 class KernelQ8Linear(KernelLinear):
@@ -241,14 +244,8 @@ class KernelQ8Linear(KernelLinear):
     per weight), computed by Berth's AVX2 kernel (runner/cpu_kernels.c) as ``KernelQ4Linear``."""
 
     def __init__(self, weights: list[Q8Weight], bias: torch.Tensor | None) -> None:
-        self.fmt = GGUF_FORMAT
-        self.kernel = cpu_kernels.q8_linear
-        self.packed = cpu_kernels.pack_q8(
-            torch.cat([w.codes for w in weights]), torch.cat([w.d for w in weights])
-        )
-        self.out_features = sum(int(w.codes.shape[0]) for w in weights)
-        self.weight = None
-        self.bias = None if bias is None else bias.detach().float().contiguous()
+        packed = cpu_kernels.pack_q8(torch.cat([w.codes for w in weights]), torch.cat([w.d for w in weights]))
+        super().__init__("berth_q8_linear", packed, sum(int(w.codes.shape[0]) for w in weights), bias)
 
 
 class Int4Linear(PackedLinear):
